@@ -1,0 +1,294 @@
+//! `billing.v1.Balances`: the ledger over gRPC.
+
+use std::pin::Pin;
+
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::convert::{metadata, optional_time, timestamp};
+use super::{authorize, authorize_account_id};
+use crate::error::BillingError;
+use crate::ids::{AccountId, IdempotencyKey, parse_email, parse_text};
+use crate::ledger::{
+    self, EntryFilter, EntryKind, LedgerEntry, NewAccount, Posting, PostingResult,
+};
+use crate::money::{self, Currency, USAGE_SCALE};
+use crate::paging::{self, Page};
+use crate::proto::{self, balances_server::Balances};
+
+#[derive(Clone)]
+pub struct BalancesApi {
+    pool: PgPool,
+}
+
+impl BalancesApi {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+type EventStream =
+    Pin<Box<dyn Stream<Item = Result<proto::WatchBalanceEventsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Balances for BalancesApi {
+    async fn create_account(
+        &self,
+        request: Request<proto::CreateAccountRequest>,
+    ) -> Result<Response<proto::CreateAccountResponse>, Status> {
+        let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let message = request.into_inner();
+        let currency = if message.currency.is_empty() {
+            Currency::USD
+        } else {
+            Currency::parse(&message.currency)
+                .map_err(|reason| BillingError::invalid("currency", reason))?
+        };
+        let credit_limit = if message.credit.is_empty() {
+            Decimal::ZERO
+        } else {
+            money::parse_amount(&message.credit, currency.minor_units())
+                .map_err(|e| BillingError::invalid("credit", e.to_string()))?
+        };
+        let billing_email = if message.billing_email.is_empty() {
+            String::new()
+        } else {
+            parse_email("billing_email", &message.billing_email)?
+        };
+        let idempotency_key = if message.idempotency_key.is_empty() {
+            None
+        } else {
+            Some(IdempotencyKey::parse(&message.idempotency_key)?)
+        };
+        let new_account = NewAccount {
+            account_id,
+            currency,
+            display_name: parse_text("display_name", &message.display_name, 200)?,
+            billing_email,
+            credit_limit,
+            idempotency_key,
+        };
+        let account = ledger::create_account(&self.pool, &caller, new_account).await?;
+        Ok(Response::new(proto::CreateAccountResponse {
+            account: Some(account_to_proto(&account)),
+        }))
+    }
+
+    async fn get_balance(
+        &self,
+        request: Request<proto::GetBalanceRequest>,
+    ) -> Result<Response<proto::GetBalanceResponse>, Status> {
+        let (_, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let account = ledger::get_account(&self.pool, &account_id).await?;
+        let currency = account.currency;
+        Ok(Response::new(proto::GetBalanceResponse {
+            account_id: account.account_id.clone(),
+            balance: currency.format(account.balance),
+            credit: currency.format(account.credit_limit),
+            total_balance: currency.format(account.total_balance()),
+            currency: currency.code().to_owned(),
+            version: account.version,
+        }))
+    }
+
+    async fn debit(
+        &self,
+        request: Request<proto::DebitRequest>,
+    ) -> Result<Response<proto::DebitResponse>, Status> {
+        let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let message = request.into_inner();
+        let posting = Posting {
+            account_id,
+            kind: EntryKind::Usage,
+            amount: parse_usage_amount(&message.amount)?,
+            idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
+            description: parse_text("description", &message.description, 500)?,
+            metadata: metadata("metadata", message.metadata)?,
+            allow_overdraft: message.allow_overdraft,
+        };
+        let result = ledger::post(&self.pool, &caller, posting).await?;
+        let (transaction, balance, total_balance, version) = posting_to_proto(&result)?;
+        Ok(Response::new(proto::DebitResponse {
+            transaction: Some(transaction),
+            balance,
+            total_balance,
+            version,
+        }))
+    }
+
+    async fn credit(
+        &self,
+        request: Request<proto::CreditRequest>,
+    ) -> Result<Response<proto::CreditResponse>, Status> {
+        let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let message = request.into_inner();
+        let kind = match proto::TransactionKind::try_from(message.kind) {
+            Ok(proto::TransactionKind::Adjustment) => EntryKind::Adjustment,
+            Ok(proto::TransactionKind::Refund) => EntryKind::Refund,
+            Ok(proto::TransactionKind::Promotion) => EntryKind::Promotion,
+            _ => {
+                return Err(BillingError::invalid(
+                    "kind",
+                    "must be TRANSACTION_KIND_ADJUSTMENT, TRANSACTION_KIND_REFUND or TRANSACTION_KIND_PROMOTION",
+                )
+                .into());
+            }
+        };
+        let posting = Posting {
+            account_id,
+            kind,
+            amount: parse_usage_amount(&message.amount)?,
+            idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
+            description: parse_text("description", &message.description, 500)?,
+            metadata: metadata("metadata", message.metadata)?,
+            allow_overdraft: false,
+        };
+        let result = ledger::post(&self.pool, &caller, posting).await?;
+        let (transaction, balance, total_balance, version) = posting_to_proto(&result)?;
+        Ok(Response::new(proto::CreditResponse {
+            transaction: Some(transaction),
+            balance,
+            total_balance,
+            version,
+        }))
+    }
+
+    async fn list_transactions(
+        &self,
+        request: Request<proto::ListTransactionsRequest>,
+    ) -> Result<Response<proto::ListTransactionsResponse>, Status> {
+        let (_, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let message = request.into_inner();
+        let page = Page::parse(message.page_size, &message.page_token)?;
+        let kinds = message
+            .kinds
+            .iter()
+            .map(|&kind| {
+                entry_kind_from_proto(kind)
+                    .ok_or_else(|| BillingError::invalid("kinds", "contains an unknown kind"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let filter = EntryFilter {
+            kinds,
+            created_after: optional_time("created_after", message.created_after)?,
+            created_before: optional_time("created_before", message.created_before)?,
+        };
+        let account = ledger::get_account(&self.pool, &account_id).await?;
+        let entries = ledger::list_entries(&self.pool, &account_id, &filter, &page).await?;
+        let next_page_token =
+            paging::next_token(entries.len(), &page, entries.last().map(|e| e.entry_id));
+        Ok(Response::new(proto::ListTransactionsResponse {
+            transactions: entries
+                .iter()
+                .map(|e| entry_to_proto(e, account.currency))
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    type WatchBalanceEventsStream = EventStream;
+
+    async fn watch_balance_events(
+        &self,
+        request: Request<proto::WatchBalanceEventsRequest>,
+    ) -> Result<Response<Self::WatchBalanceEventsStream>, Status> {
+        let account_id = match request.get_ref().account_id.as_str() {
+            "" => None,
+            text => Some(AccountId::parse(text)?),
+        };
+        authorize(&request, account_id.as_ref())?;
+        Err(Status::unimplemented(
+            "Balances.WatchBalanceEvents is not implemented yet: it arrives with the balance events stream (issue 4); \
+             the events are already recorded",
+        ))
+    }
+
+    async fn verify_ledger(
+        &self,
+        request: Request<proto::VerifyLedgerRequest>,
+    ) -> Result<Response<proto::VerifyLedgerResponse>, Status> {
+        let account_id = match request.get_ref().account_id.as_str() {
+            "" => None,
+            text => Some(AccountId::parse(text)?),
+        };
+        authorize(&request, account_id.as_ref())?;
+        let report = ledger::verify_ledger(&self.pool, account_id.as_ref()).await?;
+        Ok(Response::new(proto::VerifyLedgerResponse {
+            accounts_checked: report.accounts_checked,
+            mismatches: report
+                .mismatches
+                .into_iter()
+                .map(|m| proto::LedgerMismatch {
+                    account_id: m.account_id,
+                    balance: m.balance.normalize().to_string(),
+                    sum_of_entries: m.sum_of_entries.normalize().to_string(),
+                })
+                .collect(),
+        }))
+    }
+}
+
+fn parse_usage_amount(text: &str) -> Result<Decimal, BillingError> {
+    money::parse_positive_amount(text, USAGE_SCALE)
+        .map_err(|e| BillingError::invalid("amount", e.to_string()))
+}
+
+pub(crate) fn account_to_proto(account: &ledger::Account) -> proto::Account {
+    let currency = account.currency;
+    proto::Account {
+        account_id: account.account_id.clone(),
+        currency: currency.code().to_owned(),
+        display_name: account.display_name.clone(),
+        billing_email: account.billing_email.clone(),
+        balance: currency.format(account.balance),
+        credit: currency.format(account.credit_limit),
+        total_balance: currency.format(account.total_balance()),
+        version: account.version,
+        created_at: Some(timestamp(account.created_at)),
+    }
+}
+
+fn posting_to_proto(
+    result: &PostingResult,
+) -> Result<(proto::Transaction, String, String, i64), BillingError> {
+    let currency = ledger::currency_from_column(&result.currency)?;
+    Ok((
+        entry_to_proto(&result.entry, currency),
+        currency.format(result.balance),
+        currency.format(result.total_balance),
+        result.version,
+    ))
+}
+
+pub(crate) fn entry_to_proto(entry: &LedgerEntry, currency: Currency) -> proto::Transaction {
+    proto::Transaction {
+        transaction_id: entry.transaction_id.to_string(),
+        account_id: entry.account_id.clone(),
+        kind: entry_kind_to_proto(entry.kind) as i32,
+        amount: currency.format(entry.amount),
+        balance_after: currency.format(entry.balance_after),
+        description: entry.description.clone(),
+        metadata: entry.metadata.clone().into_iter().collect(),
+        idempotency_key: entry.idempotency_key.clone().unwrap_or_default(),
+        created_at: Some(timestamp(entry.created_at)),
+        currency: currency.code().to_owned(),
+    }
+}
+
+fn entry_kind_to_proto(kind: EntryKind) -> proto::TransactionKind {
+    match kind {
+        EntryKind::Usage => proto::TransactionKind::Usage,
+        EntryKind::Adjustment => proto::TransactionKind::Adjustment,
+        EntryKind::Refund => proto::TransactionKind::Refund,
+        EntryKind::Promotion => proto::TransactionKind::Promotion,
+        EntryKind::TopUp => proto::TransactionKind::TopUp,
+    }
+}
+
+fn entry_kind_from_proto(kind: i32) -> Option<EntryKind> {
+    EntryKind::ALL
+        .into_iter()
+        .find(|k| entry_kind_to_proto(*k) as i32 == kind)
+}

@@ -1,0 +1,45 @@
+//! The gRPC adapters: one per service, each thin — authorize, parse the
+//! request into domain types, call the domain, convert the result.
+
+mod balances;
+mod convert;
+mod error;
+mod not_yet;
+
+pub use balances::BalancesApi;
+pub use not_yet::{BalancePolicyApi, NotificationsApi, PaymentMethodsApi};
+
+use tonic::{Request, Status};
+
+use crate::auth::{self, Access, Caller};
+use crate::ids::AccountId;
+
+/// The authenticated caller of `request`, checked against `account`
+/// (`None` = every account) with the access the permission table gave the RPC.
+pub(crate) fn authorize<T>(
+    request: &Request<T>,
+    account: Option<&AccountId>,
+) -> Result<Caller, Status> {
+    let caller = request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
+    let access = request
+        .extensions()
+        .get::<Access>()
+        .copied()
+        .ok_or_else(|| Status::internal("internal error"))?;
+    auth::authorize_account(&caller, access, account)?;
+    Ok(caller)
+}
+
+/// Parses the request's account id (naming the field) and authorizes the caller for it.
+pub(crate) fn authorize_account_id<T>(
+    request: &Request<T>,
+    account_id: &str,
+) -> Result<(Caller, AccountId), Status> {
+    let account_id = AccountId::parse(account_id)?;
+    let caller = authorize(request, Some(&account_id))?;
+    Ok((caller, account_id))
+}

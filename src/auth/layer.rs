@@ -1,0 +1,119 @@
+//! The tower layer in front of every billing RPC: reads the bearer token,
+//! verifies it, checks the caller's role against the permission table, and
+//! puts the [`Caller`] and the RPC's [`Access`] into the request extensions.
+//! Health and reflection pass through untouched.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::Status;
+use tower::{Layer, Service};
+
+use super::{Access, Caller, KeySet, permissions};
+use crate::error::BillingError;
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    keys: Arc<KeySet>,
+}
+
+impl AuthLayer {
+    pub fn new(keys: Arc<KeySet>) -> Self {
+        Self { keys }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    keys: Arc<KeySet>,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B> Service<http::Request<B>> for AuthService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone is not ready; swap so the ready service handles this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(access) = permissions::required_access(request.uri().path()) else {
+            return Box::pin(inner.call(request));
+        };
+        match authenticate(&self.keys, request.headers(), access) {
+            Ok(caller) => {
+                request.extensions_mut().insert(caller);
+                request.extensions_mut().insert(access);
+                Box::pin(inner.call(request))
+            }
+            Err(status) => {
+                let response = status.into_http::<tonic::body::Body>();
+                Box::pin(async move { Ok(response) })
+            }
+        }
+    }
+}
+
+fn authenticate(
+    keys: &KeySet,
+    headers: &http::HeaderMap,
+    access: Access,
+) -> Result<Caller, Status> {
+    let header = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|value| {
+            value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?;
+    let caller = keys.verify(token).map_err(|error| match error {
+        BillingError::Unauthenticated(message) => Status::unauthenticated(message),
+        _ => Status::unauthenticated("invalid bearer token"),
+    })?;
+    if !caller.may(access) {
+        return Err(Status::permission_denied(format!(
+            "the caller's roles ({}) do not allow this call",
+            if caller.roles.is_empty() {
+                "none".to_owned()
+            } else {
+                caller.roles_label()
+            }
+        )));
+    }
+    Ok(caller)
+}

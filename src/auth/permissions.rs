@@ -1,0 +1,120 @@
+//! The one permission table: which access each RPC needs, and which role
+//! grants which access. Nothing else decides who may call what.
+
+use super::Role;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Read an account's balance, history, cards and settings.
+    Read,
+    /// Change one's own account: cards, funds, settings.
+    Manage,
+    /// Internal operations: create accounts, debit, credit.
+    Service,
+}
+
+const TABLE: &[(&str, Access)] = &[
+    ("/billing.v1.Balances/CreateAccount", Access::Service),
+    ("/billing.v1.Balances/GetBalance", Access::Read),
+    ("/billing.v1.Balances/Debit", Access::Service),
+    ("/billing.v1.Balances/Credit", Access::Service),
+    ("/billing.v1.Balances/ListTransactions", Access::Read),
+    ("/billing.v1.Balances/WatchBalanceEvents", Access::Read),
+    ("/billing.v1.Balances/VerifyLedger", Access::Read),
+    (
+        "/billing.v1.BalancePolicy/GetLowBalanceSettings",
+        Access::Read,
+    ),
+    (
+        "/billing.v1.BalancePolicy/ApplyLowBalanceSettings",
+        Access::Manage,
+    ),
+    ("/billing.v1.BalancePolicy/ListTopUps", Access::Read),
+    ("/billing.v1.BalancePolicy/GetTopUp", Access::Read),
+    ("/billing.v1.PaymentMethods/AddCard", Access::Manage),
+    ("/billing.v1.PaymentMethods/ConfirmCard", Access::Manage),
+    (
+        "/billing.v1.PaymentMethods/ListPaymentMethods",
+        Access::Read,
+    ),
+    ("/billing.v1.PaymentMethods/GetPaymentMethod", Access::Read),
+    ("/billing.v1.PaymentMethods/SetAutoCharge", Access::Manage),
+    (
+        "/billing.v1.PaymentMethods/ReorderPaymentMethods",
+        Access::Manage,
+    ),
+    (
+        "/billing.v1.PaymentMethods/RemovePaymentMethod",
+        Access::Manage,
+    ),
+    ("/billing.v1.PaymentMethods/AddFunds", Access::Manage),
+    (
+        "/billing.v1.PaymentMethods/RetryPaymentMethod",
+        Access::Manage,
+    ),
+    (
+        "/billing.v1.Notifications/GetNotificationSettings",
+        Access::Read,
+    ),
+    (
+        "/billing.v1.Notifications/UpdateNotificationSettings",
+        Access::Manage,
+    ),
+    ("/billing.v1.Notifications/ListNotifications", Access::Read),
+    (
+        "/billing.v1.Notifications/SendTestNotification",
+        Access::Manage,
+    ),
+];
+
+/// The access an RPC path needs; `None` for paths outside `billing.v1`
+/// (health, reflection), which need no token.
+pub fn required_access(path: &str) -> Option<Access> {
+    if !path.starts_with("/billing.v1.") {
+        return None;
+    }
+    // An unknown billing method still needs a valid token before tonic answers UNIMPLEMENTED.
+    Some(
+        TABLE
+            .iter()
+            .find(|(method, _)| *method == path)
+            .map(|(_, access)| *access)
+            .unwrap_or(Access::Service),
+    )
+}
+
+pub(super) fn grants(role: Role, access: Access) -> bool {
+    match (role, access) {
+        (Role::Admin | Role::Commercial | Role::Billing, Access::Read | Access::Manage) => true,
+        (Role::Viewer, Access::Read) => true,
+        (Role::Service, Access::Read | Access::Service) => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_and_reflection_need_no_token() {
+        assert_eq!(required_access("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(
+            required_access("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            None
+        );
+    }
+
+    #[test]
+    fn viewers_read_but_never_change() {
+        assert!(grants(Role::Viewer, Access::Read));
+        assert!(!grants(Role::Viewer, Access::Manage));
+        assert!(!grants(Role::Viewer, Access::Service));
+    }
+
+    #[test]
+    fn services_debit_but_do_not_manage_cards() {
+        assert!(grants(Role::Service, Access::Service));
+        assert!(!grants(Role::Service, Access::Manage));
+    }
+}

@@ -1,0 +1,136 @@
+//! Every setting: its flag, its environment variable and its default.
+//! `serve`, `migrate` and `token` share the database and key settings.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "billing",
+    version,
+    about = "Prepaid billing over gRPC: balances, cards, auto top-up, alerts"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server (migrates the database first).
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate(MigrateArgs),
+    /// Mint a bearer token with the configured (or development) key.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Postgres URL. When unset: a server on localhost, else a private cluster in the data directory.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Port of the local Postgres server tried when DATABASE_URL is unset.
+    #[arg(long, env = "BILLING_LOCAL_PG_PORT", default_value_t = 5432)]
+    pub local_pg_port: u16,
+    /// Database created and used on the local server or the private cluster.
+    #[arg(long, env = "BILLING_DATABASE_NAME", default_value = "billing")]
+    pub database_name: String,
+    /// Where the private Postgres cluster, the development JWT key and .eml files live.
+    #[arg(long, env = "BILLING_DATA_DIR", default_value = "billing-data")]
+    pub data_dir: PathBuf,
+    /// Largest number of pooled database connections.
+    #[arg(long, env = "BILLING_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// HS256 shared secret for bearer tokens.
+    #[arg(long, env = "BILLING_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// File holding the HS256 shared secret.
+    #[arg(long, env = "BILLING_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key (RS256 or ES256) that verifies tokens; production setting.
+    #[arg(long, env = "BILLING_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// PEM private key matching the public key; only `billing token` uses it.
+    #[arg(long, env = "BILLING_JWT_PRIVATE_KEY_FILE")]
+    pub jwt_private_key_file: Option<PathBuf>,
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "BILLING_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "BILLING_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "BILLING_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Longest a unary RPC may run (milliseconds); a shorter grpc-timeout wins.
+    #[arg(long, env = "BILLING_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+    /// RPCs in flight at once; beyond it calls are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BILLING_CONCURRENCY_LIMIT", default_value_t = 512)]
+    pub concurrency_limit: usize,
+    /// How often the database is pinged for the health status (milliseconds).
+    #[arg(long, env = "BILLING_HEALTH_INTERVAL_MS", default_value_t = 1_000)]
+    pub health_interval_ms: u64,
+    /// Log format.
+    #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn health_interval(&self) -> Duration {
+        Duration::from_millis(self.health_interval_ms.max(50))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// admin, commercial, billing, viewer or service.
+    #[arg(long, default_value = "service")]
+    pub role: String,
+    /// The account the token may reach (required for every role but service).
+    #[arg(long)]
+    pub account: Option<String>,
+    /// The `sub` claim: who is calling.
+    #[arg(long, default_value = "cli")]
+    pub subject: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl_seconds: u64,
+    /// Where the development key lives when no key is configured.
+    #[arg(long, env = "BILLING_DATA_DIR", default_value = "billing-data")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}

@@ -1,0 +1,141 @@
+//! Identifiers and short text fields that arrive from clients, parsed once.
+
+use std::fmt;
+
+use crate::error::BillingError;
+
+/// An account id chosen by the caller: 1-64 characters of `[A-Za-z0-9._:-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct AccountId(String);
+
+impl AccountId {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(text: &str) -> Result<AccountId, BillingError> {
+        if text.is_empty() {
+            return Err(BillingError::invalid("account_id", "is required"));
+        }
+        if text.len() > Self::MAX_LEN {
+            return Err(BillingError::invalid(
+                "account_id",
+                "is longer than 64 characters",
+            ));
+        }
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
+        if !text.chars().all(allowed) {
+            return Err(BillingError::invalid(
+                "account_id",
+                "may only contain letters, digits, '.', '_', ':' and '-'",
+            ));
+        }
+        Ok(AccountId(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A client's idempotency key: 1-128 printable ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub fn parse(text: &str) -> Result<IdempotencyKey, BillingError> {
+        if text.is_empty() {
+            return Err(BillingError::invalid("idempotency_key", "is required"));
+        }
+        if text.len() > 128 {
+            return Err(BillingError::invalid(
+                "idempotency_key",
+                "is longer than 128 characters",
+            ));
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(BillingError::invalid(
+                "idempotency_key",
+                "may only contain printable ASCII characters without spaces",
+            ));
+        }
+        Ok(IdempotencyKey(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Free text a person typed (names, descriptions): bounded, no control characters.
+pub fn parse_text(field: &str, text: &str, max_chars: usize) -> Result<String, BillingError> {
+    if text.chars().count() > max_chars {
+        return Err(BillingError::invalid(
+            field,
+            format!("is longer than {max_chars} characters"),
+        ));
+    }
+    if text.chars().any(|c| c.is_control()) {
+        return Err(BillingError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// An email address: `local@domain.tld`, no spaces, at most 254 characters.
+/// Deliberately simple: the mail server is the final judge.
+pub fn parse_email(field: &str, text: &str) -> Result<String, BillingError> {
+    let invalid = || BillingError::invalid(field, format!("{text:?} is not a valid email address"));
+    if text.len() > 254 || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid());
+    }
+    let (local, domain) = text.split_once('@').ok_or_else(invalid)?;
+    let domain_ok = domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..")
+        && domain
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '.' || c == '-');
+    if local.is_empty() || local.len() > 64 || local.contains('@') || !domain_ok {
+        return Err(invalid());
+    }
+    Ok(text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_ids_are_bounded_and_plain() {
+        assert!(AccountId::parse("acme-42").is_ok());
+        assert!(AccountId::parse("").is_err());
+        assert!(AccountId::parse("a b").is_err());
+        assert!(AccountId::parse("x'; DROP TABLE accounts;--").is_err());
+        assert!(AccountId::parse(&"a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn emails_need_a_local_part_and_a_dotted_domain() {
+        assert!(parse_email("e", "ops@example.com").is_ok());
+        for bad in [
+            "",
+            "a",
+            "a@b",
+            "@b.com",
+            "a@.com",
+            "a b@c.com",
+            "a@b..com",
+            "a@b.com\r\nBcc: x@y.z",
+        ] {
+            assert!(parse_email("e", bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! billing: a prepaid-billing gRPC service.
+//!
+//! The domain lives in one folder per capability (`ledger`, `auth`, ...);
+//! `api` holds the thin gRPC adapters; `server` wires the router, the tower
+//! layers, health and reflection; `db` finds or starts Postgres.
+
+pub mod api;
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod ids;
+pub mod ledger;
+pub mod money;
+pub mod paging;
+pub mod proto;
+pub mod server;
+pub mod telemetry;
+
+pub use error::BillingError;

@@ -1,0 +1,207 @@
+//! The gRPC server: router, tower layers (load shedding, a global
+//! concurrency limit, auth), per-request timeout, health, reflection and
+//! graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+
+use crate::api::{BalancePolicyApi, BalancesApi, NotificationsApi, PaymentMethodsApi};
+use crate::auth::{AuthLayer, KeySet};
+use crate::config::ServeArgs;
+use crate::db::{self, Database};
+use crate::proto;
+
+/// The health-checked service names, besides the overall "".
+pub const SERVICE_NAMES: [&str; 4] = [
+    "billing.v1.Balances",
+    "billing.v1.BalancePolicy",
+    "billing.v1.PaymentMethods",
+    "billing.v1.Notifications",
+];
+
+/// Settings of a running server that tests also choose.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub request_timeout: Duration,
+    pub concurrency_limit: usize,
+    pub health_interval: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(10),
+            concurrency_limit: 512,
+            health_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `billing serve`: find or start Postgres, migrate, serve until SIGINT/SIGTERM.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let database = Database::open(&args.database).await?;
+    db::migrate(&database.pool).await?;
+    let keys = Arc::new(KeySet::load(&args.auth, &args.database.data_dir)?);
+    if let Some(path) = &keys.development_key {
+        tracing::warn!(
+            key = %path.display(),
+            "no JWT key configured: using a development key; mint a token with `billing token --role service` \
+             (or `--role admin --account <id>`)"
+        );
+    }
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        database = %database.description,
+        "billing serving gRPC"
+    );
+    let settings = ServerSettings {
+        request_timeout: args.request_timeout(),
+        concurrency_limit: args.concurrency_limit,
+        health_interval: args.health_interval(),
+    };
+    let result = serve(
+        listener,
+        database.pool.clone(),
+        keys,
+        settings,
+        shutdown_signal(),
+    )
+    .await;
+    database.close().await;
+    tracing::info!("billing stopped");
+    result
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains in-flight RPCs.
+pub async fn serve(
+    listener: TcpListener,
+    pool: PgPool,
+    keys: Arc<KeySet>,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (stop_sender, stop_receiver) = watch::channel(false);
+    let health_task = tokio::spawn(watch_database_health(
+        pool.clone(),
+        health_reporter,
+        settings.health_interval,
+        stop_receiver,
+    ));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building reflection v1")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building reflection v1alpha")?;
+
+    let layers = ServiceBuilder::new()
+        .layer(LoadShedLayer::new())
+        .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
+        .layer(AuthLayer::new(keys));
+
+    let served = Server::builder()
+        .timeout(settings.request_timeout)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(layers)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(proto::balances_server::BalancesServer::new(
+            BalancesApi::new(pool.clone()),
+        ))
+        .add_service(proto::balance_policy_server::BalancePolicyServer::new(
+            BalancePolicyApi,
+        ))
+        .add_service(proto::payment_methods_server::PaymentMethodsServer::new(
+            PaymentMethodsApi,
+        ))
+        .add_service(proto::notifications_server::NotificationsServer::new(
+            NotificationsApi,
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight requests");
+        })
+        .await;
+    let _ = stop_sender.send(true);
+    let _ = health_task.await;
+    served.context("serving gRPC")
+}
+
+/// Pings the database every `interval`; the overall and per-service health
+/// follows it: `NOT_SERVING` while it is unreachable, `SERVING` once it answers.
+async fn watch_database_health(
+    pool: PgPool,
+    reporter: HealthReporter,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last: Option<ServingStatus> = None;
+    loop {
+        let reachable = tokio::time::timeout(interval.max(Duration::from_secs(2)), db::ping(&pool))
+            .await
+            .unwrap_or(false);
+        let status = if reachable {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if last != Some(status) {
+            if reachable {
+                tracing::info!("database reachable: SERVING");
+            } else {
+                tracing::warn!("database unreachable: NOT_SERVING");
+            }
+            reporter.set_service_status("", status).await;
+            for name in SERVICE_NAMES {
+                reporter.set_service_status(name, status).await;
+            }
+            last = Some(status);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = interrupt => tracing::info!("SIGINT received"),
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+    }
+}
