@@ -98,9 +98,13 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let (stop_sender, stop_receiver) = watch::channel(false);
+    // The first status is known before the first call can ask for it.
+    let first_status = check_database(&pool, settings.health_interval).await;
+    report_status(&health_reporter, first_status).await;
     let health_task = tokio::spawn(watch_database_health(
         pool.clone(),
         health_reporter,
+        first_status,
         settings.health_interval,
         stop_receiver,
     ));
@@ -156,35 +160,43 @@ pub async fn serve(
 async fn watch_database_health(
     pool: PgPool,
     reporter: HealthReporter,
+    mut last: ServingStatus,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut last: Option<ServingStatus> = None;
     loop {
-        let reachable = tokio::time::timeout(interval.max(Duration::from_secs(2)), db::ping(&pool))
-            .await
-            .unwrap_or(false);
-        let status = if reachable {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        if last != Some(status) {
-            if reachable {
-                tracing::info!("database reachable: SERVING");
-            } else {
-                tracing::warn!("database unreachable: NOT_SERVING");
-            }
-            reporter.set_service_status("", status).await;
-            for name in SERVICE_NAMES {
-                reporter.set_service_status(name, status).await;
-            }
-            last = Some(status);
-        }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.changed() => return,
         }
+        let status = check_database(&pool, interval).await;
+        if status != last {
+            report_status(&reporter, status).await;
+            last = status;
+        }
+    }
+}
+
+async fn check_database(pool: &PgPool, interval: Duration) -> ServingStatus {
+    let reachable = tokio::time::timeout(interval.max(Duration::from_secs(2)), db::ping(pool))
+        .await
+        .unwrap_or(false);
+    if reachable {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
+}
+
+async fn report_status(reporter: &HealthReporter, status: ServingStatus) {
+    if status == ServingStatus::Serving {
+        tracing::info!("database reachable: SERVING");
+    } else {
+        tracing::warn!("database unreachable: NOT_SERVING");
+    }
+    reporter.set_service_status("", status).await;
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(name, status).await;
     }
 }
 

@@ -84,12 +84,12 @@ pub fn required_access(path: &str) -> Option<Access> {
 }
 
 pub(super) fn grants(role: Role, access: Access) -> bool {
-    match (role, access) {
-        (Role::Admin | Role::Commercial | Role::Billing, Access::Read | Access::Manage) => true,
-        (Role::Viewer, Access::Read) => true,
-        (Role::Service, Access::Read | Access::Service) => true,
-        _ => false,
-    }
+    matches!(
+        (role, access),
+        (Role::Admin | Role::Commercial | Role::Billing, Access::Read | Access::Manage)
+            | (Role::Viewer, Access::Read)
+            | (Role::Service, Access::Read | Access::Service)
+    )
 }
 
 #[cfg(test)]

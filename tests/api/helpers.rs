@@ -1,0 +1,190 @@
+//! `spawn_app()`: a billing server on 127.0.0.1:0 against a fresh database,
+//! with clients and tokens for every role.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use billing::auth::KeySet;
+use billing::config::AuthArgs;
+use billing::proto;
+use billing::server::{ServerSettings, serve};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Executor, PgPool};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub const TEST_SECRET: &str = "test-secret-at-least-16-bytes-long";
+
+/// The server every test database lives on: TEST_DATABASE_URL or the local default.
+pub fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn init_logs() {
+    if std::env::var("TEST_LOG").is_ok() {
+        billing::telemetry::init(billing::config::LogFormat::Text);
+    }
+}
+
+/// Creates an empty, migrated database with a unique name and returns its pool.
+pub async fn fresh_database() -> (PgPool, PgConnectOptions) {
+    let server: PgConnectOptions = server_url()
+        .parse()
+        .expect("TEST_DATABASE_URL is a postgres URL");
+    let name = format!("billing_test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = server
+        .connect()
+        .await
+        .expect("connect to the test Postgres server");
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .expect("create test database");
+    let options = server.database(&name);
+    let pool = PgPoolOptions::new()
+        .max_connections(20)
+        .connect_with(options.clone())
+        .await
+        .expect("connect to the test database");
+    billing::db::migrate(&pool).await.expect("migrate");
+    (pool, options)
+}
+
+pub fn test_keys() -> Arc<KeySet> {
+    let args = AuthArgs {
+        jwt_secret: Some(TEST_SECRET.into()),
+        jwt_secret_file: None,
+        jwt_public_key_file: None,
+        jwt_private_key_file: None,
+        jwt_issuer: None,
+        jwt_audience: None,
+    };
+    Arc::new(KeySet::load(&args, std::path::Path::new("/nonexistent")).expect("test keys"))
+}
+
+#[allow(dead_code)]
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub pool: PgPool,
+    pub keys: Arc<KeySet>,
+    pub channel: Channel,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(ServerSettings::default()).await
+}
+
+pub async fn spawn_app_with(settings: ServerSettings) -> TestApp {
+    init_logs();
+    let (pool, _) = fresh_database().await;
+    spawn_app_on(pool, settings).await
+}
+
+/// A server on an existing pool (tests that control the database themselves).
+pub async fn spawn_app_on(pool: PgPool, settings: ServerSettings) -> TestApp {
+    let keys = test_keys();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (shutdown_sender, shutdown_receiver) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        listener,
+        pool.clone(),
+        keys.clone(),
+        settings,
+        async {
+            let _ = shutdown_receiver.await;
+        },
+    ));
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the test server");
+    TestApp {
+        address,
+        pool,
+        keys,
+        channel,
+        shutdown: Some(shutdown_sender),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    pub fn token(&self, role: &str, account: Option<&str>) -> String {
+        self.keys
+            .mint("test", role, account, 600)
+            .expect("mint token")
+    }
+
+    pub fn service_token(&self) -> String {
+        self.token("service", None)
+    }
+
+    pub fn balances(&self) -> proto::balances_client::BalancesClient<Channel> {
+        proto::balances_client::BalancesClient::new(self.channel.clone())
+    }
+
+    /// Creates a USD account through the API and credits `opening` (if not zero).
+    pub async fn account_with_balance(&self, account_id: &str, opening: &str) {
+        let token = self.service_token();
+        self.balances()
+            .create_account(authed(
+                &token,
+                proto::CreateAccountRequest {
+                    account_id: account_id.into(),
+                    currency: "USD".into(),
+                    billing_email: format!("{account_id}@example.com"),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("create account");
+        if opening != "0" {
+            self.balances()
+                .credit(authed(
+                    &token,
+                    proto::CreditRequest {
+                        account_id: account_id.into(),
+                        amount: opening.into(),
+                        kind: proto::TransactionKind::Adjustment as i32,
+                        idempotency_key: format!("opening-{account_id}"),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .expect("opening credit");
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(sender) = self.shutdown.take() {
+            let _ = sender.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// Counts rows of a table (to prove that a refused request wrote nothing).
+pub async fn count_rows(pool: &PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
