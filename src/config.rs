@@ -42,6 +42,9 @@ pub struct DatabaseArgs {
     /// Where the private Postgres cluster, the development JWT key and .eml files live.
     #[arg(long, env = "BILLING_DATA_DIR", default_value = "billing-data")]
     pub data_dir: PathBuf,
+    /// Directory of the Postgres server binaries (initdb, pg_ctl) for the private cluster; found automatically when unset.
+    #[arg(long, env = "BILLING_PG_BINARIES")]
+    pub pg_binaries: Option<PathBuf>,
     /// Largest number of pooled database connections.
     #[arg(long, env = "BILLING_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
@@ -93,6 +96,9 @@ pub struct ServeArgs {
     /// How often the database is pinged for the health status (milliseconds).
     #[arg(long, env = "BILLING_HEALTH_INTERVAL_MS", default_value_t = 1_000)]
     pub health_interval_ms: u64,
+    /// After SIGTERM/SIGINT, how long in-flight RPCs and streams may take to finish (milliseconds).
+    #[arg(long, env = "BILLING_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
     /// Log format.
     #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -101,6 +107,10 @@ pub struct ServeArgs {
 impl ServeArgs {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
     }
 
     pub fn health_interval(&self) -> Duration {

@@ -75,14 +75,27 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         concurrency_limit: args.concurrency_limit,
         health_interval: args.health_interval(),
     };
-    let result = serve(
-        listener,
-        database.pool.clone(),
-        keys,
-        settings,
-        shutdown_signal(),
-    )
-    .await;
+    let (stop_sender, stop_receiver) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_sender.send(true);
+    });
+    let mut drain_deadline = stop_receiver.clone();
+    let grace = args.shutdown_grace();
+    let mut stop = stop_receiver;
+    let stopped = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    let result = tokio::select! {
+        result = serve(listener, database.pool.clone(), keys, settings, stopped) => result,
+        _ = async {
+            let _ = drain_deadline.wait_for(|stop| *stop).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish in time; closing them");
+            Ok(())
+        }
+    };
     database.close().await;
     tracing::info!("billing stopped");
     result

@@ -15,9 +15,13 @@ use sqlx::postgres::PgConnectOptions;
 
 const SOCKET_PORT: u16 = 5432;
 
-/// The directory holding `initdb`, `pg_ctl` and `postgres`.
-pub fn find_binaries() -> Option<PathBuf> {
+/// The directory holding `initdb`, `pg_ctl` and `postgres`: `configured` when
+/// given (and only it), else `pg_config --bindir`, `/usr/lib/postgresql/*/bin`, `PATH`.
+pub fn find_binaries(configured: Option<&Path>) -> Option<PathBuf> {
     let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Some(dir) = configured {
+        return has_tools(dir).then(|| dir.to_owned());
+    }
     if let Ok(output) = Command::new("pg_config").arg("--bindir").output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
         if has_tools(&dir) {

@@ -98,7 +98,7 @@ async fn locate_server(
         );
         return Ok((local, None, description));
     }
-    let Some(binaries) = embedded::find_binaries() else {
+    let Some(binaries) = embedded::find_binaries(args.pg_binaries.as_deref()) else {
         bail!(
             "no PostgreSQL found: set DATABASE_URL, start a server on localhost:{}, or install PostgreSQL \
              (e.g. `apt-get install postgresql`) so billing can start a private one in {}",

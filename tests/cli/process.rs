@@ -1,0 +1,121 @@
+//! Starting `billing serve` as a child process, and finding free ports.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SECRET: &str = "cli-test-secret-0123456789abcdef";
+
+pub fn billing() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_billing"))
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Serve {
+    pub child: Child,
+    pub address: SocketAddr,
+}
+
+impl Serve {
+    /// Starts `billing serve` with `configure` applied, logs into `log_file`,
+    /// and waits (up to two minutes) until it accepts connections.
+    pub fn start(log_file: &Path, configure: impl FnOnce(&mut Command)) -> Serve {
+        let port = free_port();
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = std::fs::File::create(log_file).unwrap();
+        let mut command = billing();
+        command
+            .arg("serve")
+            .env("BILLING_LISTEN", address.to_string())
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
+        configure(&mut command);
+        let mut child = command.spawn().expect("spawn billing serve");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if std::net::TcpStream::connect(address).is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "billing serve exited early ({status}):\n{}",
+                    std::fs::read_to_string(log_file).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "billing serve did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Serve { child, address }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("billing serve did not stop after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Creates a fresh empty database on the test server and returns its URL.
+pub async fn fresh_database_url() -> String {
+    use sqlx::{ConnectOptions, Executor};
+    let server_url = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let options: sqlx::postgres::PgConnectOptions = server_url.parse().unwrap();
+    let name = format!("billing_cli_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = options.connect().await.unwrap();
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .unwrap();
+    let base = server_url
+        .rsplit_once('/')
+        .map(|(base, _)| base.to_owned())
+        .unwrap();
+    format!("{base}/{name}")
+}
+
+/// A temporary directory the `postgres` user can traverse (for private clusters when root).
+pub fn shared_temp_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("billing-test-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    dir
+}
