@@ -23,6 +23,7 @@ use crate::auth::{AuthLayer, KeySet};
 use crate::config::ServeArgs;
 use crate::db::{self, Database};
 use crate::proto;
+use crate::telemetry::rpc_log::RpcLogLayer;
 
 /// The health-checked service names, besides the overall "".
 pub const SERVICE_NAMES: [&str; 4] = [
@@ -134,6 +135,7 @@ pub async fn serve(
         .context("building reflection v1alpha")?;
 
     let layers = ServiceBuilder::new()
+        .layer(RpcLogLayer)
         .layer(LoadShedLayer::new())
         .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
         .layer(AuthLayer::new(keys));

@@ -44,7 +44,7 @@ pub async fn fresh_database() -> (PgPool, PgConnectOptions) {
         .expect("create test database");
     let options = server.database(&name);
     let pool = PgPoolOptions::new()
-        .max_connections(20)
+        .max_connections(8)
         .connect_with(options.clone())
         .await
         .expect("connect to the test database");

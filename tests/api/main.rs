@@ -3,4 +3,6 @@
 
 mod balances;
 mod helpers;
+mod keys;
+mod limits;
 mod permissions;

@@ -1,0 +1,127 @@
+//! Tower limits: beyond the concurrency limit calls are shed at once with
+//! RESOURCE_EXHAUSTED (never queued), and a request that outlives its
+//! timeout is cut off without writing anything.
+
+use std::time::Duration;
+
+use billing::proto;
+use billing::server::ServerSettings;
+use tonic::Code;
+
+use crate::helpers::{authed, count_rows, spawn_app_with};
+
+/// Holds the account's row lock in an open transaction, so a debit blocks.
+async fn lock_account(
+    pool: &sqlx::PgPool,
+    account: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut transaction = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE")
+        .bind(account)
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+    transaction
+}
+
+async fn wait_until_a_query_waits_on_a_lock(pool: &sqlx::PgPool) {
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the debit never blocked on the row lock");
+}
+
+fn debit(key: &str) -> proto::DebitRequest {
+    proto::DebitRequest {
+        account_id: "acme".into(),
+        amount: "1.00".into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn calls_beyond_the_concurrency_limit_are_shed_not_queued() {
+    let app = spawn_app_with(ServerSettings {
+        concurrency_limit: 1,
+        ..Default::default()
+    })
+    .await;
+    app.account_with_balance("acme", "10.00").await;
+    let token = app.service_token();
+    let lock = lock_account(&app.pool, "acme").await;
+    let mut blocked_client = app.balances();
+    let blocked_token = token.clone();
+    let blocked = tokio::spawn(async move {
+        blocked_client
+            .debit(authed(&blocked_token, debit("held")))
+            .await
+    });
+    wait_until_a_query_waits_on_a_lock(&app.pool).await;
+
+    let shed = app
+        .balances()
+        .get_balance(authed(
+            &token,
+            proto::GetBalanceRequest {
+                account_id: "acme".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(shed.code(), Code::ResourceExhausted);
+
+    lock.rollback().await.unwrap();
+    let admitted = blocked.await.unwrap();
+    assert!(
+        admitted.is_ok(),
+        "the admitted call still finishes: {admitted:?}"
+    );
+    let recovered = app
+        .balances()
+        .get_balance(authed(
+            &token,
+            proto::GetBalanceRequest {
+                account_id: "acme".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recovered.balance, "9.00");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_past_its_timeout_is_cut_off_and_writes_nothing() {
+    let app = spawn_app_with(ServerSettings {
+        request_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    app.account_with_balance("acme", "10.00").await;
+    let entries = count_rows(&app.pool, "ledger_entries").await;
+    let lock = lock_account(&app.pool, "acme").await;
+    let error = app
+        .balances()
+        .debit(authed(&app.service_token(), debit("slow")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{error:?}"
+    );
+    lock.rollback().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(count_rows(&app.pool, "ledger_entries").await, entries);
+    app.stop().await;
+}
