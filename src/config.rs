@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::notifications::SmtpSecurity;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "billing",
@@ -87,6 +89,8 @@ pub struct ServeArgs {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub mail: MailArgs,
     /// Longest a unary RPC may run (milliseconds); a shorter grpc-timeout wins.
     #[arg(long, env = "BILLING_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
@@ -116,6 +120,40 @@ impl ServeArgs {
     pub fn health_interval(&self) -> Duration {
         Duration::from_millis(self.health_interval_ms.max(50))
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MailArgs {
+    /// SMTP server; unset writes every email as an .eml file in <data-dir>/outbox.
+    #[arg(long, env = "BILLING_SMTP_HOST")]
+    pub smtp_host: Option<String>,
+    #[arg(long, env = "BILLING_SMTP_PORT", default_value_t = 587)]
+    pub smtp_port: u16,
+    /// none, starttls or tls.
+    #[arg(long, env = "BILLING_SMTP_SECURITY", value_enum, default_value_t = SmtpSecurity::Starttls)]
+    pub smtp_security: SmtpSecurity,
+    #[arg(long, env = "BILLING_SMTP_USERNAME")]
+    pub smtp_username: Option<String>,
+    #[arg(long, env = "BILLING_SMTP_PASSWORD", hide_env_values = true)]
+    pub smtp_password: Option<String>,
+    /// The From: address of every email.
+    #[arg(
+        long,
+        env = "BILLING_MAIL_FROM",
+        default_value = "Billing <billing@localhost>"
+    )]
+    pub mail_from: String,
+    /// Seconds to wait before each retry of an undelivered email; after the last, it is marked failed.
+    #[arg(
+        long,
+        env = "BILLING_MAIL_RETRY_SECS",
+        value_delimiter = ',',
+        default_value = "30,120,600,3600,21600"
+    )]
+    pub mail_retry_secs: Vec<u64>,
+    /// How often each replica looks for due emails (milliseconds).
+    #[arg(long, env = "BILLING_OUTBOX_POLL_MS", default_value_t = 500)]
+    pub outbox_poll_ms: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -13,6 +13,7 @@ pub mod error;
 pub mod ids;
 pub mod ledger;
 pub mod money;
+pub mod notifications;
 pub mod paging;
 pub mod proto;
 pub mod server;

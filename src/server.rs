@@ -22,6 +22,7 @@ use crate::api::{BalancePolicyApi, BalancesApi, NotificationsApi, PaymentMethods
 use crate::auth::{AuthLayer, KeySet};
 use crate::config::ServeArgs;
 use crate::db::{self, Database};
+use crate::notifications::{self, FileMailer, Mailer, SenderSettings, SmtpMailer, SmtpSettings};
 use crate::proto;
 use crate::telemetry::rpc_log::RpcLogLayer;
 
@@ -34,11 +35,14 @@ pub const SERVICE_NAMES: [&str; 4] = [
 ];
 
 /// Settings of a running server that tests also choose.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerSettings {
     pub request_timeout: Duration,
     pub concurrency_limit: usize,
     pub health_interval: Duration,
+    /// `None`: no email sender runs in this process (the outbox still fills).
+    pub mailer: Option<Arc<dyn Mailer>>,
+    pub sender: SenderSettings,
 }
 
 impl Default for ServerSettings {
@@ -47,6 +51,8 @@ impl Default for ServerSettings {
             request_timeout: Duration::from_secs(10),
             concurrency_limit: 512,
             health_interval: Duration::from_secs(1),
+            mailer: None,
+            sender: SenderSettings::default(),
         }
     }
 }
@@ -71,10 +77,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         database = %database.description,
         "billing serving gRPC"
     );
+    let mailer = build_mailer(&args)?;
+    tracing::info!(mail = %mailer.describe(), "emails go to");
     let settings = ServerSettings {
         request_timeout: args.request_timeout(),
         concurrency_limit: args.concurrency_limit,
         health_interval: args.health_interval(),
+        mailer: Some(mailer),
+        sender: SenderSettings {
+            poll_interval: Duration::from_millis(args.mail.outbox_poll_ms.max(10)),
+            retry_schedule: args
+                .mail
+                .mail_retry_secs
+                .iter()
+                .copied()
+                .map(Duration::from_secs)
+                .collect(),
+        },
     };
     let (stop_sender, stop_receiver) = watch::channel(false);
     tokio::spawn(async move {
@@ -102,6 +121,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     result
 }
 
+fn build_mailer(args: &ServeArgs) -> anyhow::Result<Arc<dyn Mailer>> {
+    let mail = &args.mail;
+    Ok(match &mail.smtp_host {
+        Some(host) => Arc::new(SmtpMailer::new(&SmtpSettings {
+            host: host.clone(),
+            port: mail.smtp_port,
+            security: mail.smtp_security,
+            username: mail.smtp_username.clone(),
+            password: mail.smtp_password.clone(),
+            from: mail.mail_from.clone(),
+            timeout: Duration::from_secs(30),
+        })?),
+        None => Arc::new(FileMailer::new(
+            args.database.data_dir.join("outbox"),
+            &mail.mail_from,
+        )?),
+    })
+}
+
 /// Serves on `listener` until `shutdown` completes, then drains in-flight RPCs.
 pub async fn serve(
     listener: TcpListener,
@@ -120,8 +158,17 @@ pub async fn serve(
         health_reporter,
         first_status,
         settings.health_interval,
-        stop_receiver,
+        stop_receiver.clone(),
     ));
+
+    let sender_task = settings.mailer.clone().map(|mailer| {
+        tokio::spawn(notifications::run_sender(
+            pool.clone(),
+            mailer,
+            settings.sender.clone(),
+            stop_receiver.clone(),
+        ))
+    });
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -158,7 +205,7 @@ pub async fn serve(
             PaymentMethodsApi,
         ))
         .add_service(proto::notifications_server::NotificationsServer::new(
-            NotificationsApi,
+            NotificationsApi::new(pool.clone()),
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
@@ -167,6 +214,9 @@ pub async fn serve(
         .await;
     let _ = stop_sender.send(true);
     let _ = health_task.await;
+    if let Some(task) = sender_task {
+        let _ = task.await;
+    }
     served.context("serving gRPC")
 }
 

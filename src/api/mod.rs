@@ -5,9 +5,11 @@ mod balances;
 mod convert;
 mod error;
 mod not_yet;
+mod notifications;
 
 pub use balances::BalancesApi;
-pub use not_yet::{BalancePolicyApi, NotificationsApi, PaymentMethodsApi};
+pub use not_yet::{BalancePolicyApi, PaymentMethodsApi};
+pub use notifications::NotificationsApi;
 
 use tonic::{Request, Status};
 

@@ -129,6 +129,19 @@ pub async fn get_account(pool: &PgPool, account_id: &AccountId) -> Result<Accoun
     account_from_row(&row)
 }
 
+/// Reads an account inside the caller's transaction.
+pub async fn load_account(
+    connection: &mut sqlx::PgConnection,
+    account_id: &str,
+) -> Result<Account, BillingError> {
+    let row = sqlx::query(SELECT_ACCOUNT_SQL)
+        .bind(account_id)
+        .fetch_optional(connection)
+        .await?
+        .ok_or(BillingError::NotFound("account"))?;
+    account_from_row(&row)
+}
+
 pub(super) fn account_from_row(row: &PgRow) -> Result<Account, BillingError> {
     let currency: String = row.try_get("currency")?;
     Ok(Account {

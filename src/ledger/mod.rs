@@ -19,7 +19,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-pub use accounts::{NewAccount, create_account, get_account};
+pub use accounts::{NewAccount, create_account, get_account, load_account};
 pub use history::{EntryFilter, list_entries};
 pub use idempotency::request_fingerprint;
 pub use postings::{Posting, PostingResult, post, post_in_transaction};

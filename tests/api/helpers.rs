@@ -188,3 +188,134 @@ pub async fn count_rows(pool: &PgPool, table: &str) -> i64 {
         .await
         .unwrap()
 }
+
+/// Polls `check` until it returns true; panics with `what` after 20 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A real SMTP server (aiosmtpd) in a child process, saving what it receives.
+pub struct SmtpSink {
+    child: std::process::Child,
+    pub port: u16,
+    pub folder: tempfile::TempDir,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReceivedEmail {
+    pub envelope_to: String,
+    pub subject: String,
+    pub message_id: String,
+    pub body: String,
+}
+
+impl SmtpSink {
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    pub fn start(port: u16) -> SmtpSink {
+        use std::io::BufRead;
+        let folder = tempfile::tempdir().unwrap();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/smtp_sink.py");
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(folder.path())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with aiosmtpd (pip install aiosmtpd)");
+        let mut ready = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(
+            ready.trim(),
+            "READY",
+            "the SMTP sink did not start (is aiosmtpd installed?)"
+        );
+        SmtpSink {
+            child,
+            port,
+            folder,
+        }
+    }
+
+    pub fn messages(&self) -> Vec<ReceivedEmail> {
+        let mut names: Vec<_> = std::fs::read_dir(self.folder.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|path| {
+                let text = std::fs::read_to_string(path).unwrap();
+                let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+                let header = |name: &str| {
+                    headers
+                        .lines()
+                        .find_map(|line| line.strip_prefix(&format!("{name}: ")).map(str::to_owned))
+                        .unwrap_or_default()
+                };
+                ReceivedEmail {
+                    envelope_to: header("X-Envelope-To"),
+                    subject: header("Subject"),
+                    message_id: header("Message-ID"),
+                    body: body.replace("=\r\n", "").replace("\r\n", "\n"),
+                }
+            })
+            .collect()
+    }
+
+    pub fn mailer(port: u16) -> Arc<dyn billing::notifications::Mailer> {
+        Arc::new(
+            billing::notifications::SmtpMailer::new(&billing::notifications::SmtpSettings {
+                host: "127.0.0.1".into(),
+                port,
+                security: billing::notifications::SmtpSecurity::None,
+                username: None,
+                password: None,
+                from: "Billing <billing@test.example>".into(),
+                timeout: Duration::from_secs(5),
+            })
+            .unwrap(),
+        )
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Server settings with a mailer and fast polling/retries, for mail tests.
+pub fn mail_settings(mailer: Arc<dyn billing::notifications::Mailer>) -> ServerSettings {
+    ServerSettings {
+        mailer: Some(mailer),
+        sender: billing::notifications::SenderSettings {
+            poll_interval: Duration::from_millis(50),
+            retry_schedule: vec![Duration::from_millis(200); 50],
+        },
+        ..Default::default()
+    }
+}

@@ -5,4 +5,5 @@ mod balances;
 mod helpers;
 mod keys;
 mod limits;
+mod notifications;
 mod permissions;
