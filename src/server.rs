@@ -22,6 +22,7 @@ use crate::api::{BalancePolicyApi, BalancesApi, NotificationsApi, PaymentMethods
 use crate::auth::{AuthLayer, KeySet};
 use crate::config::ServeArgs;
 use crate::db::{self, Database};
+use crate::events::{EventFeed, FeedSettings, WatchSettings};
 use crate::proto;
 
 /// The health-checked service names, besides the overall "".
@@ -38,6 +39,10 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     pub concurrency_limit: usize,
     pub health_interval: Duration,
+    /// How the balance event feed follows the database.
+    pub events: FeedSettings,
+    /// Per-stream buffers of `WatchBalanceEvents`.
+    pub watch: WatchSettings,
 }
 
 impl Default for ServerSettings {
@@ -46,6 +51,8 @@ impl Default for ServerSettings {
             request_timeout: Duration::from_secs(10),
             concurrency_limit: 512,
             health_interval: Duration::from_secs(1),
+            events: FeedSettings::default(),
+            watch: WatchSettings::default(),
         }
     }
 }
@@ -74,6 +81,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: args.request_timeout(),
         concurrency_limit: args.concurrency_limit,
         health_interval: args.health_interval(),
+        ..ServerSettings::default()
     };
     let result = serve(
         listener,
@@ -109,6 +117,9 @@ pub async fn serve(
         stop_receiver,
     ));
 
+    // One feed per process: every stream of this server follows it.
+    let feed = EventFeed::start(pool.clone(), settings.events.clone());
+
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -134,7 +145,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(proto::balances_server::BalancesServer::new(
-            BalancesApi::new(pool.clone()),
+            BalancesApi::new(pool.clone(), feed.clone(), settings.watch.clone()),
         ))
         .add_service(proto::balance_policy_server::BalancePolicyServer::new(
             BalancePolicyApi,
@@ -145,11 +156,17 @@ pub async fn serve(
         .add_service(proto::notifications_server::NotificationsServer::new(
             NotificationsApi,
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            tracing::info!("shutting down: draining in-flight requests");
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+            let feed = feed.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: ending event streams, draining in-flight requests");
+                // Streams end (clients resume from their cursor) so the drain can finish.
+                feed.stop();
+            }
         })
         .await;
+    feed.stop();
     let _ = stop_sender.send(true);
     let _ = health_task.await;
     served.context("serving gRPC")
