@@ -2,5 +2,6 @@
 //! test, called through tonic clients. `TEST_LOG=1` shows the server's logs.
 
 mod balances;
+mod events;
 mod helpers;
 mod permissions;
