@@ -5,3 +5,4 @@ mod balances;
 mod events;
 mod helpers;
 mod permissions;
+mod subscribers;
