@@ -331,3 +331,22 @@ async fn streams_end_with_a_resume_cursor_when_the_server_stops() {
         .expect("the server stops")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_stream_outlives_the_request_timeout() {
+    let request_timeout = Duration::from_millis(300);
+    let app = crate::helpers::spawn_app_with(ServerSettings {
+        request_timeout,
+        ..ServerSettings::default()
+    })
+    .await;
+    app.account_with_balance("acme", "5.00").await;
+    let mut stream = watch(&app, "acme", 0).await;
+    assert_eq!(next_event(&mut stream).await.sequence, 1);
+    // Arrange an idle stream older than the timeout (not synchronization).
+    tokio::time::sleep(request_timeout * 3).await;
+    debit(&app, "acme", "1.00", "late").await;
+    assert_eq!(next_event(&mut stream).await.sequence, 2);
+    drop(stream);
+    app.stop().await;
+}

@@ -1,10 +1,14 @@
-//! Persisted-cursor subscribers (what the engines build on): exactly-once
-//! processing with several consumers of one name, rollback re-delivery.
+//! Domain-level readers of the event stream: persisted-cursor subscribers
+//! (what the engines build on) with exactly-once processing and rollback
+//! re-delivery, and a live watcher whose reader stalls.
 
 use std::time::Duration;
 
 use billing::BillingError;
-use billing::events::{BalanceEvent, EventFeed, EventHandler, FeedSettings, Subscriber};
+use billing::events::{
+    self, BalanceEvent, EventFeed, EventFilter, EventHandler, FeedSettings, Subscriber, WatchEnd,
+    WatchSettings,
+};
 use sqlx::{PgConnection, PgPool};
 
 use crate::helpers::{TestApp, authed, spawn_app};
@@ -141,5 +145,37 @@ async fn a_batch_dropped_without_commit_is_delivered_again_and_a_committed_one_i
     // Registering again keeps the stored cursor.
     let same = Subscriber::register(&app.pool, "engine", 0).await.unwrap();
     assert_eq!(same.cursor().await.unwrap(), horizon);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_watcher_whose_reader_stalls_is_ended_with_its_resume_cursor() {
+    let app = spawn_app().await;
+    app.account_with_balance("acme", "100.00").await;
+    debits(&app, "acme", 3, "d").await;
+    let cursors = all_cursors(&app.pool).await;
+    let feed = EventFeed::start(app.pool.clone(), FeedSettings::default());
+    let settings = WatchSettings {
+        buffer: 1,
+        batch_size: 10,
+        stall_timeout: Duration::from_millis(200),
+    };
+    let mut watcher = events::watch(&feed, EventFilter::AllAccounts, 0, &settings);
+
+    // Nobody reads: one event fills the buffer, the next cannot be handed over.
+    let end = tokio::time::timeout(WAIT, &mut watcher.end)
+        .await
+        .expect("the watcher gives up on its reader")
+        .expect("it says why");
+    assert_eq!(
+        end,
+        WatchEnd::TooFarBehind {
+            resume_after: cursors[0]
+        }
+    );
+    // What was buffered is still delivered, then the stream ends.
+    assert_eq!(watcher.events.recv().await.unwrap().cursor, cursors[0]);
+    assert!(watcher.events.recv().await.is_none());
+    feed.stop();
     app.stop().await;
 }
