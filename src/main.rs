@@ -11,7 +11,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             billing::telemetry::init(args.log_format);
-            billing::server::run(args).await
+            billing::server::run(*args).await
         }
         Command::Migrate(args) => {
             billing::telemetry::init(billing::config::LogFormat::Text);

@@ -22,6 +22,7 @@ use crate::api::{BalancePolicyApi, BalancesApi, NotificationsApi, PaymentMethods
 use crate::auth::{AuthLayer, KeySet};
 use crate::config::ServeArgs;
 use crate::db::{self, Database};
+use crate::events::{EventFeed, FeedSettings, WatchSettings};
 use crate::notifications::{self, FileMailer, Mailer, SenderSettings, SmtpMailer, SmtpSettings};
 use crate::proto;
 use crate::telemetry::rpc_log::RpcLogLayer;
@@ -43,6 +44,10 @@ pub struct ServerSettings {
     /// `None`: no email sender runs in this process (the outbox still fills).
     pub mailer: Option<Arc<dyn Mailer>>,
     pub sender: SenderSettings,
+    /// How the balance event feed follows the database.
+    pub events: FeedSettings,
+    /// Per-stream buffers of `WatchBalanceEvents`.
+    pub watch: WatchSettings,
 }
 
 impl Default for ServerSettings {
@@ -53,6 +58,8 @@ impl Default for ServerSettings {
             health_interval: Duration::from_secs(1),
             mailer: None,
             sender: SenderSettings::default(),
+            events: FeedSettings::default(),
+            watch: WatchSettings::default(),
         }
     }
 }
@@ -94,6 +101,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .map(Duration::from_secs)
                 .collect(),
         },
+        ..ServerSettings::default()
     };
     let (stop_sender, stop_receiver) = watch::channel(false);
     tokio::spawn(async move {
@@ -169,6 +177,8 @@ pub async fn serve(
             stop_receiver.clone(),
         ))
     });
+    // One feed per process: every stream of this server follows it.
+    let feed = EventFeed::start(pool.clone(), settings.events.clone());
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -196,7 +206,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(proto::balances_server::BalancesServer::new(
-            BalancesApi::new(pool.clone()),
+            BalancesApi::new(pool.clone(), feed.clone(), settings.watch.clone()),
         ))
         .add_service(proto::balance_policy_server::BalancePolicyServer::new(
             BalancePolicyApi,
@@ -207,11 +217,17 @@ pub async fn serve(
         .add_service(proto::notifications_server::NotificationsServer::new(
             NotificationsApi::new(pool.clone()),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            tracing::info!("shutting down: draining in-flight requests");
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+            let feed = feed.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: ending event streams, draining in-flight requests");
+                // Streams end (clients resume from their cursor) so the drain can finish.
+                feed.stop();
+            }
         })
         .await;
+    feed.stop();
     let _ = stop_sender.send(true);
     let _ = health_task.await;
     if let Some(task) = sender_task {

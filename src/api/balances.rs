@@ -2,14 +2,19 @@
 
 use std::pin::Pin;
 
+use futures::StreamExt;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert::{metadata, optional_time, timestamp};
 use super::{authorize, authorize_account_id};
 use crate::error::BillingError;
+use crate::events::{
+    self, BalanceEvent, BalanceEventKind, EventFeed, EventFilter, WatchEnd, WatchSettings, Watcher,
+};
 use crate::ids::{AccountId, IdempotencyKey, parse_email, parse_text};
 use crate::ledger::{
     self, EntryFilter, EntryKind, LedgerEntry, NewAccount, Posting, PostingResult,
@@ -21,11 +26,17 @@ use crate::proto::{self, balances_server::Balances};
 #[derive(Clone)]
 pub struct BalancesApi {
     pool: PgPool,
+    feed: EventFeed,
+    watch_settings: WatchSettings,
 }
 
 impl BalancesApi {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, feed: EventFeed, watch_settings: WatchSettings) -> Self {
+        Self {
+            pool,
+            feed,
+            watch_settings,
+        }
     }
 }
 
@@ -199,10 +210,29 @@ impl Balances for BalancesApi {
             text => Some(AccountId::parse(text)?),
         };
         authorize(&request, account_id.as_ref())?;
-        Err(Status::unimplemented(
-            "Balances.WatchBalanceEvents is not implemented yet: it arrives with the balance events stream (issue 4); \
-             the events are already recorded",
-        ))
+        let after_cursor = request.get_ref().after_cursor;
+        if after_cursor < 0 {
+            return Err(BillingError::invalid("after_cursor", "must not be negative").into());
+        }
+        let filter = match account_id {
+            Some(account_id) => {
+                // Unknown accounts are NOT_FOUND, as in every other RPC.
+                ledger::get_account(&self.pool, &account_id).await?;
+                EventFilter::Account(account_id)
+            }
+            None => EventFilter::AllAccounts,
+        };
+        let Watcher { events, end } =
+            events::watch(&self.feed, filter, after_cursor, &self.watch_settings);
+        let delivered = ReceiverStream::new(events).map(|event| {
+            Ok(proto::WatchBalanceEventsResponse {
+                event: Some(event_to_proto(&event)),
+            })
+        });
+        // After the last buffered event: why the server ended the stream, if it did.
+        let ending = futures::stream::once(end)
+            .filter_map(|end| async move { end.ok().map(|end| Err(watch_end_status(end))) });
+        Ok(Response::new(Box::pin(delivered.chain(ending))))
     }
 
     async fn verify_ledger(
@@ -227,6 +257,41 @@ impl Balances for BalancesApi {
                 })
                 .collect(),
         }))
+    }
+}
+
+fn watch_end_status(end: WatchEnd) -> Status {
+    match end {
+        WatchEnd::TooFarBehind { resume_after } => Status::resource_exhausted(format!(
+            "subscriber too far behind: resume with after_cursor {resume_after}"
+        )),
+        WatchEnd::ShuttingDown { resume_after } => Status::unavailable(format!(
+            "server shutting down: resume with after_cursor {resume_after}"
+        )),
+        WatchEnd::Interrupted { resume_after } => Status::unavailable(format!(
+            "event stream interrupted: resume with after_cursor {resume_after}"
+        )),
+    }
+}
+
+fn event_to_proto(event: &BalanceEvent) -> proto::BalanceEvent {
+    let currency = event.currency;
+    let kind = match event.kind {
+        BalanceEventKind::Debited => proto::BalanceEventKind::Debited,
+        BalanceEventKind::Credited => proto::BalanceEventKind::Credited,
+        BalanceEventKind::ToppedUp => proto::BalanceEventKind::ToppedUp,
+    };
+    proto::BalanceEvent {
+        cursor: event.cursor,
+        account_id: event.account_id.clone(),
+        sequence: event.sequence,
+        kind: kind as i32,
+        amount: currency.format(event.amount),
+        balance_after: currency.format(event.balance_after),
+        total_balance_after: currency.format(event.total_balance_after),
+        transaction_id: event.transaction_id.to_string(),
+        created_at: Some(timestamp(event.created_at)),
+        currency: currency.code().to_owned(),
     }
 }
 

@@ -54,7 +54,8 @@ pub(super) async fn load(
     connection: &mut PgConnection,
     account_id: &str,
 ) -> Result<NotificationSettings, BillingError> {
-    let row: Option<(String, Option<Vec<String>>, Option<Vec<String>>)> = sqlx::query_as(
+    type SettingsRow = (String, Option<Vec<String>>, Option<Vec<String>>);
+    let row: Option<SettingsRow> = sqlx::query_as(
         "SELECT a.billing_email, s.recipients, s.disabled_kinds \
            FROM accounts a LEFT JOIN notification_settings s ON s.account_id = a.account_id \
           WHERE a.account_id = $1",

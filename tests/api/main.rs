@@ -2,8 +2,10 @@
 //! test, called through tonic clients. `TEST_LOG=1` shows the server's logs.
 
 mod balances;
+mod events;
 mod helpers;
 mod keys;
 mod limits;
 mod notifications;
 mod permissions;
+mod subscribers;

@@ -1,0 +1,181 @@
+//! Domain-level readers of the event stream: persisted-cursor subscribers
+//! (what the engines build on) with exactly-once processing and rollback
+//! re-delivery, and a live watcher whose reader stalls.
+
+use std::time::Duration;
+
+use billing::BillingError;
+use billing::events::{
+    self, BalanceEvent, EventFeed, EventFilter, EventHandler, FeedSettings, Subscriber, WatchEnd,
+    WatchSettings,
+};
+use sqlx::{PgConnection, PgPool};
+
+use crate::helpers::{TestApp, authed, spawn_app};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// An engine whose side effect is one row per event it handled.
+struct Recorder {
+    consumer: &'static str,
+}
+
+#[async_trait::async_trait]
+impl EventHandler for Recorder {
+    async fn handle(
+        &self,
+        connection: &mut PgConnection,
+        event: &BalanceEvent,
+    ) -> Result<(), BillingError> {
+        sqlx::query("INSERT INTO processed (cursor, consumer) VALUES ($1, $2)")
+            .bind(event.cursor)
+            .bind(self.consumer)
+            .execute(connection)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn debits(app: &TestApp, account: &str, count: usize, prefix: &str) {
+    for i in 0..count {
+        app.balances()
+            .debit(authed(
+                &app.service_token(),
+                billing::proto::DebitRequest {
+                    account_id: account.into(),
+                    amount: "0.01".into(),
+                    idempotency_key: format!("{prefix}-{i}"),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("debit");
+    }
+}
+
+async fn all_cursors(pool: &PgPool) -> Vec<i64> {
+    sqlx::query_scalar("SELECT cursor FROM balance_events ORDER BY cursor")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_consumers_of_one_subscriber_process_each_event_exactly_once() {
+    let app = spawn_app().await;
+    sqlx::query("CREATE TABLE processed (cursor BIGINT NOT NULL, consumer TEXT NOT NULL)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    app.account_with_balance("acme", "100.00").await;
+    debits(&app, "acme", 30, "before").await;
+
+    let feed = EventFeed::start(app.pool.clone(), FeedSettings::default());
+    let subscriber = Subscriber::register(&app.pool, "test-engine", 0)
+        .await
+        .unwrap()
+        .with_batch_size(7);
+    let consumers: Vec<_> = ["one", "two"]
+        .into_iter()
+        .map(|consumer| {
+            let subscriber = subscriber.clone();
+            let feed = feed.clone();
+            tokio::spawn(async move { subscriber.run(&feed, &Recorder { consumer }).await })
+        })
+        .collect();
+    debits(&app, "acme", 30, "during").await;
+
+    let expected = all_cursors(&app.pool).await;
+    assert_eq!(expected.len(), 61);
+    let last = *expected.last().unwrap();
+    tokio::time::timeout(WAIT, async {
+        while subscriber.cursor().await.unwrap() < last {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the subscriber catches up");
+    feed.stop();
+    for consumer in consumers {
+        tokio::time::timeout(WAIT, consumer)
+            .await
+            .expect("consumers stop with the feed")
+            .unwrap();
+    }
+
+    let processed: Vec<i64> = sqlx::query_scalar("SELECT cursor FROM processed ORDER BY cursor")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(processed, expected, "every event exactly once");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_dropped_without_commit_is_delivered_again_and_a_committed_one_is_not() {
+    let app = spawn_app().await;
+    app.account_with_balance("acme", "100.00").await;
+    debits(&app, "acme", 4, "d").await;
+    let cursors = all_cursors(&app.pool).await;
+    let horizon = *cursors.last().unwrap();
+    let subscriber = Subscriber::register(&app.pool, "engine", 0)
+        .await
+        .unwrap()
+        .with_batch_size(3);
+
+    let first = subscriber.next_batch(horizon).await.unwrap().unwrap();
+    let first_cursors: Vec<i64> = first.events().iter().map(|e| e.cursor).collect();
+    assert_eq!(first_cursors, cursors[..3].to_vec());
+    // While one consumer holds the subscriber, another gets nothing.
+    assert!(subscriber.next_batch(horizon).await.unwrap().is_none());
+    drop(first);
+
+    let again = subscriber.next_batch(horizon).await.unwrap().unwrap();
+    let again_cursors: Vec<i64> = again.events().iter().map(|e| e.cursor).collect();
+    assert_eq!(again_cursors, first_cursors);
+    assert_eq!(again.commit().await.unwrap(), cursors[2]);
+
+    let rest = subscriber.next_batch(horizon).await.unwrap().unwrap();
+    let rest_cursors: Vec<i64> = rest.events().iter().map(|e| e.cursor).collect();
+    assert_eq!(rest_cursors, cursors[3..].to_vec());
+    rest.commit().await.unwrap();
+    assert!(subscriber.next_batch(horizon).await.unwrap().is_none());
+    assert_eq!(subscriber.cursor().await.unwrap(), horizon);
+
+    // Registering again keeps the stored cursor.
+    let same = Subscriber::register(&app.pool, "engine", 0).await.unwrap();
+    assert_eq!(same.cursor().await.unwrap(), horizon);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_watcher_whose_reader_stalls_is_ended_with_its_resume_cursor() {
+    let app = spawn_app().await;
+    app.account_with_balance("acme", "100.00").await;
+    debits(&app, "acme", 3, "d").await;
+    let cursors = all_cursors(&app.pool).await;
+    let feed = EventFeed::start(app.pool.clone(), FeedSettings::default());
+    let settings = WatchSettings {
+        buffer: 1,
+        batch_size: 10,
+        stall_timeout: Duration::from_millis(200),
+    };
+    let mut watcher = events::watch(&feed, EventFilter::AllAccounts, 0, &settings);
+
+    // Nobody reads: one event fills the buffer, the next cannot be handed over.
+    let end = tokio::time::timeout(WAIT, &mut watcher.end)
+        .await
+        .expect("the watcher gives up on its reader")
+        .expect("it says why");
+    assert_eq!(
+        end,
+        WatchEnd::TooFarBehind {
+            resume_after: cursors[0]
+        }
+    );
+    // What was buffered is still delivered, then the stream ends.
+    assert_eq!(watcher.events.recv().await.unwrap().cursor, cursors[0]);
+    assert!(watcher.events.recv().await.is_none());
+    feed.stop();
+    app.stop().await;
+}
