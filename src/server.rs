@@ -22,6 +22,8 @@ use crate::api::{BalancePolicyApi, BalancesApi, NotificationsApi, PaymentMethods
 use crate::auth::{AuthLayer, KeySet};
 use crate::config::ServeArgs;
 use crate::db::{self, Database};
+use crate::gateway::{PaymentGateway, SandboxGateway};
+use crate::payment_methods::PaymentMethods;
 use crate::proto;
 
 /// The health-checked service names, besides the overall "".
@@ -120,6 +122,13 @@ pub async fn serve(
         .build_v1alpha()
         .context("building reflection v1alpha")?;
 
+    // The only gateway so far: the sandbox simulator, keeping its state in this database.
+    let gateway: Arc<dyn PaymentGateway> = Arc::new(SandboxGateway::new(pool.clone()));
+    tracing::info!(
+        gateway = gateway.name(),
+        "payment gateway: sandbox (simulated card processor, test cards only)"
+    );
+
     let layers = ServiceBuilder::new()
         .layer(LoadShedLayer::new())
         .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
@@ -140,7 +149,7 @@ pub async fn serve(
             BalancePolicyApi,
         ))
         .add_service(proto::payment_methods_server::PaymentMethodsServer::new(
-            PaymentMethodsApi,
+            PaymentMethodsApi::new(PaymentMethods::new(pool.clone(), gateway)),
         ))
         .add_service(proto::notifications_server::NotificationsServer::new(
             NotificationsApi,

@@ -5,9 +5,11 @@ mod balances;
 mod convert;
 mod error;
 mod not_yet;
+mod payment_methods;
 
 pub use balances::BalancesApi;
-pub use not_yet::{BalancePolicyApi, NotificationsApi, PaymentMethodsApi};
+pub use not_yet::{BalancePolicyApi, NotificationsApi};
+pub use payment_methods::PaymentMethodsApi;
 
 use tonic::{Request, Status};
 

@@ -86,8 +86,10 @@ pub fn required_access(path: &str) -> Option<Access> {
 pub(super) fn grants(role: Role, access: Access) -> bool {
     matches!(
         (role, access),
-        (Role::Admin | Role::Commercial | Role::Billing, Access::Read | Access::Manage)
-            | (Role::Viewer, Access::Read)
+        (
+            Role::Admin | Role::Commercial | Role::Billing,
+            Access::Read | Access::Manage
+        ) | (Role::Viewer, Access::Read)
             | (Role::Service, Access::Read | Access::Service)
     )
 }
