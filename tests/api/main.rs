@@ -3,4 +3,5 @@
 
 mod balances;
 mod helpers;
+mod payment_methods;
 mod permissions;
