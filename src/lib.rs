@@ -7,17 +7,21 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod card;
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod events;
+pub mod gateway;
 pub mod ids;
 pub mod ledger;
 pub mod money;
 pub mod notifications;
 pub mod paging;
+pub mod payment_methods;
 pub mod proto;
 pub mod server;
 pub mod telemetry;
+pub mod topup;
 
 pub use error::BillingError;

@@ -23,7 +23,9 @@ use crate::auth::{AuthLayer, KeySet};
 use crate::config::ServeArgs;
 use crate::db::{self, Database};
 use crate::events::{EventFeed, FeedSettings, WatchSettings};
+use crate::gateway::{PaymentGateway, SandboxGateway};
 use crate::notifications::{self, FileMailer, Mailer, SenderSettings, SmtpMailer, SmtpSettings};
+use crate::payment_methods::PaymentMethods;
 use crate::proto;
 use crate::telemetry::rpc_log::RpcLogLayer;
 
@@ -191,6 +193,13 @@ pub async fn serve(
         .build_v1alpha()
         .context("building reflection v1alpha")?;
 
+    // The only gateway so far: the sandbox simulator, keeping its state in this database.
+    let gateway: Arc<dyn PaymentGateway> = Arc::new(SandboxGateway::new(pool.clone()));
+    tracing::info!(
+        gateway = gateway.name(),
+        "payment gateway: sandbox (simulated card processor, test cards only)"
+    );
+
     let layers = ServiceBuilder::new()
         .layer(RpcLogLayer)
         .layer(LoadShedLayer::new())
@@ -212,7 +221,7 @@ pub async fn serve(
             BalancePolicyApi,
         ))
         .add_service(proto::payment_methods_server::PaymentMethodsServer::new(
-            PaymentMethodsApi,
+            PaymentMethodsApi::new(PaymentMethods::new(pool.clone(), gateway)),
         ))
         .add_service(proto::notifications_server::NotificationsServer::new(
             NotificationsApi::new(pool.clone()),

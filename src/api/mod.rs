@@ -6,10 +6,12 @@ mod convert;
 mod error;
 mod not_yet;
 mod notifications;
+mod payment_methods;
 
 pub use balances::BalancesApi;
-pub use not_yet::{BalancePolicyApi, PaymentMethodsApi};
+pub use not_yet::BalancePolicyApi;
 pub use notifications::NotificationsApi;
+pub use payment_methods::PaymentMethodsApi;
 
 use tonic::{Request, Status};
 

@@ -22,6 +22,7 @@ use uuid::Uuid;
 pub use accounts::{NewAccount, create_account, get_account, load_account};
 pub use history::{EntryFilter, list_entries};
 pub use idempotency::request_fingerprint;
+pub(crate) use idempotency::{previous_response, remember_response};
 pub use postings::{Posting, PostingResult, post, post_in_transaction};
 pub use verify::{LedgerMismatch, LedgerReport, verify_ledger};
 

@@ -7,5 +7,6 @@ mod helpers;
 mod keys;
 mod limits;
 mod notifications;
+mod payment_methods;
 mod permissions;
 mod subscribers;

@@ -1,0 +1,346 @@
+//! `billing.v1.PaymentMethods`: the Payment Methods page over gRPC.
+
+use tonic::{Request, Response, Status};
+
+use super::authorize_account_id;
+use super::convert::timestamp;
+use crate::card::CardDetails;
+use crate::error::BillingError;
+use crate::gateway::CardSource;
+use crate::ids::IdempotencyKey;
+use crate::payment_methods::{
+    BillingAddress, FundsRequest, FundsResult, MethodStatus, NewCard, PaymentMethod, PaymentMethods,
+};
+use crate::proto::{self, add_card_request::Source, payment_methods_server};
+use crate::topup::{self, AttemptOutcome, PendingChallenge, TopUpStatus, Trigger};
+
+#[derive(Clone)]
+pub struct PaymentMethodsApi {
+    methods: PaymentMethods,
+}
+
+impl PaymentMethodsApi {
+    pub fn new(methods: PaymentMethods) -> Self {
+        Self { methods }
+    }
+}
+
+fn required_id(field: &str, text: &str) -> Result<String, BillingError> {
+    if text.is_empty() {
+        return Err(BillingError::invalid(field, "is required"));
+    }
+    // Any other text is looked up; what does not exist is NOT_FOUND.
+    Ok(text.to_owned())
+}
+
+#[tonic::async_trait]
+impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
+    async fn add_card(
+        &self,
+        request: Request<proto::AddCardRequest>,
+    ) -> Result<Response<proto::AddCardResponse>, Status> {
+        let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let message = request.into_inner();
+        let source = match message.source {
+            Some(Source::Card(card)) => CardSource::Card(CardDetails::parse(
+                &card.number,
+                card.exp_month,
+                card.exp_year,
+                &card.cvc,
+                &card.holder_name,
+                chrono::Utc::now().date_naive(),
+            )?),
+            Some(Source::GatewayToken(token)) if !token.is_empty() => {
+                CardSource::Token(crate::ids::parse_text("gateway_token", &token, 255)?)
+            }
+            _ => {
+                return Err(
+                    BillingError::invalid("card", "a card or a gateway_token is required").into(),
+                );
+            }
+        };
+        let new = NewCard {
+            account_id,
+            source,
+            billing_address: BillingAddress::parse(address_from_proto(message.billing_address))?,
+            idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
+        };
+        let method = self.methods.add_card(&caller, new).await?;
+        Ok(Response::new(proto::AddCardResponse {
+            next_action: pending_next_action(&method),
+            payment_method: Some(method_to_proto(&method)),
+        }))
+    }
+
+    async fn confirm_card(
+        &self,
+        request: Request<proto::ConfirmCardRequest>,
+    ) -> Result<Response<proto::ConfirmCardResponse>, Status> {
+        let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let message = request.into_inner();
+        let id = required_id("payment_method_id", &message.payment_method_id)?;
+        let authenticated =
+            match proto::AuthenticationResult::try_from(message.authentication_result) {
+                Ok(proto::AuthenticationResult::Passed) => true,
+                Ok(proto::AuthenticationResult::Failed) => false,
+                _ => {
+                    return Err(BillingError::invalid(
+                        "authentication_result",
+                        "must be AUTHENTICATION_RESULT_PASSED or AUTHENTICATION_RESULT_FAILED",
+                    )
+                    .into());
+                }
+            };
+        let method = self
+            .methods
+            .confirm_card(&caller, &account_id, &id, authenticated)
+            .await?;
+        Ok(Response::new(proto::ConfirmCardResponse {
+            payment_method: Some(method_to_proto(&method)),
+        }))
+    }
+
+    async fn list_payment_methods(
+        &self,
+        request: Request<proto::ListPaymentMethodsRequest>,
+    ) -> Result<Response<proto::ListPaymentMethodsResponse>, Status> {
+        let (_, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let message = request.into_inner();
+        // Tokens carry the priority of the last method returned.
+        let page = crate::paging::Page::parse(message.page_size, &message.page_token)?;
+        let after_priority = page.after_id.unwrap_or(0);
+        let page_size = usize::try_from(page.size).unwrap_or(usize::MAX);
+        let methods: Vec<PaymentMethod> = self
+            .methods
+            .list(&account_id)
+            .await?
+            .into_iter()
+            .filter(|m| i64::from(m.priority) > after_priority)
+            .take(page_size)
+            .collect();
+        let next_page_token = crate::paging::next_token(
+            methods.len(),
+            &page,
+            methods.last().map(|m| i64::from(m.priority)),
+        );
+        Ok(Response::new(proto::ListPaymentMethodsResponse {
+            payment_methods: methods.iter().map(method_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_payment_method(
+        &self,
+        request: Request<proto::GetPaymentMethodRequest>,
+    ) -> Result<Response<proto::GetPaymentMethodResponse>, Status> {
+        let (_, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let id = required_id("payment_method_id", &request.get_ref().payment_method_id)?;
+        let method = self.methods.get(&account_id, &id).await?;
+        Ok(Response::new(proto::GetPaymentMethodResponse {
+            payment_method: Some(method_to_proto(&method)),
+        }))
+    }
+
+    async fn set_auto_charge(
+        &self,
+        request: Request<proto::SetAutoChargeRequest>,
+    ) -> Result<Response<proto::SetAutoChargeResponse>, Status> {
+        let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let message = request.into_inner();
+        let id = required_id("payment_method_id", &message.payment_method_id)?;
+        let method = self
+            .methods
+            .set_auto_charge(&caller, &account_id, &id, message.enabled)
+            .await?;
+        Ok(Response::new(proto::SetAutoChargeResponse {
+            payment_method: Some(method_to_proto(&method)),
+        }))
+    }
+
+    async fn reorder_payment_methods(
+        &self,
+        request: Request<proto::ReorderPaymentMethodsRequest>,
+    ) -> Result<Response<proto::ReorderPaymentMethodsResponse>, Status> {
+        let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let ids = request.into_inner().payment_method_ids;
+        let methods = self.methods.reorder(&caller, &account_id, ids).await?;
+        Ok(Response::new(proto::ReorderPaymentMethodsResponse {
+            payment_methods: methods.iter().map(method_to_proto).collect(),
+        }))
+    }
+
+    async fn remove_payment_method(
+        &self,
+        request: Request<proto::RemovePaymentMethodRequest>,
+    ) -> Result<Response<proto::RemovePaymentMethodResponse>, Status> {
+        let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let id = required_id("payment_method_id", &request.get_ref().payment_method_id)?;
+        let method = self.methods.remove(&caller, &account_id, &id).await?;
+        Ok(Response::new(proto::RemovePaymentMethodResponse {
+            payment_method: Some(method_to_proto(&method)),
+        }))
+    }
+
+    async fn add_funds(
+        &self,
+        request: Request<proto::AddFundsRequest>,
+    ) -> Result<Response<proto::AddFundsResponse>, Status> {
+        let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let message = request.into_inner();
+        let funds = FundsRequest {
+            account_id,
+            trigger: Trigger::Manual,
+            amount: message.amount,
+            payment_method_id: Some(message.payment_method_id).filter(|id| !id.is_empty()),
+            idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
+        };
+        let result = self.methods.add_funds(&caller, funds).await?;
+        Ok(Response::new(proto::AddFundsResponse {
+            next_action: top_up_next_action(&result),
+            balance: result.top_up.currency.format(result.balance),
+            top_up: Some(top_up_to_proto(&result.top_up)),
+        }))
+    }
+
+    async fn retry_payment_method(
+        &self,
+        request: Request<proto::RetryPaymentMethodRequest>,
+    ) -> Result<Response<proto::RetryPaymentMethodResponse>, Status> {
+        let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let message = request.into_inner();
+        let funds = FundsRequest {
+            account_id,
+            trigger: Trigger::Retry,
+            amount: message.amount,
+            payment_method_id: Some(required_id(
+                "payment_method_id",
+                &message.payment_method_id,
+            )?),
+            idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
+        };
+        let result = self.methods.add_funds(&caller, funds).await?;
+        Ok(Response::new(proto::RetryPaymentMethodResponse {
+            payment_method: result.payment_method.as_ref().map(method_to_proto),
+            top_up: Some(top_up_to_proto(&result.top_up)),
+        }))
+    }
+}
+
+fn address_from_proto(address: Option<proto::BillingAddress>) -> BillingAddress {
+    let address = address.unwrap_or_default();
+    BillingAddress {
+        line1: address.line1,
+        line2: address.line2,
+        city: address.city,
+        postal_code: address.postal_code,
+        state: address.state,
+        country: address.country,
+    }
+}
+
+fn next_action(challenge: &PendingChallenge) -> proto::NextAction {
+    proto::NextAction {
+        r#type: "three_d_secure".into(),
+        redirect_url: challenge.redirect_url.clone(),
+        challenge_id: challenge.challenge_id.clone(),
+    }
+}
+
+fn pending_next_action(method: &PaymentMethod) -> Option<proto::NextAction> {
+    match (&method.challenge, method.status) {
+        (Some(challenge), MethodStatus::PendingAuthentication) => Some(next_action(challenge)),
+        _ => None,
+    }
+}
+
+fn top_up_next_action(result: &FundsResult) -> Option<proto::NextAction> {
+    match (&result.top_up.challenge, result.top_up.status) {
+        (Some(challenge), TopUpStatus::RequiresAction) => Some(next_action(challenge)),
+        _ => None,
+    }
+}
+
+pub(crate) fn method_to_proto(method: &PaymentMethod) -> proto::PaymentMethod {
+    let status = match method.status {
+        MethodStatus::PendingAuthentication => proto::PaymentMethodStatus::PendingAuthentication,
+        MethodStatus::Active => proto::PaymentMethodStatus::Active,
+        MethodStatus::TemporarilyDisabled => proto::PaymentMethodStatus::TemporarilyDisabled,
+        MethodStatus::Failed => proto::PaymentMethodStatus::Failed,
+        MethodStatus::Removed => proto::PaymentMethodStatus::Removed,
+    };
+    let address = &method.billing_address;
+    proto::PaymentMethod {
+        payment_method_id: method.payment_method_id.clone(),
+        account_id: method.account_id.clone(),
+        status: status as i32,
+        brand: method.brand.clone(),
+        last4: method.last4.clone(),
+        exp_month: method.exp_month,
+        exp_year: method.exp_year,
+        holder_name: method.holder_name.clone(),
+        auto_charge: method.auto_charge,
+        priority: method.priority,
+        primary: method.primary,
+        disabled_reason: method.disabled_reason.clone(),
+        created_at: Some(timestamp(method.created_at)),
+        billing_address: Some(proto::BillingAddress {
+            line1: address.line1.clone(),
+            line2: address.line2.clone(),
+            city: address.city.clone(),
+            postal_code: address.postal_code.clone(),
+            state: address.state.clone(),
+            country: address.country.clone(),
+        }),
+    }
+}
+
+pub(crate) fn top_up_to_proto(top_up: &topup::TopUp) -> proto::TopUp {
+    let trigger = match top_up.trigger {
+        Trigger::Automatic => proto::TopUpTrigger::Automatic,
+        Trigger::Manual => proto::TopUpTrigger::Manual,
+        Trigger::Retry => proto::TopUpTrigger::Retry,
+    };
+    let status = match top_up.status {
+        TopUpStatus::Pending => proto::TopUpStatus::Pending,
+        TopUpStatus::Succeeded => proto::TopUpStatus::Succeeded,
+        TopUpStatus::RetryScheduled => proto::TopUpStatus::RetryScheduled,
+        TopUpStatus::Failed => proto::TopUpStatus::Failed,
+        TopUpStatus::RequiresAction => proto::TopUpStatus::RequiresAction,
+        TopUpStatus::Unknown => proto::TopUpStatus::Unknown,
+        TopUpStatus::CapReached => proto::TopUpStatus::CapReached,
+    };
+    let currency = top_up.currency;
+    proto::TopUp {
+        top_up_id: top_up.top_up_id.clone(),
+        account_id: top_up.account_id.clone(),
+        trigger: trigger as i32,
+        status: status as i32,
+        amount: currency.format(top_up.amount),
+        currency: currency.code().to_owned(),
+        attempts: top_up
+            .attempts
+            .iter()
+            .map(|attempt| proto::TopUpAttempt {
+                attempt_number: attempt.attempt_number,
+                payment_method_id: attempt.payment_method_id.clone(),
+                outcome: match attempt.outcome {
+                    AttemptOutcome::Succeeded => proto::AttemptOutcome::Succeeded,
+                    AttemptOutcome::Declined => proto::AttemptOutcome::Declined,
+                    AttemptOutcome::RequiresAction => proto::AttemptOutcome::RequiresAction,
+                    AttemptOutcome::Unknown => proto::AttemptOutcome::Unknown,
+                } as i32,
+                decline_code: attempt.decline_code.clone(),
+                hard_decline: attempt.hard_decline,
+                amount: currency.format(attempt.amount),
+                attempted_at: Some(timestamp(attempt.attempted_at)),
+            })
+            .collect(),
+        transaction_id: top_up
+            .transaction_id
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
+        created_at: Some(timestamp(top_up.created_at)),
+        next_attempt_at: top_up.next_attempt_at.map(timestamp),
+        failure_reason: top_up.failure_reason.clone(),
+    }
+}

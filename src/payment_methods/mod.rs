@@ -1,0 +1,151 @@
+//! Payment methods: saved cards, their charge priority and auto-charge flag,
+//! 3-D Secure confirmation, and the manual charges (Add Funds, retry).
+//!
+//! - `cards`: add (through the gateway's set-up), confirm, auto-charge, reorder, remove;
+//! - `funds`: Add Funds and retry — a top-up record, one gateway charge keyed by
+//!   the top-up, then the ledger credit in the transaction that marks it succeeded;
+//! - `store`: the SQL.
+//!
+//! Every change locks the account row first (`SELECT … FOR UPDATE`), so
+//! idempotency checks, duplicate detection and priorities never race. The
+//! lock is held across the gateway's set-up call: per-account changes are
+//! rare and serialising them is the point.
+
+mod cards;
+mod funds;
+mod store;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use crate::error::BillingError;
+use crate::gateway::{GatewayError, PaymentGateway};
+use crate::topup::PendingChallenge;
+
+pub use cards::NewCard;
+pub use funds::{FundsRequest, FundsResult};
+
+/// What Retry charges when the request names no amount.
+pub const DEFAULT_RETRY_AMOUNT_MINOR_UNITS: i64 = 3000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MethodStatus {
+    PendingAuthentication,
+    Active,
+    TemporarilyDisabled,
+    Failed,
+    Removed,
+}
+
+impl MethodStatus {
+    const ALL: [MethodStatus; 5] = [
+        MethodStatus::PendingAuthentication,
+        MethodStatus::Active,
+        MethodStatus::TemporarilyDisabled,
+        MethodStatus::Failed,
+        MethodStatus::Removed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MethodStatus::PendingAuthentication => "PENDING_AUTHENTICATION",
+            MethodStatus::Active => "ACTIVE",
+            MethodStatus::TemporarilyDisabled => "TEMPORARILY_DISABLED",
+            MethodStatus::Failed => "FAILED",
+            MethodStatus::Removed => "REMOVED",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<MethodStatus> {
+        MethodStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BillingAddress {
+    pub line1: String,
+    pub line2: String,
+    pub city: String,
+    pub postal_code: String,
+    pub state: String,
+    /// ISO 3166-1 alpha-2, or empty.
+    pub country: String,
+}
+
+impl BillingAddress {
+    /// Checks every line (bounded, no control characters) and the country code.
+    pub fn parse(address: BillingAddress) -> Result<BillingAddress, BillingError> {
+        use crate::ids::parse_text;
+        let country = address.country;
+        if !country.is_empty()
+            && (country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()))
+        {
+            return Err(BillingError::invalid(
+                "billing_address.country",
+                "must be an ISO 3166-1 alpha-2 code such as \"US\"",
+            ));
+        }
+        Ok(BillingAddress {
+            line1: parse_text("billing_address.line1", &address.line1, 200)?,
+            line2: parse_text("billing_address.line2", &address.line2, 200)?,
+            city: parse_text("billing_address.city", &address.city, 100)?,
+            postal_code: parse_text("billing_address.postal_code", &address.postal_code, 20)?,
+            state: parse_text("billing_address.state", &address.state, 100)?,
+            country,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PaymentMethod {
+    pub payment_method_id: String,
+    pub account_id: String,
+    pub status: MethodStatus,
+    pub brand: String,
+    pub last4: String,
+    pub exp_month: i32,
+    pub exp_year: i32,
+    pub holder_name: String,
+    pub billing_address: BillingAddress,
+    pub auto_charge: bool,
+    /// 1 = tried first; 0 once removed.
+    pub priority: i32,
+    /// The first active auto-charge method of the account.
+    pub primary: bool,
+    pub disabled_reason: String,
+    /// The open 3-D Secure challenge while `PendingAuthentication`.
+    pub challenge: Option<PendingChallenge>,
+    pub created_at: DateTime<Utc>,
+    pub(crate) gateway_token: String,
+}
+
+/// The payment-methods capability: the database and the card processor.
+#[derive(Clone)]
+pub struct PaymentMethods {
+    pool: PgPool,
+    gateway: Arc<dyn PaymentGateway>,
+}
+
+impl PaymentMethods {
+    pub fn new(pool: PgPool, gateway: Arc<dyn PaymentGateway>) -> Self {
+        Self { pool, gateway }
+    }
+}
+
+/// Gateway failures as the caller sees them; the cause is logged, never shown.
+fn gateway_error(field: &str, error: GatewayError) -> BillingError {
+    match error {
+        GatewayError::UnknownToken => {
+            BillingError::invalid(field, "is not a card token the payment gateway knows")
+        }
+        GatewayError::Rejected(reason) => BillingError::FailedPrecondition(format!(
+            "the payment gateway refused the request: {reason}"
+        )),
+        GatewayError::Unexpected(cause) => {
+            tracing::error!(error = ?cause, "payment gateway failed");
+            BillingError::Unavailable("the payment gateway is unavailable; retry later".into())
+        }
+    }
+}
