@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use rust_decimal::Decimal;
 
 pub use crate::notifications::SmtpSecurity;
 
@@ -91,6 +92,8 @@ pub struct ServeArgs {
     pub auth: AuthArgs,
     #[command(flatten)]
     pub mail: MailArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// Longest a unary RPC may run (milliseconds); a shorter grpc-timeout wins.
     #[arg(long, env = "BILLING_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
@@ -120,6 +123,53 @@ impl ServeArgs {
     pub fn health_interval(&self) -> Duration {
         Duration::from_millis(self.health_interval_ms.max(50))
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// Smallest refill amount "Apply Changes" accepts.
+    #[arg(long, env = "BILLING_REFILL_MIN", default_value = "30.00", value_parser = parse_money)]
+    pub refill_min: Decimal,
+    /// Largest refill amount "Apply Changes" accepts (and the largest single automatic charge).
+    #[arg(long, env = "BILLING_REFILL_MAX", default_value = "10000.00", value_parser = parse_money)]
+    pub refill_max: Decimal,
+    /// Default cap on automatic top-ups per rolling 24 hours (per account, changeable in the settings).
+    #[arg(long, env = "BILLING_MAX_TOP_UPS_PER_DAY", default_value_t = 10)]
+    pub max_top_ups_per_day: i32,
+    /// Default cap on the amount charged automatically per rolling 24 hours; unset = none.
+    #[arg(long, env = "BILLING_MAX_TOP_UP_AMOUNT_PER_DAY", value_parser = parse_money)]
+    pub max_top_up_amount_per_day: Option<Decimal>,
+    /// Seconds before each retry round of a top-up whose every method failed (the last repeats).
+    #[arg(long, env = "BILLING_TOP_UP_RETRY_SECS", value_delimiter = ',', default_value = "3600,21600,86400")]
+    pub top_up_retry_secs: Vec<u64>,
+    /// Rounds (over every method) per low-balance crossing before giving up.
+    #[arg(long, env = "BILLING_TOP_UP_MAX_ATTEMPTS", default_value_t = 5)]
+    pub top_up_max_attempts: i32,
+    /// Run the balance-policy decisions and the top-up engine in this process.
+    #[arg(long, env = "BILLING_ENGINES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub engines: bool,
+}
+
+impl PolicyArgs {
+    pub fn config(&self) -> crate::topup::PolicyConfig {
+        crate::topup::PolicyConfig {
+            min_refill: self.refill_min,
+            max_refill: self.refill_max.max(self.refill_min),
+            default_max_top_ups_per_day: self.max_top_ups_per_day.max(1),
+            default_max_amount_per_day: self.max_top_up_amount_per_day,
+            retry_backoff: self
+                .top_up_retry_secs
+                .iter()
+                .map(|secs| chrono::Duration::seconds(i64::try_from(*secs).unwrap_or(i64::MAX / 1000)))
+                .collect(),
+            max_rounds: self.top_up_max_attempts.max(1),
+            ..Default::default()
+        }
+    }
+}
+
+fn parse_money(text: &str) -> Result<Decimal, String> {
+    crate::money::parse_positive_amount(text, 2).map_err(|e| format!("amount {e}"))
 }
 
 #[derive(Debug, Clone, Args)]

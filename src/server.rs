@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -27,6 +27,7 @@ use crate::gateway::{PaymentGateway, SandboxGateway};
 use crate::notifications::{self, FileMailer, Mailer, SenderSettings, SmtpMailer, SmtpSettings};
 use crate::payment_methods::PaymentMethods;
 use crate::proto;
+use crate::topup::{self, Clock, PolicyConfig, PolicyDecider, SystemClock, TopUpEngine};
 use crate::telemetry::rpc_log::RpcLogLayer;
 
 /// The health-checked service names, besides the overall "".
@@ -50,6 +51,13 @@ pub struct ServerSettings {
     pub events: FeedSettings,
     /// Per-stream buffers of `WatchBalanceEvents`.
     pub watch: WatchSettings,
+    /// Low-balance settings bounds, top-up retries and caps.
+    pub policy: PolicyConfig,
+    /// Run the balance-policy decisions and the top-up engine in this process.
+    pub engines: bool,
+    /// How often the top-up engine looks for due top-ups without being woken.
+    pub engine_poll: Duration,
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for ServerSettings {
@@ -62,6 +70,10 @@ impl Default for ServerSettings {
             sender: SenderSettings::default(),
             events: FeedSettings::default(),
             watch: WatchSettings::default(),
+            policy: PolicyConfig::default(),
+            engines: false,
+            engine_poll: Duration::from_millis(250),
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -103,6 +115,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .map(Duration::from_secs)
                 .collect(),
         },
+        policy: args.policy.config(),
+        engines: args.policy.engines,
         ..ServerSettings::default()
     };
     let (stop_sender, stop_receiver) = watch::channel(false);
@@ -195,6 +209,32 @@ pub async fn serve(
 
     // The only gateway so far: the sandbox simulator, keeping its state in this database.
     let gateway: Arc<dyn PaymentGateway> = Arc::new(SandboxGateway::new(pool.clone()));
+    let wake_engine = Arc::new(Notify::new());
+    let engine_tasks = if settings.engines {
+        let decisions = tokio::spawn(topup::run_policy_decisions(
+            pool.clone(),
+            feed.clone(),
+            PolicyDecider {
+                config: settings.policy.clone(),
+                clock: settings.clock.clone(),
+            },
+            wake_engine.clone(),
+            stop_receiver.clone(),
+        ));
+        let engine = TopUpEngine {
+            pool: pool.clone(),
+            gateway: gateway.clone(),
+            clock: settings.clock.clone(),
+            config: settings.policy.clone(),
+            wake: wake_engine.clone(),
+            poll_interval: settings.engine_poll,
+        };
+        let stop = stop_receiver.clone();
+        let charging = tokio::spawn(async move { engine.run(stop).await });
+        vec![decisions, charging]
+    } else {
+        Vec::new()
+    };
     tracing::info!(
         gateway = gateway.name(),
         "payment gateway: sandbox (simulated card processor, test cards only)"
@@ -218,7 +258,12 @@ pub async fn serve(
             BalancesApi::new(pool.clone(), feed.clone(), settings.watch.clone()),
         ))
         .add_service(proto::balance_policy_server::BalancePolicyServer::new(
-            BalancePolicyApi,
+            BalancePolicyApi::new(
+                pool.clone(),
+                settings.policy.clone(),
+                settings.clock.clone(),
+                wake_engine.clone(),
+            ),
         ))
         .add_service(proto::payment_methods_server::PaymentMethodsServer::new(
             PaymentMethodsApi::new(PaymentMethods::new(pool.clone(), gateway)),
@@ -239,6 +284,9 @@ pub async fn serve(
     feed.stop();
     let _ = stop_sender.send(true);
     let _ = health_task.await;
+    for task in engine_tasks {
+        let _ = task.await;
+    }
     if let Some(task) = sender_task {
         let _ = task.await;
     }

@@ -1,15 +1,15 @@
 //! The gRPC adapters: one per service, each thin — authorize, parse the
 //! request into domain types, call the domain, convert the result.
 
+mod balance_policy;
 mod balances;
 mod convert;
 mod error;
-mod not_yet;
 mod notifications;
 mod payment_methods;
 
 pub use balances::BalancesApi;
-pub use not_yet::BalancePolicyApi;
+pub use balance_policy::BalancePolicyApi;
 pub use notifications::NotificationsApi;
 pub use payment_methods::PaymentMethodsApi;
 

@@ -29,6 +29,7 @@ pub enum Behaviour {
     ProcessingError,
     TimesOut,
     AuthenticatesOffSession,
+    DeclinesOffSession,
 }
 
 const TEST_CARDS: &[(&str, Behaviour)] = &[
@@ -46,6 +47,7 @@ const TEST_CARDS: &[(&str, Behaviour)] = &[
     ("4000000000000119", Behaviour::ProcessingError),
     ("4000000000009904", Behaviour::TimesOut),
     ("4000003800000446", Behaviour::AuthenticatesOffSession),
+    ("4000000000004954", Behaviour::DeclinesOffSession),
 ];
 
 /// Client-side tokens the sandbox accepts instead of a raw card, and the card each stands for.
@@ -80,6 +82,7 @@ impl Behaviour {
             Behaviour::ProcessingError => "processing_error",
             Behaviour::TimesOut => "times_out",
             Behaviour::AuthenticatesOffSession => "authenticates_off_session",
+            Behaviour::DeclinesOffSession => "declines_off_session",
         }
     }
 
@@ -105,6 +108,9 @@ impl Behaviour {
         match self {
             Behaviour::AlwaysAuthenticates => ("requires_action", "", false),
             Behaviour::AuthenticatesOffSession if off_session => ("requires_action", "", false),
+            Behaviour::DeclinesOffSession if off_session => {
+                ("declined", "insufficient_funds", false)
+            }
             Behaviour::AuthenticatesThenInsufficientFunds => {
                 ("declined", "insufficient_funds", false)
             }
@@ -117,7 +123,7 @@ impl Behaviour {
     }
 }
 
-const ALL_BEHAVIOURS: [Behaviour; 11] = [
+const ALL_BEHAVIOURS: [Behaviour; 12] = [
     Behaviour::Succeeds,
     Behaviour::AlwaysAuthenticates,
     Behaviour::AuthenticatesOnSetup,
@@ -129,6 +135,7 @@ const ALL_BEHAVIOURS: [Behaviour; 11] = [
     Behaviour::ProcessingError,
     Behaviour::TimesOut,
     Behaviour::AuthenticatesOffSession,
+    Behaviour::DeclinesOffSession,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,6 +11,7 @@
 //! lock is held across the gateway's set-up call: per-account changes are
 //! rare and serialising them is the point.
 
+mod auto_charge;
 mod cards;
 mod funds;
 mod store;
@@ -24,6 +25,10 @@ use crate::error::BillingError;
 use crate::gateway::{GatewayError, PaymentGateway};
 use crate::topup::PendingChallenge;
 
+pub use auto_charge::{
+    auto_charge_methods, cards_expiring_soon, disable_after_decline, find_method, has_active_auto_charge_method,
+    restore_after_success,
+};
 pub use cards::NewCard;
 pub use funds::{FundsRequest, FundsResult};
 

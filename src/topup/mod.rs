@@ -6,6 +6,11 @@
 //! number, and the ledger credit's key from the top-up id, so a retried request
 //! can neither charge twice nor credit twice.
 
+mod clock;
+mod decide;
+mod engine;
+mod runner;
+mod settings;
 mod store;
 
 use chrono::{DateTime, Utc};
@@ -14,6 +19,11 @@ use uuid::Uuid;
 
 use crate::money::Currency;
 
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use decide::{PolicyDecider, refill_multiple};
+pub use engine::{TopUpEngine, engine_caller};
+pub use runner::run_policy_decisions;
+pub use settings::{LowBalanceSettings, PolicyConfig, SettingsChange, apply_settings, get_settings};
 pub use store::{NewTopUp, finish, get, insert, list, lock, record_attempt};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +129,8 @@ pub struct TopUp {
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub challenge: Option<PendingChallenge>,
     pub created_at: DateTime<Utc>,
+    /// Automatic top-ups: rounds over every method that have failed so far.
+    pub rounds: i32,
     pub attempts: Vec<TopUpAttempt>,
 }
 

@@ -16,7 +16,7 @@ use crate::paging::Page;
 macro_rules! top_up_columns {
     () => {
         "top_up_id, top_up_seq, account_id, trigger, status, amount, currency, payment_method_id, \
-         transaction_id, failure_reason, next_attempt_at, challenge_id, challenge_url, created_at"
+         transaction_id, failure_reason, next_attempt_at, challenge_id, challenge_url, created_at, rounds"
     };
 }
 
@@ -68,6 +68,7 @@ fn top_up_from_row(row: &PgRow) -> Result<(i64, TopUp), BillingError> {
             redirect_url: challenge_url.unwrap_or_default(),
         }),
         created_at: row.try_get("created_at")?,
+        rounds: row.try_get("rounds")?,
         attempts: Vec::new(),
     };
     Ok((row.try_get("top_up_seq")?, top_up))

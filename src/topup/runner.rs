@@ -1,0 +1,81 @@
+//! The decision loop: the `balance-policy` subscriber of the balance
+//! events. Each batch of events is decided in one transaction that also
+//! advances the subscriber's cursor; after it commits, the engine is woken
+//! when a top-up was started.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{Notify, watch};
+
+use super::PolicyDecider;
+use crate::events::{EventFeed, Subscriber};
+
+pub const SUBSCRIBER_NAME: &str = "balance-policy";
+
+pub async fn run_policy_decisions(
+    pool: PgPool,
+    feed: EventFeed,
+    decider: PolicyDecider,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let pause = Duration::from_secs(1);
+    let subscriber = loop {
+        match Subscriber::register(&pool, SUBSCRIBER_NAME, 0).await {
+            Ok(subscriber) => break subscriber,
+            Err(error) => {
+                tracing::warn!(%error, "cannot register the balance-policy subscriber; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    };
+    let mut horizon = feed.horizon();
+    loop {
+        let safe = *horizon.borrow_and_update();
+        loop {
+            let mut batch = match subscriber.next_batch(safe).await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "reading balance events failed");
+                    break;
+                }
+            };
+            let mut started = false;
+            let mut failed = false;
+            for event in batch.events().to_vec() {
+                match decider.decide(batch.connection(), &event).await {
+                    Ok(top_up_started) => started |= top_up_started,
+                    Err(error) => {
+                        tracing::warn!(%error, cursor = event.cursor, "balance-policy decision failed; retrying the batch");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if failed {
+                drop(batch);
+                tokio::time::sleep(pause).await;
+                break;
+            }
+            match batch.commit().await {
+                Ok(_) if started => wake.notify_one(),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "committing balance-policy decisions failed");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            changed = horizon.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

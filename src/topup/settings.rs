@@ -1,0 +1,232 @@
+//! Low Balance Settings: "Automatically refill when threshold is reached"
+//! (threshold, refill amount), "Low balance notification" (its threshold),
+//! and the daily caps. "Apply Changes" validates everything first and may
+//! start a top-up at once.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::{PgConnection, PgPool, Row};
+
+use super::Clock;
+use crate::audit;
+use crate::auth::Caller;
+use crate::error::BillingError;
+use crate::ids::AccountId;
+use crate::ledger;
+use crate::money::Currency;
+
+/// Service-wide rules for the settings and the engine.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub min_refill: Decimal,
+    pub max_refill: Decimal,
+    pub default_max_top_ups_per_day: i32,
+    pub default_max_amount_per_day: Option<Decimal>,
+    /// Waits before the 2nd, 3rd … round when every method failed (the last repeats).
+    pub retry_backoff: Vec<chrono::Duration>,
+    /// Rounds per crossing before giving up.
+    pub max_rounds: i32,
+    /// Wait before asking the gateway about a charge whose outcome is unknown.
+    pub reconcile_after: chrono::Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            min_refill: Decimal::new(3000, 2),
+            max_refill: Decimal::new(1_000_000, 2),
+            default_max_top_ups_per_day: 10,
+            default_max_amount_per_day: None,
+            retry_backoff: vec![
+                chrono::Duration::hours(1),
+                chrono::Duration::hours(6),
+                chrono::Duration::hours(24),
+            ],
+            max_rounds: 5,
+            reconcile_after: chrono::Duration::seconds(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LowBalanceSettings {
+    pub account_id: String,
+    pub currency: Currency,
+    pub auto_refill_enabled: bool,
+    pub threshold: Decimal,
+    pub refill_amount: Decimal,
+    pub notification_enabled: bool,
+    pub notification_threshold: Decimal,
+    pub max_top_ups_per_day: i32,
+    pub max_amount_per_day: Option<Decimal>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// "Apply Changes", already parsed into amounts of the account's currency.
+#[derive(Debug, Clone)]
+pub struct SettingsChange {
+    pub auto_refill_enabled: bool,
+    pub threshold: Decimal,
+    pub refill_amount: Decimal,
+    pub notification_enabled: bool,
+    pub notification_threshold: Decimal,
+    /// `None` keeps the current value.
+    pub max_top_ups_per_day: Option<i32>,
+    /// `None` keeps it; `Some(None)` removes the cap.
+    pub max_amount_per_day: Option<Option<Decimal>>,
+}
+
+pub async fn get_settings(
+    pool: &PgPool,
+    account_id: &AccountId,
+    config: &PolicyConfig,
+) -> Result<LowBalanceSettings, BillingError> {
+    let mut connection = pool.acquire().await?;
+    load(&mut connection, account_id.as_str(), config).await
+}
+
+/// The account's settings (defaults when never applied).
+pub async fn load(
+    connection: &mut PgConnection,
+    account_id: &str,
+    config: &PolicyConfig,
+) -> Result<LowBalanceSettings, BillingError> {
+    let account = ledger::load_account(&mut *connection, account_id).await?;
+    let row = sqlx::query(
+        "SELECT auto_refill_enabled, threshold, refill_amount, notification_enabled, notification_threshold, \
+                max_top_ups_per_day, max_amount_per_day, updated_at \
+           FROM low_balance_settings WHERE account_id = $1",
+    )
+    .bind(account_id)
+    .fetch_optional(connection)
+    .await?;
+    Ok(match row {
+        Some(row) => LowBalanceSettings {
+            account_id: account_id.to_owned(),
+            currency: account.currency,
+            auto_refill_enabled: row.try_get("auto_refill_enabled")?,
+            threshold: row.try_get("threshold")?,
+            refill_amount: row.try_get("refill_amount")?,
+            notification_enabled: row.try_get("notification_enabled")?,
+            notification_threshold: row.try_get("notification_threshold")?,
+            max_top_ups_per_day: row.try_get("max_top_ups_per_day")?,
+            max_amount_per_day: row.try_get("max_amount_per_day")?,
+            updated_at: row.try_get("updated_at")?,
+        },
+        None => LowBalanceSettings {
+            account_id: account_id.to_owned(),
+            currency: account.currency,
+            auto_refill_enabled: false,
+            threshold: Decimal::ZERO,
+            refill_amount: Decimal::ZERO,
+            notification_enabled: false,
+            notification_threshold: Decimal::ZERO,
+            max_top_ups_per_day: config.default_max_top_ups_per_day,
+            max_amount_per_day: config.default_max_amount_per_day,
+            updated_at: None,
+        },
+    })
+}
+
+/// Validates and stores the settings; when auto refill is on and the
+/// balance is already below the threshold, starts a top-up at once and
+/// returns its id.
+pub async fn apply_settings(
+    pool: &PgPool,
+    caller: &Caller,
+    account_id: &AccountId,
+    change: SettingsChange,
+    config: &PolicyConfig,
+    clock: &dyn Clock,
+) -> Result<(LowBalanceSettings, Option<String>), BillingError> {
+    let mut transaction = pool.begin().await?;
+    let account = sqlx::query_scalar::<_, String>("SELECT currency FROM accounts WHERE account_id = $1 FOR UPDATE")
+        .bind(account_id.as_str())
+        .fetch_optional(&mut *transaction)
+        .await?;
+    if account.is_none() {
+        return Err(BillingError::NotFound("account"));
+    }
+    let current = load(&mut transaction, account_id.as_str(), config).await?;
+    let money = |amount: Decimal| current.currency.display(amount);
+    if change.auto_refill_enabled || !change.refill_amount.is_zero() {
+        if change.refill_amount < config.min_refill || change.refill_amount > config.max_refill {
+            return Err(BillingError::invalid(
+                "refill_amount",
+                format!("must be between {} and {}", money(config.min_refill), money(config.max_refill)),
+            ));
+        }
+    }
+    if change.auto_refill_enabled {
+        let usable = crate::payment_methods::has_active_auto_charge_method(&mut transaction, account_id).await?;
+        if !usable {
+            return Err(BillingError::FailedPrecondition(
+                "auto refill needs an active payment method with auto-charge on; add a card first".into(),
+            ));
+        }
+    }
+    let max_top_ups_per_day = change.max_top_ups_per_day.unwrap_or(current.max_top_ups_per_day);
+    let max_amount_per_day = change.max_amount_per_day.unwrap_or(current.max_amount_per_day);
+    let row = sqlx::query(
+        "INSERT INTO low_balance_settings (account_id, auto_refill_enabled, threshold, refill_amount, \
+                notification_enabled, notification_threshold, max_top_ups_per_day, max_amount_per_day, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (account_id) DO UPDATE SET auto_refill_enabled = $2, threshold = $3, refill_amount = $4, \
+                notification_enabled = $5, notification_threshold = $6, max_top_ups_per_day = $7, \
+                max_amount_per_day = $8, updated_at = $9 \
+         RETURNING updated_at",
+    )
+    .bind(account_id.as_str())
+    .bind(change.auto_refill_enabled)
+    .bind(change.threshold)
+    .bind(change.refill_amount)
+    .bind(change.notification_enabled)
+    .bind(change.notification_threshold)
+    .bind(max_top_ups_per_day)
+    .bind(max_amount_per_day)
+    .bind(clock.now())
+    .fetch_one(&mut *transaction)
+    .await?;
+    audit::record(
+        &mut transaction,
+        caller,
+        "apply_low_balance_settings",
+        Some(account_id.as_str()),
+        serde_json::json!({
+            "auto_refill_enabled": change.auto_refill_enabled,
+            "threshold": change.threshold.to_string(),
+            "refill_amount": change.refill_amount.to_string(),
+            "notification_enabled": change.notification_enabled,
+            "notification_threshold": change.notification_threshold.to_string(),
+            "max_top_ups_per_day": max_top_ups_per_day,
+            "max_amount_per_day": max_amount_per_day.map(|d| d.to_string()),
+        }),
+    )
+    .await?;
+    let settings = LowBalanceSettings {
+        account_id: account_id.as_str().to_owned(),
+        currency: current.currency,
+        auto_refill_enabled: change.auto_refill_enabled,
+        threshold: change.threshold,
+        refill_amount: change.refill_amount,
+        notification_enabled: change.notification_enabled,
+        notification_threshold: change.notification_threshold,
+        max_top_ups_per_day,
+        max_amount_per_day,
+        updated_at: row.try_get("updated_at")?,
+    };
+    let started = if settings.auto_refill_enabled {
+        let account = ledger::load_account(&mut transaction, account_id.as_str()).await?;
+        let total = account.total_balance();
+        if total < settings.threshold {
+            let key = format!("apply:{}", settings.updated_at.map(|t| t.timestamp_micros()).unwrap_or_default());
+            super::decide::start_automatic_top_up(&mut transaction, &settings, total, &key, config, clock).await?
+        } else {
+            None
+        }
+    } else {
+        None
+    };
+    transaction.commit().await?;
+    Ok((settings, started))
+}

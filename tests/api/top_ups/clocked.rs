@@ -1,0 +1,161 @@
+//! Time-driven rules, on a clock the test moves (never by sleeping): the
+//! retry back-off and the 5-round stop, the 24 h caps, reconciliation of
+//! an unknown outcome; and the cases that must wait for the customer.
+
+use billing::proto::{self, AttemptOutcome, PaymentMethodStatus, TopUpStatus};
+use chrono::Duration;
+
+use super::*;
+use crate::payment_methods::{list, status};
+
+async fn attempts_of(s: &Scenario) -> usize {
+    top_ups(&s.app, &s.admin).await.first().map_or(0, |t| t.attempts.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_card_fails_rounds_follow_the_back_off_and_stop_after_five() {
+    // Soft declines: the card is retried in every round.
+    let (s, _) = scenario("20.00", &[DECLINES]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "d1").await;
+    let first = wait_for_top_up(&s, TopUpStatus::RetryScheduled).await;
+    assert_eq!(first.attempts.len(), 1);
+    let next = first.next_attempt_at.clone().expect("next attempt scheduled");
+    let created = first.created_at.clone().unwrap();
+    assert_eq!(next.seconds - created.seconds, 3600, "the first retry waits 1 h");
+
+    // Not due yet: nothing happens however long the engine polls.
+    s.clock.advance(Duration::minutes(59));
+    settle_briefly().await;
+    assert_eq!(attempts_of(&s).await, 1);
+
+    let waits = [Duration::minutes(1), Duration::hours(6), Duration::hours(24), Duration::hours(24)];
+    for (round, wait) in waits.into_iter().enumerate() {
+        s.clock.advance(wait);
+        let expected = round + 2;
+        eventually(&format!("round {expected}"), || async { attempts_of(&s).await == expected }).await;
+    }
+    let last = wait_for_top_up(&s, TopUpStatus::Failed).await;
+    assert_eq!(last.attempts.len(), 5);
+    assert!(last.attempts.iter().all(|a| a.outcome == AttemptOutcome::Declined as i32));
+    assert!(last.next_attempt_at.is_none());
+    s.clock.advance(Duration::days(7));
+    settle_briefly().await;
+    assert_eq!(attempts_of(&s).await, 5, "a failed top-up is not retried again");
+    assert_eq!(balance(&s.app).await, "5.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_card_is_restored_by_a_successful_retry() {
+    let (s, cards) = scenario("20.00", &[DECLINES_OFF_SESSION]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "d1").await;
+    wait_for_top_up(&s, TopUpStatus::RetryScheduled).await;
+    let methods = list(&s.app, &s.admin, ACCT).await;
+    assert_eq!(status(&methods[0]), PaymentMethodStatus::TemporarilyDisabled);
+    assert_eq!(methods[0].disabled_reason, "insufficient_funds");
+
+    let retried = crate::payment_methods::client(&s.app)
+        .retry_payment_method(authed(
+            &s.admin,
+            proto::RetryPaymentMethodRequest { account_id: ACCT.into(), payment_method_id: cards[0].clone(), idempotency_key: "retry-1".into(), amount: "30.00".into() },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let method = retried.payment_method.unwrap();
+    assert_eq!(status(&method), PaymentMethodStatus::Active);
+    assert!(method.auto_charge && method.primary);
+    assert_eq!(balance(&s.app).await, "35.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_count_cap_stops_automatic_top_ups_and_reports_it() {
+    let (s, _) = scenario("20.00", &[VISA]).await;
+    apply(&s, proto::ApplyLowBalanceSettingsRequest { max_top_ups_per_day: 1, ..settings("10.00", "30.00") }).await;
+    debit(&s.app, "15.00", "d1").await; // 20 -> 5: top-up to 35
+    wait_for_top_up(&s, TopUpStatus::Succeeded).await;
+    debit(&s.app, "30.00", "d2").await; // 35 -> 5: second crossing, over the cap
+    let capped = wait_for_top_up(&s, TopUpStatus::CapReached).await;
+    assert!(capped.failure_reason.contains("at most 1 automatic top-ups per 24 hours"), "{}", capped.failure_reason);
+    assert!(capped.attempts.is_empty(), "nothing was charged");
+    assert_eq!(sandbox_charges(&s.app).await, 1);
+
+    // A day later the cap has rolled over.
+    s.clock.advance(Duration::hours(25));
+    s.app
+        .balances()
+        .credit(authed(
+            &s.app.service_token(),
+            proto::CreditRequest { account_id: ACCT.into(), amount: "10.00".into(), kind: proto::TransactionKind::Adjustment as i32, idempotency_key: "c".into(), ..Default::default() },
+        ))
+        .await
+        .unwrap();
+    debit(&s.app, "10.00", "d3").await; // 15 -> 5
+    wait_for_top_up(&s, TopUpStatus::Succeeded).await;
+    assert_eq!(sandbox_charges(&s.app).await, 2);
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_amount_cap_limits_the_multiple_then_refuses() {
+    let (s, _) = scenario("100.00", &[VISA]).await;
+    apply(&s, proto::ApplyLowBalanceSettingsRequest { max_amount_per_day: "90.00".into(), ..settings("100.00", "30.00") }).await;
+    // 100 -> 0 needs 4 × 30 to reach 100, but only 3 × 30 fit in the cap.
+    debit(&s.app, "100.00", "d1").await;
+    let first = wait_for_top_up(&s, TopUpStatus::Succeeded).await;
+    assert_eq!(first.amount, "90.00");
+    debit(&s.app, "1.00", "d2").await; // still below after the capped top-up: same crossing
+    s.app
+        .balances()
+        .credit(authed(
+            &s.app.service_token(),
+            proto::CreditRequest { account_id: ACCT.into(), amount: "20.00".into(), kind: proto::TransactionKind::Adjustment as i32, idempotency_key: "c".into(), ..Default::default() },
+        ))
+        .await
+        .unwrap();
+    debit(&s.app, "20.00", "d3").await; // 109 -> 89: a new crossing; 90 already charged today
+    let capped = wait_for_top_up(&s, TopUpStatus::CapReached).await;
+    assert!(capped.failure_reason.contains("90.00 USD"), "{}", capped.failure_reason);
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_is_reconciled_without_a_second_charge() {
+    let (s, _) = scenario("20.00", &[TIMES_OUT, VISA]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "d1").await;
+    let unknown = wait_for_top_up(&s, TopUpStatus::Unknown).await;
+    assert_eq!(unknown.attempts.len(), 1);
+    assert_eq!(unknown.attempts[0].outcome, AttemptOutcome::Unknown as i32);
+    // Nothing else is charged while the outcome is unknown — not even the next card.
+    settle_briefly().await;
+    assert_eq!(top_ups(&s.app, &s.admin).await[0].attempts.len(), 1);
+    assert_eq!(balance(&s.app).await, "5.00", "no credit without a known success");
+
+    s.clock.advance(Duration::seconds(31));
+    let settled = wait_for_top_up(&s, TopUpStatus::Succeeded).await;
+    assert_eq!(settled.attempts.len(), 1, "reconciled, not charged again");
+    assert_eq!(settled.attempts[0].outcome, AttemptOutcome::Succeeded as i32);
+    assert_eq!(balance(&s.app).await, "35.00");
+    assert_eq!(sandbox_charges(&s.app).await, 1);
+    assert_eq!(ledger_top_ups(&s.app).await, 1);
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_off_session_charge_needing_authentication_waits_for_the_customer() {
+    let (s, _) = scenario("20.00", &[OFF_SESSION_3DS, VISA]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "d1").await;
+    let waiting = wait_for_top_up(&s, TopUpStatus::RequiresAction).await;
+    assert_eq!(waiting.attempts.len(), 1, "not forced, and not moved to another card");
+    assert_eq!(waiting.attempts[0].outcome, AttemptOutcome::RequiresAction as i32);
+    s.clock.advance(Duration::days(2));
+    settle_briefly().await;
+    assert_eq!(top_ups(&s.app, &s.admin).await[0].attempts.len(), 1);
+    assert_eq!(balance(&s.app).await, "5.00");
+    s.app.stop().await;
+}
