@@ -140,7 +140,12 @@ pub struct PolicyArgs {
     #[arg(long, env = "BILLING_MAX_TOP_UP_AMOUNT_PER_DAY", value_parser = parse_money)]
     pub max_top_up_amount_per_day: Option<Decimal>,
     /// Seconds before each retry round of a top-up whose every method failed (the last repeats).
-    #[arg(long, env = "BILLING_TOP_UP_RETRY_SECS", value_delimiter = ',', default_value = "3600,21600,86400")]
+    #[arg(
+        long,
+        env = "BILLING_TOP_UP_RETRY_SECS",
+        value_delimiter = ',',
+        default_value = "3600,21600,86400"
+    )]
     pub top_up_retry_secs: Vec<u64>,
     /// Rounds (over every method) per low-balance crossing before giving up.
     #[arg(long, env = "BILLING_TOP_UP_MAX_ATTEMPTS", default_value_t = 5)]
@@ -160,7 +165,9 @@ impl PolicyArgs {
             retry_backoff: self
                 .top_up_retry_secs
                 .iter()
-                .map(|secs| chrono::Duration::seconds(i64::try_from(*secs).unwrap_or(i64::MAX / 1000)))
+                .map(|secs| {
+                    chrono::Duration::seconds(i64::try_from(*secs).unwrap_or(i64::MAX / 1000))
+                })
                 .collect(),
             max_rounds: self.top_up_max_attempts.max(1),
             ..Default::default()

@@ -27,8 +27,8 @@ use crate::gateway::{PaymentGateway, SandboxGateway};
 use crate::notifications::{self, FileMailer, Mailer, SenderSettings, SmtpMailer, SmtpSettings};
 use crate::payment_methods::PaymentMethods;
 use crate::proto;
-use crate::topup::{self, Clock, PolicyConfig, PolicyDecider, SystemClock, TopUpEngine};
 use crate::telemetry::rpc_log::RpcLogLayer;
+use crate::topup::{self, Clock, PolicyConfig, PolicyDecider, SystemClock, TopUpEngine};
 
 /// The health-checked service names, besides the overall "".
 pub const SERVICE_NAMES: [&str; 4] = [

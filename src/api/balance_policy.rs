@@ -28,7 +28,12 @@ pub struct BalancePolicyApi {
 }
 
 impl BalancePolicyApi {
-    pub fn new(pool: PgPool, config: PolicyConfig, clock: Arc<dyn Clock>, wake: Arc<Notify>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        config: PolicyConfig,
+        clock: Arc<dyn Clock>,
+        wake: Arc<Notify>,
+    ) -> Self {
         Self {
             pool,
             config,
@@ -43,7 +48,8 @@ fn settings_amount(field: &str, text: &str, currency: Currency) -> Result<Decima
     if text.is_empty() {
         return Ok(Decimal::ZERO);
     }
-    money::parse_amount(text, currency.minor_units()).map_err(|e| BillingError::invalid(field, e.to_string()))
+    money::parse_amount(text, currency.minor_units())
+        .map_err(|e| BillingError::invalid(field, e.to_string()))
 }
 
 #[tonic::async_trait]
@@ -69,30 +75,43 @@ impl BalancePolicy for BalancePolicyApi {
         let max_top_ups_per_day = match message.max_top_ups_per_day {
             0 => None,
             n if !(1..=1000).contains(&n) => {
-                return Err(BillingError::invalid("max_top_ups_per_day", "must be between 1 and 1000").into());
+                return Err(BillingError::invalid(
+                    "max_top_ups_per_day",
+                    "must be between 1 and 1000",
+                )
+                .into());
             }
             n => Some(n),
         };
         let max_amount_per_day = match message.max_amount_per_day.as_str() {
             "" => None,
             "0" => Some(None),
-            text => Some(Some(
-                currency
-                    .parse_charge_amount(text)
-                    .map_err(|e| BillingError::invalid("max_amount_per_day", e.to_string()))?,
-            )),
+            text => Some(Some(currency.parse_charge_amount(text).map_err(|e| {
+                BillingError::invalid("max_amount_per_day", e.to_string())
+            })?)),
         };
         let change = SettingsChange {
             auto_refill_enabled: message.auto_refill_enabled,
             threshold: settings_amount("threshold", &message.threshold, currency)?,
             refill_amount: settings_amount("refill_amount", &message.refill_amount, currency)?,
             notification_enabled: message.notification_enabled,
-            notification_threshold: settings_amount("notification_threshold", &message.notification_threshold, currency)?,
+            notification_threshold: settings_amount(
+                "notification_threshold",
+                &message.notification_threshold,
+                currency,
+            )?,
             max_top_ups_per_day,
             max_amount_per_day,
         };
-        let (settings, started) =
-            topup::apply_settings(&self.pool, &caller, &account_id, change, &self.config, self.clock.as_ref()).await?;
+        let (settings, started) = topup::apply_settings(
+            &self.pool,
+            &caller,
+            &account_id,
+            change,
+            &self.config,
+            self.clock.as_ref(),
+        )
+        .await?;
         if started.is_some() {
             self.wake.notify_one();
         }
@@ -145,7 +164,10 @@ fn settings_to_proto(settings: &LowBalanceSettings) -> proto::LowBalanceSettings
         notification_enabled: settings.notification_enabled,
         notification_threshold: currency.format(settings.notification_threshold),
         max_top_ups_per_day: settings.max_top_ups_per_day,
-        max_amount_per_day: settings.max_amount_per_day.map(|cap| currency.format(cap)).unwrap_or_default(),
+        max_amount_per_day: settings
+            .max_amount_per_day
+            .map(|cap| currency.format(cap))
+            .unwrap_or_default(),
         currency: currency.code().to_owned(),
         updated_at: settings.updated_at.map(timestamp),
     }

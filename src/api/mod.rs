@@ -8,8 +8,8 @@ mod error;
 mod notifications;
 mod payment_methods;
 
-pub use balances::BalancesApi;
 pub use balance_policy::BalancePolicyApi;
+pub use balances::BalancesApi;
 pub use notifications::NotificationsApi;
 pub use payment_methods::PaymentMethodsApi;
 

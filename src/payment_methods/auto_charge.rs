@@ -30,7 +30,10 @@ pub async fn auto_charge_methods(
         .into_iter()
         .filter(|m| {
             m.auto_charge
-                && matches!(m.status, MethodStatus::Active | MethodStatus::TemporarilyDisabled)
+                && matches!(
+                    m.status,
+                    MethodStatus::Active | MethodStatus::TemporarilyDisabled
+                )
         })
         .collect())
 }

@@ -26,8 +26,8 @@ use crate::gateway::{GatewayError, PaymentGateway};
 use crate::topup::PendingChallenge;
 
 pub use auto_charge::{
-    auto_charge_methods, cards_expiring_soon, disable_after_decline, find_method, has_active_auto_charge_method,
-    restore_after_success,
+    auto_charge_methods, cards_expiring_soon, disable_after_decline, find_method,
+    has_active_auto_charge_method, restore_after_success,
 };
 pub use cards::NewCard;
 pub use funds::{FundsRequest, FundsResult};

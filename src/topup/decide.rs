@@ -24,7 +24,11 @@ pub struct PolicyDecider {
 
 impl PolicyDecider {
     /// Returns true when a top-up was started (the engine should wake up).
-    pub async fn decide(&self, connection: &mut PgConnection, event: &BalanceEvent) -> Result<bool, BillingError> {
+    pub async fn decide(
+        &self,
+        connection: &mut PgConnection,
+        event: &BalanceEvent,
+    ) -> Result<bool, BillingError> {
         let settings = settings::load(&mut *connection, &event.account_id, &self.config).await?;
         let after = event.total_balance_after;
         let before = after - event.amount;
@@ -34,20 +38,31 @@ impl PolicyDecider {
             let notice = Notice::LowBalance {
                 total_balance: after,
                 threshold: settings.notification_threshold,
-                auto_refill: settings.auto_refill_enabled.then_some(settings.refill_amount),
+                auto_refill: settings
+                    .auto_refill_enabled
+                    .then_some(settings.refill_amount),
             };
             let key = format!("low_balance:{}:{}", event.account_id, event.cursor);
             notifications::enqueue(&mut *connection, &event.account_id, &notice, &key).await?;
         }
         if before > Decimal::ZERO && after <= Decimal::ZERO {
-            let notice = Notice::BalanceDepleted { total_balance: after };
+            let notice = Notice::BalanceDepleted {
+                total_balance: after,
+            };
             let key = format!("balance_depleted:{}:{}", event.account_id, event.cursor);
             notifications::enqueue(&mut *connection, &event.account_id, &notice, &key).await?;
         }
         if settings.auto_refill_enabled && crossed(settings.threshold) {
             let key = format!("crossing:{}", event.cursor);
-            let started =
-                start_automatic_top_up(connection, &settings, after, &key, &self.config, self.clock.as_ref()).await?;
+            let started = start_automatic_top_up(
+                connection,
+                &settings,
+                after,
+                &key,
+                &self.config,
+                self.clock.as_ref(),
+            )
+            .await?;
             return Ok(started.is_some());
         }
         Ok(false)
@@ -110,7 +125,11 @@ pub(super) async fn start_automatic_top_up(
         }
     }
     let amount = refill * multiple;
-    let status = if cap_reason.is_some() { TopUpStatus::CapReached } else { TopUpStatus::Pending };
+    let status = if cap_reason.is_some() {
+        TopUpStatus::CapReached
+    } else {
+        TopUpStatus::Pending
+    };
     let top_up_id = new_top_up_id();
     let inserted = sqlx::query(
         "INSERT INTO top_ups (top_up_id, account_id, trigger, status, amount, currency, crossing_key, \
@@ -133,11 +152,14 @@ pub(super) async fn start_automatic_top_up(
     }
     if let Some(cap) = cap_reason {
         tracing::warn!(account_id, %top_up_id, %cap, "automatic top-up not charged: cap reached");
-        let notice = Notice::TopUpCapReached {
-            cap,
-            total_balance,
-        };
-        notifications::enqueue(connection, account_id, &notice, &format!("top_up_cap_reached:{top_up_id}")).await?;
+        let notice = Notice::TopUpCapReached { cap, total_balance };
+        notifications::enqueue(
+            connection,
+            account_id,
+            &notice,
+            &format!("top_up_cap_reached:{top_up_id}"),
+        )
+        .await?;
         return Ok(None);
     }
     tracing::info!(account_id, %top_up_id, %amount, "automatic top-up started");

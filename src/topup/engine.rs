@@ -91,7 +91,11 @@ impl TopUpEngine {
             let account = AccountId::parse(&account_id)?;
             if let Err(error) = self.drive(&account, &top_up_id).await {
                 tracing::warn!(%top_up_id, %error, "top-up not driven; it will be retried");
-                self.release(&top_up_id, Some(self.clock.now() + self.config.reconcile_after)).await?;
+                self.release(
+                    &top_up_id,
+                    Some(self.clock.now() + self.config.reconcile_after),
+                )
+                .await?;
             }
             driven += 1;
         }
@@ -119,7 +123,11 @@ impl TopUpEngine {
     }
 
     /// Ends this replica's hold; `next_attempt_at` when it should come back.
-    async fn release(&self, top_up_id: &str, next_attempt_at: Option<DateTime<Utc>>) -> Result<(), BillingError> {
+    async fn release(
+        &self,
+        top_up_id: &str,
+        next_attempt_at: Option<DateTime<Utc>>,
+    ) -> Result<(), BillingError> {
         sqlx::query(
             "UPDATE top_ups SET lease_until = NULL, next_attempt_at = COALESCE($2, next_attempt_at) WHERE top_up_id = $1",
         )
@@ -148,11 +156,21 @@ impl TopUpEngine {
         .await?;
         drop(connection);
         if other_unknown.is_some() {
-            return self.release(top_up_id, Some(self.clock.now() + self.config.reconcile_after)).await;
+            return self
+                .release(
+                    top_up_id,
+                    Some(self.clock.now() + self.config.reconcile_after),
+                )
+                .await;
         }
 
         // An attempt left UNKNOWN (a timeout, or a crash mid-call) is settled first.
-        if let Some(pending) = top_up.attempts.iter().rev().find(|a| a.outcome == AttemptOutcome::Unknown) {
+        if let Some(pending) = top_up
+            .attempts
+            .iter()
+            .rev()
+            .find(|a| a.outcome == AttemptOutcome::Unknown)
+        {
             let method = self.method(account, &pending.payment_method_id).await?;
             let key = gateway_key(top_up_id, pending.attempt_number);
             let charge = match self.gateway.find_charge(&key).await {
@@ -161,10 +179,18 @@ impl TopUpEngine {
                 Ok(None) => self.charge(&method, &top_up, key).await,
                 Err(error) => {
                     tracing::warn!(%top_up_id, %error, "reconciliation failed; will ask again");
-                    return self.release(top_up_id, Some(self.clock.now() + self.config.reconcile_after)).await;
+                    return self
+                        .release(
+                            top_up_id,
+                            Some(self.clock.now() + self.config.reconcile_after),
+                        )
+                        .await;
                 }
             };
-            if let Step::Done = self.settle(&top_up, pending.attempt_number, &method, charge).await? {
+            if let Step::Done = self
+                .settle(&top_up, pending.attempt_number, &method, charge)
+                .await?
+            {
                 return Ok(());
             }
         }
@@ -173,13 +199,33 @@ impl TopUpEngine {
         let round = top_up.rounds;
         let candidates = self.candidates(account, &top_up).await?;
         for method in candidates {
-            let attempt_number = top_up.attempts.iter().map(|a| a.attempt_number).max().unwrap_or(0) + 1;
+            let attempt_number = top_up
+                .attempts
+                .iter()
+                .map(|a| a.attempt_number)
+                .max()
+                .unwrap_or(0)
+                + 1;
             // Re-read: an earlier candidate of this round added attempts.
             let top_up = super::get(&mut *self.pool.acquire().await?, account, top_up_id).await?;
-            let attempt_number = attempt_number.max(top_up.attempts.iter().map(|a| a.attempt_number).max().unwrap_or(0) + 1);
-            self.record_attempt_start(&top_up, attempt_number, round, &method).await?;
-            let charge = self.charge(&method, &top_up, gateway_key(top_up_id, attempt_number)).await;
-            if let Step::Done = self.settle(&top_up, attempt_number, &method, charge).await? {
+            let attempt_number = attempt_number.max(
+                top_up
+                    .attempts
+                    .iter()
+                    .map(|a| a.attempt_number)
+                    .max()
+                    .unwrap_or(0)
+                    + 1,
+            );
+            self.record_attempt_start(&top_up, attempt_number, round, &method)
+                .await?;
+            let charge = self
+                .charge(&method, &top_up, gateway_key(top_up_id, attempt_number))
+                .await;
+            if let Step::Done = self
+                .settle(&top_up, attempt_number, &method, charge)
+                .await?
+            {
                 return Ok(());
             }
         }
@@ -189,7 +235,11 @@ impl TopUpEngine {
     /// Methods to try this round: active auto-charge ones in priority order,
     /// plus those this top-up disabled with a soft decline in earlier rounds;
     /// never one it hard-declined or already tried this round.
-    async fn candidates(&self, account: &AccountId, top_up: &TopUp) -> Result<Vec<PaymentMethod>, BillingError> {
+    async fn candidates(
+        &self,
+        account: &AccountId,
+        top_up: &TopUp,
+    ) -> Result<Vec<PaymentMethod>, BillingError> {
         let mut connection = self.pool.acquire().await?;
         let methods = payment_methods::auto_charge_methods(&mut connection, account).await?;
         let round_attempts: Vec<(String, i32, bool)> = sqlx::query_as(
@@ -198,23 +248,36 @@ impl TopUpEngine {
         .bind(&top_up.top_up_id)
         .fetch_all(&mut *connection)
         .await?;
-        let tried = |id: &str, round: i32| round_attempts.iter().any(|(m, r, _)| m == id && *r == round);
+        let tried = |id: &str, round: i32| {
+            round_attempts
+                .iter()
+                .any(|(m, r, _)| m == id && *r == round)
+        };
         let hard = |id: &str| round_attempts.iter().any(|(m, _, hard)| m == id && *hard);
-        let soft_declined_here = |id: &str| round_attempts.iter().any(|(m, _, hard)| m == id && !*hard);
+        let soft_declined_here =
+            |id: &str| round_attempts.iter().any(|(m, _, hard)| m == id && !*hard);
         Ok(methods
             .into_iter()
             .filter(|m| {
                 let id = m.payment_method_id.as_str();
-                let usable = m.status == payment_methods::MethodStatus::Active || soft_declined_here(id);
+                let usable =
+                    m.status == payment_methods::MethodStatus::Active || soft_declined_here(id);
                 usable && !hard(id) && !tried(id, top_up.rounds)
             })
             .collect())
     }
 
-    async fn method(&self, account: &AccountId, payment_method_id: &str) -> Result<PaymentMethod, BillingError> {
+    async fn method(
+        &self,
+        account: &AccountId,
+        payment_method_id: &str,
+    ) -> Result<PaymentMethod, BillingError> {
         let mut connection = self.pool.acquire().await?;
         let methods = payment_methods::auto_charge_methods(&mut connection, account).await?;
-        match methods.into_iter().find(|m| m.payment_method_id == payment_method_id) {
+        match methods
+            .into_iter()
+            .find(|m| m.payment_method_id == payment_method_id)
+        {
             Some(method) => Ok(method),
             None => payment_methods::find_method(&mut connection, account, payment_method_id).await,
         }
@@ -283,7 +346,13 @@ impl TopUpEngine {
     }
 
     /// Records what the gateway answered for one attempt, and its consequences.
-    async fn settle(&self, top_up: &TopUp, attempt_number: i32, method: &PaymentMethod, charge: Charge) -> Result<Step, BillingError> {
+    async fn settle(
+        &self,
+        top_up: &TopUp,
+        attempt_number: i32,
+        method: &PaymentMethod,
+        charge: Charge,
+    ) -> Result<Step, BillingError> {
         let now = self.clock.now();
         let account = AccountId::parse(&top_up.account_id)?;
         let card = CardLabel {
@@ -297,7 +366,9 @@ impl TopUpEngine {
             .await?;
         let (outcome, decline) = match &charge.outcome {
             Outcome::Succeeded => (AttemptOutcome::Succeeded, None),
-            Outcome::Declined { code, hard } => (AttemptOutcome::Declined, Some((code.as_str(), *hard))),
+            Outcome::Declined { code, hard } => {
+                (AttemptOutcome::Declined, Some((code.as_str(), *hard)))
+            }
             Outcome::RequiresAction { .. } => (AttemptOutcome::RequiresAction, None),
             Outcome::Unknown => (AttemptOutcome::Unknown, None),
         };
@@ -317,10 +388,19 @@ impl TopUpEngine {
 
         let step = match &charge.outcome {
             Outcome::Succeeded => {
-                let posted = self.credit(&mut transaction, &account, top_up, method).await?;
-                payment_methods::restore_after_success(&mut transaction, method).await?;
-                self.set_status(&mut transaction, top_up, TopUpStatus::Succeeded, "", None, Some(posted.entry.transaction_id))
+                let posted = self
+                    .credit(&mut transaction, &account, top_up, method)
                     .await?;
+                payment_methods::restore_after_success(&mut transaction, method).await?;
+                self.set_status(
+                    &mut transaction,
+                    top_up,
+                    TopUpStatus::Succeeded,
+                    "",
+                    None,
+                    Some(posted.entry.transaction_id),
+                )
+                .await?;
                 let notice = Notice::TopUpReceipt {
                     top_up_id: top_up.top_up_id.clone(),
                     amount: top_up.amount,
@@ -339,14 +419,25 @@ impl TopUpEngine {
                         card,
                         reason: code.clone(),
                     };
-                    let key = format!("payment_method_disabled:{}:{}:{attempt_number}", method.payment_method_id, top_up.top_up_id);
-                    notifications::enqueue(&mut transaction, account.as_str(), &notice, &key).await?;
+                    let key = format!(
+                        "payment_method_disabled:{}:{}:{attempt_number}",
+                        method.payment_method_id, top_up.top_up_id
+                    );
+                    notifications::enqueue(&mut transaction, account.as_str(), &notice, &key)
+                        .await?;
                 }
                 Step::Next
             }
             Outcome::RequiresAction { .. } => {
-                self.set_status(&mut transaction, top_up, TopUpStatus::RequiresAction, "authentication_required", None, None)
-                    .await?;
+                self.set_status(
+                    &mut transaction,
+                    top_up,
+                    TopUpStatus::RequiresAction,
+                    "authentication_required",
+                    None,
+                    None,
+                )
+                .await?;
                 let notice = Notice::AuthenticationRequired {
                     top_up_id: top_up.top_up_id.clone(),
                     amount: top_up.amount,
@@ -358,8 +449,15 @@ impl TopUpEngine {
             }
             Outcome::Unknown => {
                 let next = now + self.config.reconcile_after;
-                self.set_status(&mut transaction, top_up, TopUpStatus::Unknown, "gateway_timeout", Some(next), None)
-                    .await?;
+                self.set_status(
+                    &mut transaction,
+                    top_up,
+                    TopUpStatus::Unknown,
+                    "gateway_timeout",
+                    Some(next),
+                    None,
+                )
+                .await?;
                 Step::Done
             }
         };
@@ -382,7 +480,10 @@ impl TopUpEngine {
             description: format!("automatic top-up, {} •••• {}", method.brand, method.last4),
             metadata: [
                 ("top_up_id".to_owned(), top_up.top_up_id.clone()),
-                ("payment_method_id".to_owned(), method.payment_method_id.clone()),
+                (
+                    "payment_method_id".to_owned(),
+                    method.payment_method_id.clone(),
+                ),
             ]
             .into(),
             allow_overdraft: false,
@@ -423,19 +524,34 @@ impl TopUpEngine {
         let top_up = super::lock(&mut transaction, account, top_up_id).await?;
         let rounds = top_up.rounds + 1;
         let any_attempt = !top_up.attempts.is_empty();
-        let reason = if any_attempt { "every payment method failed" } else { "no active payment method with auto-charge" };
+        let reason = if any_attempt {
+            "every payment method failed"
+        } else {
+            "no active payment method with auto-charge"
+        };
         let last_round = rounds >= self.config.max_rounds;
         let next = (!last_round).then(|| {
-            let index = (rounds as usize - 1).min(self.config.retry_backoff.len().saturating_sub(1));
-            now + self.config.retry_backoff.get(index).copied().unwrap_or(chrono::Duration::hours(24))
+            let index =
+                (rounds as usize - 1).min(self.config.retry_backoff.len().saturating_sub(1));
+            now + self
+                .config
+                .retry_backoff
+                .get(index)
+                .copied()
+                .unwrap_or(chrono::Duration::hours(24))
         });
-        let status = if last_round { TopUpStatus::Failed } else { TopUpStatus::RetryScheduled };
+        let status = if last_round {
+            TopUpStatus::Failed
+        } else {
+            TopUpStatus::RetryScheduled
+        };
         sqlx::query("UPDATE top_ups SET rounds = $2 WHERE top_up_id = $1")
             .bind(top_up_id)
             .bind(rounds)
             .execute(&mut *transaction)
             .await?;
-        self.set_status(&mut transaction, &top_up, status, reason, next, None).await?;
+        self.set_status(&mut transaction, &top_up, status, reason, next, None)
+            .await?;
         if last_round || rounds == 1 {
             let notice = Notice::TopUpFailed {
                 top_up_id: top_up_id.to_owned(),
@@ -443,7 +559,14 @@ impl TopUpEngine {
                 reason: reason.to_owned(),
                 next_attempt_at: next,
             };
-            let key = format!("top_up_failed:{top_up_id}:{}", if last_round { "final".to_owned() } else { rounds.to_string() });
+            let key = format!(
+                "top_up_failed:{top_up_id}:{}",
+                if last_round {
+                    "final".to_owned()
+                } else {
+                    rounds.to_string()
+                }
+            );
             notifications::enqueue(&mut transaction, account.as_str(), &notice, &key).await?;
         }
         transaction.commit().await?;
@@ -469,7 +592,10 @@ impl TopUpEngine {
                 exp_month: method.exp_month.max(0) as u32,
                 exp_year: method.exp_year,
             };
-            let key = format!("card_expiring:{}:{}-{}", method.payment_method_id, method.exp_year, method.exp_month);
+            let key = format!(
+                "card_expiring:{}:{}-{}",
+                method.payment_method_id, method.exp_year, method.exp_month
+            );
             notifications::enqueue(&mut transaction, account_id, &notice, &key).await?;
         }
         transaction.commit().await?;

@@ -23,7 +23,9 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use decide::{PolicyDecider, refill_multiple};
 pub use engine::{TopUpEngine, engine_caller};
 pub use runner::run_policy_decisions;
-pub use settings::{LowBalanceSettings, PolicyConfig, SettingsChange, apply_settings, get_settings};
+pub use settings::{
+    LowBalanceSettings, PolicyConfig, SettingsChange, apply_settings, get_settings,
+};
 pub use store::{NewTopUp, finish, get, insert, list, lock, record_attempt};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

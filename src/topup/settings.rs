@@ -140,10 +140,12 @@ pub async fn apply_settings(
     clock: &dyn Clock,
 ) -> Result<(LowBalanceSettings, Option<String>), BillingError> {
     let mut transaction = pool.begin().await?;
-    let account = sqlx::query_scalar::<_, String>("SELECT currency FROM accounts WHERE account_id = $1 FOR UPDATE")
-        .bind(account_id.as_str())
-        .fetch_optional(&mut *transaction)
-        .await?;
+    let account = sqlx::query_scalar::<_, String>(
+        "SELECT currency FROM accounts WHERE account_id = $1 FOR UPDATE",
+    )
+    .bind(account_id.as_str())
+    .fetch_optional(&mut *transaction)
+    .await?;
     if account.is_none() {
         return Err(BillingError::NotFound("account"));
     }
@@ -153,20 +155,31 @@ pub async fn apply_settings(
         if change.refill_amount < config.min_refill || change.refill_amount > config.max_refill {
             return Err(BillingError::invalid(
                 "refill_amount",
-                format!("must be between {} and {}", money(config.min_refill), money(config.max_refill)),
+                format!(
+                    "must be between {} and {}",
+                    money(config.min_refill),
+                    money(config.max_refill)
+                ),
             ));
         }
     }
     if change.auto_refill_enabled {
-        let usable = crate::payment_methods::has_active_auto_charge_method(&mut transaction, account_id).await?;
+        let usable =
+            crate::payment_methods::has_active_auto_charge_method(&mut transaction, account_id)
+                .await?;
         if !usable {
             return Err(BillingError::FailedPrecondition(
-                "auto refill needs an active payment method with auto-charge on; add a card first".into(),
+                "auto refill needs an active payment method with auto-charge on; add a card first"
+                    .into(),
             ));
         }
     }
-    let max_top_ups_per_day = change.max_top_ups_per_day.unwrap_or(current.max_top_ups_per_day);
-    let max_amount_per_day = change.max_amount_per_day.unwrap_or(current.max_amount_per_day);
+    let max_top_ups_per_day = change
+        .max_top_ups_per_day
+        .unwrap_or(current.max_top_ups_per_day);
+    let max_amount_per_day = change
+        .max_amount_per_day
+        .unwrap_or(current.max_amount_per_day);
     let row = sqlx::query(
         "INSERT INTO low_balance_settings (account_id, auto_refill_enabled, threshold, refill_amount, \
                 notification_enabled, notification_threshold, max_top_ups_per_day, max_amount_per_day, updated_at) \
@@ -219,8 +232,22 @@ pub async fn apply_settings(
         let account = ledger::load_account(&mut transaction, account_id.as_str()).await?;
         let total = account.total_balance();
         if total < settings.threshold {
-            let key = format!("apply:{}", settings.updated_at.map(|t| t.timestamp_micros()).unwrap_or_default());
-            super::decide::start_automatic_top_up(&mut transaction, &settings, total, &key, config, clock).await?
+            let key = format!(
+                "apply:{}",
+                settings
+                    .updated_at
+                    .map(|t| t.timestamp_micros())
+                    .unwrap_or_default()
+            );
+            super::decide::start_automatic_top_up(
+                &mut transaction,
+                &settings,
+                total,
+                &key,
+                config,
+                clock,
+            )
+            .await?
         } else {
             None
         }

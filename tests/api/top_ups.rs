@@ -54,7 +54,11 @@ pub async fn scenario(opening: &str, cards: &[&str]) -> (Scenario, Vec<String>) 
         crate::payment_methods::client(&app)
             .set_auto_charge(authed(
                 &admin,
-                proto::SetAutoChargeRequest { account_id: ACCT.into(), payment_method_id: id.clone(), enabled: true },
+                proto::SetAutoChargeRequest {
+                    account_id: ACCT.into(),
+                    payment_method_id: id.clone(),
+                    enabled: true,
+                },
             ))
             .await
             .unwrap();
@@ -66,7 +70,11 @@ pub async fn scenario(opening: &str, cards: &[&str]) -> (Scenario, Vec<String>) 
 /// Another replica on the same database (its own pool, feed and engines).
 pub async fn replica(first: &Scenario) -> TestApp {
     let options = (*first.app.pool.connect_options()).clone();
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect_with(options).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await
+        .unwrap();
     spawn_app_on(pool, engine_settings(first.clock.clone())).await
 }
 
@@ -84,15 +92,27 @@ pub fn settings(threshold: &str, refill: &str) -> proto::ApplyLowBalanceSettings
     }
 }
 
-pub async fn apply(s: &Scenario, request: proto::ApplyLowBalanceSettingsRequest) -> proto::ApplyLowBalanceSettingsResponse {
-    policy(&s.app).apply_low_balance_settings(authed(&s.admin, request)).await.unwrap().into_inner()
+pub async fn apply(
+    s: &Scenario,
+    request: proto::ApplyLowBalanceSettingsRequest,
+) -> proto::ApplyLowBalanceSettingsResponse {
+    policy(&s.app)
+        .apply_low_balance_settings(authed(&s.admin, request))
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 pub async fn debit(app: &TestApp, amount: &str, key: &str) {
     app.balances()
         .debit(authed(
             &app.service_token(),
-            proto::DebitRequest { account_id: ACCT.into(), amount: amount.into(), idempotency_key: key.into(), ..Default::default() },
+            proto::DebitRequest {
+                account_id: ACCT.into(),
+                amount: amount.into(),
+                idempotency_key: key.into(),
+                ..Default::default()
+            },
         ))
         .await
         .unwrap();
@@ -100,7 +120,14 @@ pub async fn debit(app: &TestApp, amount: &str, key: &str) {
 
 pub async fn top_ups(app: &TestApp, token: &str) -> Vec<proto::TopUp> {
     policy(app)
-        .list_top_ups(authed(token, proto::ListTopUpsRequest { account_id: ACCT.into(), page_size: 100, ..Default::default() }))
+        .list_top_ups(authed(
+            token,
+            proto::ListTopUpsRequest {
+                account_id: ACCT.into(),
+                page_size: 100,
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -114,7 +141,10 @@ pub fn status_of(top_up: &proto::TopUp) -> proto::TopUpStatus {
 /// Waits until the account's only top-up reaches `status`, and returns it.
 pub async fn wait_for_top_up(s: &Scenario, status: proto::TopUpStatus) -> proto::TopUp {
     eventually(&format!("a top-up {status:?}"), || async {
-        top_ups(&s.app, &s.admin).await.first().is_some_and(|t| status_of(t) == status)
+        top_ups(&s.app, &s.admin)
+            .await
+            .first()
+            .is_some_and(|t| status_of(t) == status)
     })
     .await;
     top_ups(&s.app, &s.admin).await.remove(0)
@@ -125,11 +155,17 @@ pub async fn balance(app: &TestApp) -> String {
 }
 
 pub async fn sandbox_charges(app: &TestApp) -> i64 {
-    sqlx::query_scalar("SELECT COUNT(*) FROM sandbox_charges WHERE outcome = 'succeeded'").fetch_one(&app.pool).await.unwrap()
+    sqlx::query_scalar("SELECT COUNT(*) FROM sandbox_charges WHERE outcome = 'succeeded'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
 }
 
 pub async fn ledger_top_ups(app: &TestApp) -> i64 {
-    sqlx::query_scalar("SELECT COUNT(*) FROM ledger_entries WHERE kind = 'top_up'").fetch_one(&app.pool).await.unwrap()
+    sqlx::query_scalar("SELECT COUNT(*) FROM ledger_entries WHERE kind = 'top_up'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
 }
 
 pub async fn settle_briefly() {

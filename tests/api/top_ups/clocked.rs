@@ -9,7 +9,10 @@ use super::*;
 use crate::payment_methods::{list, status};
 
 async fn attempts_of(s: &Scenario) -> usize {
-    top_ups(&s.app, &s.admin).await.first().map_or(0, |t| t.attempts.len())
+    top_ups(&s.app, &s.admin)
+        .await
+        .first()
+        .map_or(0, |t| t.attempts.len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,28 +23,51 @@ async fn when_every_card_fails_rounds_follow_the_back_off_and_stop_after_five() 
     debit(&s.app, "15.00", "d1").await;
     let first = wait_for_top_up(&s, TopUpStatus::RetryScheduled).await;
     assert_eq!(first.attempts.len(), 1);
-    let next = first.next_attempt_at.clone().expect("next attempt scheduled");
+    let next = first
+        .next_attempt_at
+        .clone()
+        .expect("next attempt scheduled");
     let created = first.created_at.clone().unwrap();
-    assert_eq!(next.seconds - created.seconds, 3600, "the first retry waits 1 h");
+    assert_eq!(
+        next.seconds - created.seconds,
+        3600,
+        "the first retry waits 1 h"
+    );
 
     // Not due yet: nothing happens however long the engine polls.
     s.clock.advance(Duration::minutes(59));
     settle_briefly().await;
     assert_eq!(attempts_of(&s).await, 1);
 
-    let waits = [Duration::minutes(1), Duration::hours(6), Duration::hours(24), Duration::hours(24)];
+    let waits = [
+        Duration::minutes(1),
+        Duration::hours(6),
+        Duration::hours(24),
+        Duration::hours(24),
+    ];
     for (round, wait) in waits.into_iter().enumerate() {
         s.clock.advance(wait);
         let expected = round + 2;
-        eventually(&format!("round {expected}"), || async { attempts_of(&s).await == expected }).await;
+        eventually(&format!("round {expected}"), || async {
+            attempts_of(&s).await == expected
+        })
+        .await;
     }
     let last = wait_for_top_up(&s, TopUpStatus::Failed).await;
     assert_eq!(last.attempts.len(), 5);
-    assert!(last.attempts.iter().all(|a| a.outcome == AttemptOutcome::Declined as i32));
+    assert!(
+        last.attempts
+            .iter()
+            .all(|a| a.outcome == AttemptOutcome::Declined as i32)
+    );
     assert!(last.next_attempt_at.is_none());
     s.clock.advance(Duration::days(7));
     settle_briefly().await;
-    assert_eq!(attempts_of(&s).await, 5, "a failed top-up is not retried again");
+    assert_eq!(
+        attempts_of(&s).await,
+        5,
+        "a failed top-up is not retried again"
+    );
     assert_eq!(balance(&s.app).await, "5.00");
     s.app.stop().await;
 }
@@ -53,13 +79,21 @@ async fn a_declined_card_is_restored_by_a_successful_retry() {
     debit(&s.app, "15.00", "d1").await;
     wait_for_top_up(&s, TopUpStatus::RetryScheduled).await;
     let methods = list(&s.app, &s.admin, ACCT).await;
-    assert_eq!(status(&methods[0]), PaymentMethodStatus::TemporarilyDisabled);
+    assert_eq!(
+        status(&methods[0]),
+        PaymentMethodStatus::TemporarilyDisabled
+    );
     assert_eq!(methods[0].disabled_reason, "insufficient_funds");
 
     let retried = crate::payment_methods::client(&s.app)
         .retry_payment_method(authed(
             &s.admin,
-            proto::RetryPaymentMethodRequest { account_id: ACCT.into(), payment_method_id: cards[0].clone(), idempotency_key: "retry-1".into(), amount: "30.00".into() },
+            proto::RetryPaymentMethodRequest {
+                account_id: ACCT.into(),
+                payment_method_id: cards[0].clone(),
+                idempotency_key: "retry-1".into(),
+                amount: "30.00".into(),
+            },
         ))
         .await
         .unwrap()
@@ -74,12 +108,25 @@ async fn a_declined_card_is_restored_by_a_successful_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daily_count_cap_stops_automatic_top_ups_and_reports_it() {
     let (s, _) = scenario("20.00", &[VISA]).await;
-    apply(&s, proto::ApplyLowBalanceSettingsRequest { max_top_ups_per_day: 1, ..settings("10.00", "30.00") }).await;
+    apply(
+        &s,
+        proto::ApplyLowBalanceSettingsRequest {
+            max_top_ups_per_day: 1,
+            ..settings("10.00", "30.00")
+        },
+    )
+    .await;
     debit(&s.app, "15.00", "d1").await; // 20 -> 5: top-up to 35
     wait_for_top_up(&s, TopUpStatus::Succeeded).await;
     debit(&s.app, "30.00", "d2").await; // 35 -> 5: second crossing, over the cap
     let capped = wait_for_top_up(&s, TopUpStatus::CapReached).await;
-    assert!(capped.failure_reason.contains("at most 1 automatic top-ups per 24 hours"), "{}", capped.failure_reason);
+    assert!(
+        capped
+            .failure_reason
+            .contains("at most 1 automatic top-ups per 24 hours"),
+        "{}",
+        capped.failure_reason
+    );
     assert!(capped.attempts.is_empty(), "nothing was charged");
     assert_eq!(sandbox_charges(&s.app).await, 1);
 
@@ -89,7 +136,13 @@ async fn the_daily_count_cap_stops_automatic_top_ups_and_reports_it() {
         .balances()
         .credit(authed(
             &s.app.service_token(),
-            proto::CreditRequest { account_id: ACCT.into(), amount: "10.00".into(), kind: proto::TransactionKind::Adjustment as i32, idempotency_key: "c".into(), ..Default::default() },
+            proto::CreditRequest {
+                account_id: ACCT.into(),
+                amount: "10.00".into(),
+                kind: proto::TransactionKind::Adjustment as i32,
+                idempotency_key: "c".into(),
+                ..Default::default()
+            },
         ))
         .await
         .unwrap();
@@ -102,7 +155,14 @@ async fn the_daily_count_cap_stops_automatic_top_ups_and_reports_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daily_amount_cap_limits_the_multiple_then_refuses() {
     let (s, _) = scenario("100.00", &[VISA]).await;
-    apply(&s, proto::ApplyLowBalanceSettingsRequest { max_amount_per_day: "90.00".into(), ..settings("100.00", "30.00") }).await;
+    apply(
+        &s,
+        proto::ApplyLowBalanceSettingsRequest {
+            max_amount_per_day: "90.00".into(),
+            ..settings("100.00", "30.00")
+        },
+    )
+    .await;
     // 100 -> 0 needs 4 × 30 to reach 100, but only 3 × 30 fit in the cap.
     debit(&s.app, "100.00", "d1").await;
     let first = wait_for_top_up(&s, TopUpStatus::Succeeded).await;
@@ -112,13 +172,23 @@ async fn the_daily_amount_cap_limits_the_multiple_then_refuses() {
         .balances()
         .credit(authed(
             &s.app.service_token(),
-            proto::CreditRequest { account_id: ACCT.into(), amount: "20.00".into(), kind: proto::TransactionKind::Adjustment as i32, idempotency_key: "c".into(), ..Default::default() },
+            proto::CreditRequest {
+                account_id: ACCT.into(),
+                amount: "20.00".into(),
+                kind: proto::TransactionKind::Adjustment as i32,
+                idempotency_key: "c".into(),
+                ..Default::default()
+            },
         ))
         .await
         .unwrap();
     debit(&s.app, "20.00", "d3").await; // 109 -> 89: a new crossing; 90 already charged today
     let capped = wait_for_top_up(&s, TopUpStatus::CapReached).await;
-    assert!(capped.failure_reason.contains("90.00 USD"), "{}", capped.failure_reason);
+    assert!(
+        capped.failure_reason.contains("90.00 USD"),
+        "{}",
+        capped.failure_reason
+    );
     s.app.stop().await;
 }
 
@@ -133,12 +203,19 @@ async fn an_unknown_outcome_is_reconciled_without_a_second_charge() {
     // Nothing else is charged while the outcome is unknown — not even the next card.
     settle_briefly().await;
     assert_eq!(top_ups(&s.app, &s.admin).await[0].attempts.len(), 1);
-    assert_eq!(balance(&s.app).await, "5.00", "no credit without a known success");
+    assert_eq!(
+        balance(&s.app).await,
+        "5.00",
+        "no credit without a known success"
+    );
 
     s.clock.advance(Duration::seconds(31));
     let settled = wait_for_top_up(&s, TopUpStatus::Succeeded).await;
     assert_eq!(settled.attempts.len(), 1, "reconciled, not charged again");
-    assert_eq!(settled.attempts[0].outcome, AttemptOutcome::Succeeded as i32);
+    assert_eq!(
+        settled.attempts[0].outcome,
+        AttemptOutcome::Succeeded as i32
+    );
     assert_eq!(balance(&s.app).await, "35.00");
     assert_eq!(sandbox_charges(&s.app).await, 1);
     assert_eq!(ledger_top_ups(&s.app).await, 1);
@@ -151,8 +228,15 @@ async fn an_off_session_charge_needing_authentication_waits_for_the_customer() {
     apply(&s, settings("10.00", "30.00")).await;
     debit(&s.app, "15.00", "d1").await;
     let waiting = wait_for_top_up(&s, TopUpStatus::RequiresAction).await;
-    assert_eq!(waiting.attempts.len(), 1, "not forced, and not moved to another card");
-    assert_eq!(waiting.attempts[0].outcome, AttemptOutcome::RequiresAction as i32);
+    assert_eq!(
+        waiting.attempts.len(),
+        1,
+        "not forced, and not moved to another card"
+    );
+    assert_eq!(
+        waiting.attempts[0].outcome,
+        AttemptOutcome::RequiresAction as i32
+    );
     s.clock.advance(Duration::days(2));
     settle_briefly().await;
     assert_eq!(top_ups(&s.app, &s.admin).await[0].attempts.len(), 1);

@@ -24,7 +24,13 @@ async fn first_card_declines_second_refills(replicas: usize) {
     let mut events = s
         .app
         .balances()
-        .watch_balance_events(authed(&s.admin, proto::WatchBalanceEventsRequest { account_id: ACCT.into(), after_cursor: 0 }))
+        .watch_balance_events(authed(
+            &s.admin,
+            proto::WatchBalanceEventsRequest {
+                account_id: ACCT.into(),
+                after_cursor: 0,
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -34,25 +40,52 @@ async fn first_card_declines_second_refills(replicas: usize) {
 
     assert_eq!(top_up.amount, "50.00");
     assert_eq!(top_up.trigger, proto::TopUpTrigger::Automatic as i32);
-    let outcomes: Vec<(String, i32, String)> =
-        top_up.attempts.iter().map(|a| (a.payment_method_id.clone(), a.outcome, a.decline_code.clone())).collect();
+    let outcomes: Vec<(String, i32, String)> = top_up
+        .attempts
+        .iter()
+        .map(|a| {
+            (
+                a.payment_method_id.clone(),
+                a.outcome,
+                a.decline_code.clone(),
+            )
+        })
+        .collect();
     assert_eq!(
         outcomes,
         vec![
-            (cards[0].clone(), AttemptOutcome::Declined as i32, "card_declined".to_string()),
-            (cards[1].clone(), AttemptOutcome::Succeeded as i32, String::new()),
+            (
+                cards[0].clone(),
+                AttemptOutcome::Declined as i32,
+                "card_declined".to_string()
+            ),
+            (
+                cards[1].clone(),
+                AttemptOutcome::Succeeded as i32,
+                String::new()
+            ),
         ]
     );
     assert_eq!(balance(&s.app).await, "55.00");
     let methods = list(&s.app, &s.admin, ACCT).await;
-    assert_eq!(status(&methods[0]), PaymentMethodStatus::TemporarilyDisabled);
+    assert_eq!(
+        status(&methods[0]),
+        PaymentMethodStatus::TemporarilyDisabled
+    );
     assert_eq!(methods[0].disabled_reason, "card_declined");
     assert!(!methods[0].primary);
-    assert!(methods[1].primary, "the working card is now the one charged first");
+    assert!(
+        methods[1].primary,
+        "the working card is now the one charged first"
+    );
 
     let mut seen = Vec::new();
     while seen.len() < 3 {
-        let event = tokio::time::timeout(Duration::from_secs(10), events.next()).await.unwrap().unwrap().unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         let event = event.event.unwrap();
         seen.push((event.sequence, event.kind, event.balance_after));
     }
@@ -98,7 +131,12 @@ async fn fifty_concurrent_debits_crossing_at_once_start_exactly_one_top_up_acros
             client
                 .debit(authed(
                     &token,
-                    proto::DebitRequest { account_id: ACCT.into(), amount: "1.00".into(), idempotency_key: format!("burst-{i}"), ..Default::default() },
+                    proto::DebitRequest {
+                        account_id: ACCT.into(),
+                        amount: "1.00".into(),
+                        idempotency_key: format!("burst-{i}"),
+                        ..Default::default()
+                    },
                 ))
                 .await
                 .map(|_| ())
@@ -110,16 +148,25 @@ async fn fifty_concurrent_debits_crossing_at_once_start_exactly_one_top_up_acros
     wait_for_top_up(&s, TopUpStatus::Succeeded).await;
     // Every replica's decisions have caught up with every event.
     eventually("the subscriber passed every event", || async {
-        let cursor: i64 = sqlx::query_scalar("SELECT cursor FROM event_subscribers WHERE name = 'balance-policy'")
+        let cursor: i64 = sqlx::query_scalar(
+            "SELECT cursor FROM event_subscribers WHERE name = 'balance-policy'",
+        )
+        .fetch_one(&s.app.pool)
+        .await
+        .unwrap();
+        let last: i64 = sqlx::query_scalar("SELECT MAX(cursor) FROM balance_events")
             .fetch_one(&s.app.pool)
             .await
             .unwrap();
-        let last: i64 = sqlx::query_scalar("SELECT MAX(cursor) FROM balance_events").fetch_one(&s.app.pool).await.unwrap();
         cursor == last
     })
     .await;
     settle_briefly().await;
-    assert_eq!(top_ups(&s.app, &s.admin).await.len(), 1, "exactly one top-up for one crossing");
+    assert_eq!(
+        top_ups(&s.app, &s.admin).await.len(),
+        1,
+        "exactly one top-up for one crossing"
+    );
     assert_eq!(sandbox_charges(&s.app).await, 1);
     assert_eq!(balance(&s.app).await, "100.00");
     third.stop().await;
@@ -138,23 +185,42 @@ async fn staying_below_the_threshold_is_one_crossing_and_rising_back_rearms() {
     settle_briefly().await;
     assert_eq!(top_ups(&s.app, &s.admin).await.len(), 1);
     // A manual credit lifts it above; the next fall is a new crossing (once the old one ended).
-    sqlx::query("UPDATE top_ups SET status = 'FAILED'").execute(&s.app.pool).await.unwrap();
+    sqlx::query("UPDATE top_ups SET status = 'FAILED'")
+        .execute(&s.app.pool)
+        .await
+        .unwrap();
     s.app
         .balances()
         .credit(authed(
             &s.app.service_token(),
-            proto::CreditRequest { account_id: ACCT.into(), amount: "20.00".into(), kind: proto::TransactionKind::Adjustment as i32, idempotency_key: "c1".into(), ..Default::default() },
+            proto::CreditRequest {
+                account_id: ACCT.into(),
+                amount: "20.00".into(),
+                kind: proto::TransactionKind::Adjustment as i32,
+                idempotency_key: "c1".into(),
+                ..Default::default()
+            },
         ))
         .await
         .unwrap();
     debit(&s.app, "20.00", "d4").await; // 33 -> 13
-    eventually("a second crossing, a second top-up", || async { top_ups(&s.app, &s.admin).await.len() == 2 }).await;
-    let ids: HashSet<String> = top_ups(&s.app, &s.admin).await.into_iter().map(|t| t.top_up_id).collect();
+    eventually("a second crossing, a second top-up", || async {
+        top_ups(&s.app, &s.admin).await.len() == 2
+    })
+    .await;
+    let ids: HashSet<String> = top_ups(&s.app, &s.admin)
+        .await
+        .into_iter()
+        .map(|t| t.top_up_id)
+        .collect();
     assert_eq!(ids.len(), 2);
     // The only card was disabled by the first crossing's decline: nothing to charge.
     let newest = wait_for_top_up(&s, TopUpStatus::RetryScheduled).await;
     assert!(newest.attempts.is_empty());
-    assert_eq!(newest.failure_reason, "no active payment method with auto-charge");
+    assert_eq!(
+        newest.failure_reason,
+        "no active payment method with auto-charge"
+    );
     assert_eq!(count_rows(&s.app.pool, "top_up_attempts").await, 1);
     s.app.stop().await;
 }

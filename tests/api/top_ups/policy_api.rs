@@ -11,7 +11,12 @@ use crate::helpers::count_rows;
 async fn settings_default_to_off_and_apply_round_trips() {
     let (s, _) = scenario("50.00", &[VISA]).await;
     let before = policy(&s.app)
-        .get_low_balance_settings(authed(&s.admin, proto::GetLowBalanceSettingsRequest { account_id: ACCT.into() }))
+        .get_low_balance_settings(authed(
+            &s.admin,
+            proto::GetLowBalanceSettingsRequest {
+                account_id: ACCT.into(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -30,13 +35,21 @@ async fn settings_default_to_off_and_apply_round_trips() {
     .await;
     assert!(applied.started_top_up_id.is_empty());
     let after = policy(&s.app)
-        .get_low_balance_settings(authed(&s.app.token("viewer", Some(ACCT)), proto::GetLowBalanceSettingsRequest { account_id: ACCT.into() }))
+        .get_low_balance_settings(authed(
+            &s.app.token("viewer", Some(ACCT)),
+            proto::GetLowBalanceSettingsRequest {
+                account_id: ACCT.into(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
         .settings
         .unwrap();
-    assert_eq!((after.threshold.as_str(), after.refill_amount.as_str()), ("10.00", "50.00"));
+    assert_eq!(
+        (after.threshold.as_str(), after.refill_amount.as_str()),
+        ("10.00", "50.00")
+    );
     assert_eq!(after.notification_threshold, "20.00");
     assert!(after.auto_refill_enabled && after.notification_enabled);
     assert_eq!(after.currency, "USD");
@@ -51,7 +64,13 @@ async fn applying_while_already_below_the_threshold_starts_a_top_up_at_once() {
     let top_up = wait_for_top_up(&s, TopUpStatus::Succeeded).await;
     assert_eq!(top_up.top_up_id, applied.started_top_up_id);
     let fetched = policy(&s.app)
-        .get_top_up(authed(&s.admin, proto::GetTopUpRequest { account_id: ACCT.into(), top_up_id: top_up.top_up_id.clone() }))
+        .get_top_up(authed(
+            &s.admin,
+            proto::GetTopUpRequest {
+                account_id: ACCT.into(),
+                top_up_id: top_up.top_up_id.clone(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -61,7 +80,12 @@ async fn applying_while_already_below_the_threshold_starts_a_top_up_at_once() {
     assert!(fetched.attempts[0].attempted_at.is_some());
     assert_eq!(balance(&s.app).await, "55.00");
     // Applying again while a top-up is done and the balance is fine starts nothing.
-    assert!(apply(&s, settings("10.00", "50.00")).await.started_top_up_id.is_empty());
+    assert!(
+        apply(&s, settings("10.00", "50.00"))
+            .await
+            .started_top_up_id
+            .is_empty()
+    );
     s.app.stop().await;
 }
 
@@ -75,7 +99,16 @@ async fn enabling_auto_refill_needs_an_active_auto_charge_card() {
     assert_eq!(error.code(), Code::FailedPrecondition);
     assert_eq!(count_rows(&s.app.pool, "low_balance_settings").await, 0);
     // Notifications alone need no card.
-    apply(&s, proto::ApplyLowBalanceSettingsRequest { account_id: ACCT.into(), notification_enabled: true, notification_threshold: "5.00".into(), ..Default::default() }).await;
+    apply(
+        &s,
+        proto::ApplyLowBalanceSettingsRequest {
+            account_id: ACCT.into(),
+            notification_enabled: true,
+            notification_threshold: "5.00".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     s.app.stop().await;
 }
 
@@ -88,17 +121,48 @@ async fn bad_settings_name_the_field_and_change_nothing() {
         ("refill_amount", settings("10.00", "50.001")),
         ("threshold", settings("-1", "50.00")),
         ("threshold", settings("1e2", "50.00")),
-        ("notification_threshold", proto::ApplyLowBalanceSettingsRequest { notification_threshold: "abc".into(), ..settings("10.00", "50.00") }),
-        ("max_top_ups_per_day", proto::ApplyLowBalanceSettingsRequest { max_top_ups_per_day: -3, ..settings("10.00", "50.00") }),
-        ("max_amount_per_day", proto::ApplyLowBalanceSettingsRequest { max_amount_per_day: "-5".into(), ..settings("10.00", "50.00") }),
+        (
+            "notification_threshold",
+            proto::ApplyLowBalanceSettingsRequest {
+                notification_threshold: "abc".into(),
+                ..settings("10.00", "50.00")
+            },
+        ),
+        (
+            "max_top_ups_per_day",
+            proto::ApplyLowBalanceSettingsRequest {
+                max_top_ups_per_day: -3,
+                ..settings("10.00", "50.00")
+            },
+        ),
+        (
+            "max_amount_per_day",
+            proto::ApplyLowBalanceSettingsRequest {
+                max_amount_per_day: "-5".into(),
+                ..settings("10.00", "50.00")
+            },
+        ),
     ];
     for (field, request) in cases {
-        let error = policy(&s.app).apply_low_balance_settings(authed(&s.admin, request)).await.unwrap_err();
+        let error = policy(&s.app)
+            .apply_low_balance_settings(authed(&s.admin, request))
+            .await
+            .unwrap_err();
         assert_eq!(error.code(), Code::InvalidArgument, "{field}");
-        assert!(error.message().starts_with(field), "{field}: {}", error.message());
+        assert!(
+            error.message().starts_with(field),
+            "{field}: {}",
+            error.message()
+        );
     }
     let missing = policy(&s.app)
-        .get_top_up(authed(&s.admin, proto::GetTopUpRequest { account_id: ACCT.into(), top_up_id: "tu_nope".into() }))
+        .get_top_up(authed(
+            &s.admin,
+            proto::GetTopUpRequest {
+                account_id: ACCT.into(),
+                top_up_id: "tu_nope".into(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -118,13 +182,45 @@ async fn balance_policy_rpcs_for_every_role_on_own_and_other_accounts() {
             for rpc in ["get", "apply", "list", "get_top_up"] {
                 let mut client = policy(&s.app);
                 let result = match rpc {
-                    "get" => client.get_low_balance_settings(authed(&token, proto::GetLowBalanceSettingsRequest { account_id: account.into() })).await.map(|_| ()),
-                    "apply" => client
-                        .apply_low_balance_settings(authed(&token, proto::ApplyLowBalanceSettingsRequest { account_id: account.into(), ..Default::default() }))
+                    "get" => client
+                        .get_low_balance_settings(authed(
+                            &token,
+                            proto::GetLowBalanceSettingsRequest {
+                                account_id: account.into(),
+                            },
+                        ))
                         .await
                         .map(|_| ()),
-                    "list" => client.list_top_ups(authed(&token, proto::ListTopUpsRequest { account_id: account.into(), ..Default::default() })).await.map(|_| ()),
-                    _ => client.get_top_up(authed(&token, proto::GetTopUpRequest { account_id: account.into(), top_up_id: "tu_x".into() })).await.map(|_| ()),
+                    "apply" => client
+                        .apply_low_balance_settings(authed(
+                            &token,
+                            proto::ApplyLowBalanceSettingsRequest {
+                                account_id: account.into(),
+                                ..Default::default()
+                            },
+                        ))
+                        .await
+                        .map(|_| ()),
+                    "list" => client
+                        .list_top_ups(authed(
+                            &token,
+                            proto::ListTopUpsRequest {
+                                account_id: account.into(),
+                                ..Default::default()
+                            },
+                        ))
+                        .await
+                        .map(|_| ()),
+                    _ => client
+                        .get_top_up(authed(
+                            &token,
+                            proto::GetTopUpRequest {
+                                account_id: account.into(),
+                                top_up_id: "tu_x".into(),
+                            },
+                        ))
+                        .await
+                        .map(|_| ()),
                 };
                 let got = result.err().map(|e| e.code()).unwrap_or(Code::Ok);
                 let want = match (role, rpc, account) {
@@ -135,7 +231,9 @@ async fn balance_policy_rpcs_for_every_role_on_own_and_other_accounts() {
                     _ => Code::NotFound,
                 };
                 if got != want {
-                    failures.push(format!("{role} {rpc} {account}: got {got:?}, want {want:?}"));
+                    failures.push(format!(
+                        "{role} {rpc} {account}: got {got:?}, want {want:?}"
+                    ));
                 }
             }
         }
