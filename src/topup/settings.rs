@@ -151,17 +151,18 @@ pub async fn apply_settings(
     }
     let current = load(&mut transaction, account_id.as_str(), config).await?;
     let money = |amount: Decimal| current.currency.display(amount);
-    if change.auto_refill_enabled || !change.refill_amount.is_zero() {
-        if change.refill_amount < config.min_refill || change.refill_amount > config.max_refill {
-            return Err(BillingError::invalid(
-                "refill_amount",
-                format!(
-                    "must be between {} and {}",
-                    money(config.min_refill),
-                    money(config.max_refill)
-                ),
-            ));
-        }
+    let refill_checked = change.auto_refill_enabled || !change.refill_amount.is_zero();
+    if refill_checked
+        && (change.refill_amount < config.min_refill || change.refill_amount > config.max_refill)
+    {
+        return Err(BillingError::invalid(
+            "refill_amount",
+            format!(
+                "must be between {} and {}",
+                money(config.min_refill),
+                money(config.max_refill)
+            ),
+        ));
     }
     if change.auto_refill_enabled {
         let usable =
