@@ -23,11 +23,8 @@ async fn when_every_card_fails_rounds_follow_the_back_off_and_stop_after_five() 
     debit(&s.app, "15.00", "d1").await;
     let first = wait_for_top_up(&s, TopUpStatus::RetryScheduled).await;
     assert_eq!(first.attempts.len(), 1);
-    let next = first
-        .next_attempt_at
-        .clone()
-        .expect("next attempt scheduled");
-    let created = first.created_at.clone().unwrap();
+    let next = first.next_attempt_at.expect("next attempt scheduled");
+    let created = first.created_at.unwrap();
     assert_eq!(
         next.seconds - created.seconds,
         3600,
