@@ -14,6 +14,7 @@ use crate::error::BillingError;
 use crate::ids::AccountId;
 use crate::ledger;
 use crate::money::Currency;
+use crate::notifications::{self, Notice};
 
 /// Service-wide rules for the settings and the engine.
 #[derive(Debug, Clone)]
@@ -229,29 +230,38 @@ pub async fn apply_settings(
         max_amount_per_day,
         updated_at: row.try_get("updated_at")?,
     };
-    let started = if settings.auto_refill_enabled {
-        let account = ledger::load_account(&mut transaction, account_id.as_str()).await?;
-        let total = account.total_balance();
-        if total < settings.threshold {
-            let key = format!(
-                "apply:{}",
-                settings
-                    .updated_at
-                    .map(|t| t.timestamp_micros())
-                    .unwrap_or_default()
-            );
-            super::decide::start_automatic_top_up(
-                &mut transaction,
-                &settings,
-                total,
-                &key,
-                config,
-                clock,
-            )
-            .await?
-        } else {
-            None
-        }
+    let total = ledger::load_account(&mut transaction, account_id.as_str())
+        .await?
+        .total_balance();
+    let stamp = settings
+        .updated_at
+        .map(|t| t.timestamp_micros())
+        .unwrap_or_default();
+    // Already below a newly set alert threshold: the alert goes out now, not at the next crossing.
+    let alert_changed = !current.notification_enabled
+        || current.notification_threshold != settings.notification_threshold;
+    if settings.notification_enabled && alert_changed && total < settings.notification_threshold {
+        let notice = Notice::LowBalance {
+            total_balance: total,
+            threshold: settings.notification_threshold,
+            auto_refill: settings
+                .auto_refill_enabled
+                .then_some(settings.refill_amount),
+        };
+        let key = format!("low_balance:{account_id}:apply:{stamp}");
+        notifications::enqueue(&mut transaction, account_id.as_str(), &notice, &key).await?;
+    }
+    let started = if settings.auto_refill_enabled && total < settings.threshold {
+        let key = format!("apply:{stamp}");
+        super::decide::start_automatic_top_up(
+            &mut transaction,
+            &settings,
+            total,
+            &key,
+            config,
+            clock,
+        )
+        .await?
     } else {
         None
     };

@@ -384,3 +384,26 @@ async fn a_kind_switched_off_is_not_sent_but_the_others_are() {
     assert_eq!(sink.messages()[0].envelope_to, "ops@acme.example");
     s.app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enabling_alerts_while_already_below_the_threshold_alerts_at_once() {
+    let sink = SmtpSink::start(SmtpSink::free_port());
+    let s = start(&sink, "12.00", &[]).await;
+    let alerts = proto::ApplyLowBalanceSettingsRequest {
+        account_id: ACCT.into(),
+        notification_enabled: true,
+        notification_threshold: "20.00".into(),
+        ..Default::default()
+    };
+    apply(&s, alerts.clone()).await;
+    eventually("the alert", || async { sink.messages().len() == 1 }).await;
+    assert_eq!(
+        sink.messages()[0].subject,
+        "Low balance: 12.00 USD on account acme"
+    );
+    // Applying the same settings again is not a new alert.
+    apply(&s, alerts).await;
+    crate::top_ups::settle_briefly().await;
+    assert_eq!(sink.messages().len(), 1);
+    s.app.stop().await;
+}

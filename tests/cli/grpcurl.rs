@@ -142,3 +142,209 @@ async fn grpcurl_lists_services_checks_health_and_runs_a_debit_flow() {
     let status = serve.terminate();
     assert!(status.success(), "serve exited with {status} after SIGTERM");
 }
+
+fn token(role: &str, account: Option<&str>) -> String {
+    let mut command = billing();
+    command
+        .args(["token", "--role", role])
+        .env("BILLING_JWT_SECRET", SECRET);
+    if let Some(account) = account {
+        command.args(["--account", account]);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// Every JSON object grpcurl printed (a server stream prints one per message).
+fn json_objects(text: &str) -> Vec<Value> {
+    serde_json::Deserializer::from_str(text.trim_start_matches(|c| c != '{'))
+        .into_iter::<Value>()
+        .map_while(Result::ok)
+        .collect()
+}
+
+/// The Payment Methods page, Low Balance Settings, notifications and the
+/// event stream, each through grpcurl: add a 3-D Secure card, confirm it,
+/// add funds, set auto top-up, debit below the threshold, watch the top-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_drives_cards_auto_top_up_notifications_and_the_event_stream() {
+    let database_url = fresh_database_url().await;
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&dir.path().join("serve.log"), |command| {
+        command
+            .env("DATABASE_URL", &database_url)
+            .env("BILLING_JWT_SECRET", SECRET)
+            .env("BILLING_DATA_DIR", dir.path().join("data"))
+            .env("BILLING_OUTBOX_POLL_MS", "50");
+    });
+    let address = serve.address.to_string();
+    let service = token("service", None);
+    let admin = token("admin", Some("acme"));
+    call(
+        &address,
+        &service,
+        "billing.v1.Balances/CreateAccount",
+        r#"{"account_id":"acme","billing_email":"ops@acme.example"}"#,
+    );
+
+    let added = call(
+        &address,
+        &admin,
+        "billing.v1.PaymentMethods/AddCard",
+        r#"{"account_id":"acme","card":{"number":"4000002500003155","exp_month":12,"exp_year":2031,"cvc":"123","holder_name":"Ada"},"idempotency_key":"card-1"}"#,
+    );
+    assert_eq!(
+        added["paymentMethod"]["status"],
+        "PAYMENT_METHOD_STATUS_PENDING_AUTHENTICATION"
+    );
+    assert_eq!(added["nextAction"]["type"], "three_d_secure");
+    let method_id = added["paymentMethod"]["paymentMethodId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let confirmed = call(
+        &address,
+        &admin,
+        "billing.v1.PaymentMethods/ConfirmCard",
+        &format!(
+            r#"{{"account_id":"acme","payment_method_id":"{method_id}","authentication_result":"AUTHENTICATION_RESULT_PASSED"}}"#
+        ),
+    );
+    assert_eq!(
+        confirmed["paymentMethod"]["status"],
+        "PAYMENT_METHOD_STATUS_ACTIVE"
+    );
+    let listed = call(
+        &address,
+        &admin,
+        "billing.v1.PaymentMethods/ListPaymentMethods",
+        r#"{"account_id":"acme"}"#,
+    );
+    assert_eq!(listed["paymentMethods"][0]["primary"], true);
+    assert_eq!(listed["paymentMethods"][0]["last4"], "3155");
+    let funded = call(
+        &address,
+        &admin,
+        "billing.v1.PaymentMethods/AddFunds",
+        r#"{"account_id":"acme","amount":"12.00","idempotency_key":"funds-1"}"#,
+    );
+    assert_eq!(funded["topUp"]["status"], "TOP_UP_STATUS_SUCCEEDED");
+    assert_eq!(funded["balance"], "12.00");
+
+    call(
+        &address,
+        &admin,
+        "billing.v1.BalancePolicy/ApplyLowBalanceSettings",
+        r#"{"account_id":"acme","auto_refill_enabled":true,"threshold":"10.00","refill_amount":"50.00","notification_enabled":true,"notification_threshold":"20.00"}"#,
+    );
+    let notification = call(
+        &address,
+        &admin,
+        "billing.v1.Notifications/SendTestNotification",
+        r#"{"account_id":"acme","idempotency_key":"hello"}"#,
+    );
+    assert_eq!(
+        notification["notification"]["kind"],
+        "NOTIFICATION_KIND_TEST"
+    );
+    call(
+        &address,
+        &service,
+        "billing.v1.Balances/Debit",
+        r#"{"account_id":"acme","amount":"7.00","idempotency_key":"call-1"}"#,
+    );
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let top_ups = call(
+            &address,
+            &admin,
+            "billing.v1.BalancePolicy/ListTopUps",
+            r#"{"account_id":"acme"}"#,
+        );
+        if top_ups["topUps"][0]["trigger"] == "TOP_UP_TRIGGER_AUTOMATIC"
+            && top_ups["topUps"][0]["status"] == "TOP_UP_STATUS_SUCCEEDED"
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic top-up: {top_ups}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let balance = call(
+        &address,
+        &admin,
+        "billing.v1.Balances/GetBalance",
+        r#"{"account_id":"acme"}"#,
+    );
+    assert_eq!(balance["balance"], "55.00");
+
+    // The stream replays from the start, then stays open until grpcurl's -max-time.
+    let header = format!("authorization: Bearer {admin}");
+    let (_, streamed) = grpcurl(
+        &address,
+        &[
+            "-max-time",
+            "3",
+            "-H",
+            &header,
+            "-d",
+            r#"{"account_id":"acme"}"#,
+            &address,
+            "billing.v1.Balances/WatchBalanceEvents",
+        ],
+    );
+    let kinds: Vec<String> = json_objects(&streamed)
+        .iter()
+        .map(|e| e["event"]["kind"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "BALANCE_EVENT_KIND_TOPPED_UP",
+            "BALANCE_EVENT_KIND_DEBITED",
+            "BALANCE_EVENT_KIND_TOPPED_UP"
+        ],
+        "{streamed}"
+    );
+
+    let notifications = call(
+        &address,
+        &admin,
+        "billing.v1.Notifications/ListNotifications",
+        r#"{"account_id":"acme"}"#,
+    );
+    let kinds: Vec<&str> = notifications["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"NOTIFICATION_KIND_LOW_BALANCE"),
+        "{notifications}"
+    );
+    assert!(
+        kinds.contains(&"NOTIFICATION_KIND_TOP_UP_RECEIPT"),
+        "{notifications}"
+    );
+    // No SMTP configured: the emails are .eml files in the data directory.
+    let outbox = dir.path().join("data").join("outbox");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_dir(&outbox).map(|d| d.count()).unwrap_or(0) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "emails not written to {}",
+            outbox.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(serve.terminate().success());
+}
