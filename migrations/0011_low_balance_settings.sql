@@ -17,7 +17,8 @@ CREATE TABLE low_balance_settings (
 -- without holding a transaction open during gateway calls.
 ALTER TABLE top_ups
     ADD COLUMN rounds      INT NOT NULL DEFAULT 0,
-    ADD COLUMN lease_until TIMESTAMPTZ;
+    ADD COLUMN lease_until TIMESTAMPTZ,
+    ADD COLUMN lease_owner UUID;
 CREATE INDEX top_ups_automatic_open ON top_ups (account_id)
     WHERE trigger = 'AUTOMATIC' AND status IN ('PENDING', 'RETRY_SCHEDULED', 'UNKNOWN');
 

@@ -150,6 +150,12 @@ pub struct PolicyArgs {
     /// Rounds (over every method) per low-balance crossing before giving up.
     #[arg(long, env = "BILLING_TOP_UP_MAX_ATTEMPTS", default_value_t = 5)]
     pub top_up_max_attempts: i32,
+    /// Seconds before asking the gateway about a charge whose outcome is unknown.
+    #[arg(long, env = "BILLING_TOP_UP_RECONCILE_SECS", default_value_t = 30)]
+    pub top_up_reconcile_secs: u32,
+    /// Seconds a replica may drive a top-up before another may take over (longer than the gateway timeout).
+    #[arg(long, env = "BILLING_TOP_UP_LEASE_SECS", default_value_t = 90)]
+    pub top_up_lease_secs: u32,
     /// Run the balance-policy decisions and the top-up engine in this process.
     #[arg(long, env = "BILLING_ENGINES", default_value_t = true, action = clap::ArgAction::Set)]
     pub engines: bool,
@@ -170,7 +176,10 @@ impl PolicyArgs {
                 })
                 .collect(),
             max_rounds: self.top_up_max_attempts.max(1),
-            ..Default::default()
+            reconcile_after: chrono::Duration::seconds(i64::from(
+                self.top_up_reconcile_secs.max(1),
+            )),
+            lease: chrono::Duration::seconds(i64::from(self.top_up_lease_secs.max(1))),
         }
     }
 }
@@ -208,6 +217,9 @@ pub struct MailArgs {
         default_value = "30,120,600,3600,21600"
     )]
     pub mail_retry_secs: Vec<u64>,
+    /// Seconds a claimed email is reserved for the replica sending it (longer than the SMTP timeout of 30 s).
+    #[arg(long, env = "BILLING_MAIL_CLAIM_SECS", default_value_t = 120)]
+    pub mail_claim_secs: u32,
     /// How often each replica looks for due emails (milliseconds).
     #[arg(long, env = "BILLING_OUTBOX_POLL_MS", default_value_t = 500)]
     pub outbox_poll_ms: u64,

@@ -114,6 +114,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .copied()
                 .map(Duration::from_secs)
                 .collect(),
+            claim_lease: Duration::from_secs(u64::from(args.mail.mail_claim_secs.max(1))),
         },
         policy: args.policy.config(),
         engines: args.policy.engines,

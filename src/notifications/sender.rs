@@ -1,7 +1,7 @@
 //! The outbox sender, run by every replica: claims one due row at a time
-//! with `FOR UPDATE SKIP LOCKED`, sends it while holding the row lock, and
-//! marks it sent — or counts the attempt, keeps the error and schedules the
-//! next try from the retry schedule, until the schedule runs out.
+//! with `FOR UPDATE SKIP LOCKED`, sends it, and marks it sent — or keeps the
+//! error and schedules the next try from the retry schedule, until the
+//! schedule runs out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,8 @@ pub struct SenderSettings {
     pub poll_interval: Duration,
     /// Wait before the 2nd, 3rd … attempt; after the last, the message is `failed`.
     pub retry_schedule: Vec<Duration>,
+    /// How long a claimed message is reserved for its sender (longer than the SMTP timeout).
+    pub claim_lease: Duration,
 }
 
 impl Default for SenderSettings {
@@ -27,6 +29,7 @@ impl Default for SenderSettings {
                 .into_iter()
                 .map(Duration::from_secs)
                 .collect(),
+            claim_lease: Duration::from_secs(120),
         }
     }
 }
@@ -51,7 +54,14 @@ pub async fn run_sender(
     }
 }
 
-/// Sends every due message (one transaction each); returns how many were handled.
+/// Sends every due message; returns how many were handled.
+///
+/// Two steps per message, no transaction open while SMTP talks: a claim
+/// (counts the attempt and pushes `next_attempt_at` past a lease, so no
+/// other replica takes it meanwhile), then the send, then the result. When
+/// the database is unreachable right after a successful send, marking it
+/// sent is retried until the lease ends — so a database restart does not
+/// make the message go out twice.
 pub async fn send_due(
     pool: &PgPool,
     mailer: &dyn Mailer,
@@ -59,19 +69,22 @@ pub async fn send_due(
 ) -> Result<usize, BillingError> {
     let mut handled = 0;
     loop {
-        let mut transaction = pool.begin().await?;
-        let row = sqlx::query(
-            "SELECT notification_id, recipients, subject, body_text, attempts FROM notifications \
-              WHERE status = 'pending' AND next_attempt_at <= now() \
-              ORDER BY next_attempt_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED",
+        let claimed = sqlx::query(
+            "UPDATE notifications SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $1) \
+              WHERE notification_id = ( \
+                    SELECT notification_id FROM notifications \
+                     WHERE status = 'pending' AND next_attempt_at <= now() \
+                     ORDER BY next_attempt_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED) \
+          RETURNING notification_id, recipients, subject, body_text, attempts",
         )
-        .fetch_optional(&mut *transaction)
+        .bind(settings.claim_lease.as_secs_f64())
+        .fetch_optional(pool)
         .await?;
-        let Some(row) = row else {
+        let Some(row) = claimed else {
             return Ok(handled);
         };
         let notification_id: uuid::Uuid = row.try_get("notification_id")?;
-        let attempts: i32 = row.try_get::<i32, _>("attempts")? + 1;
+        let attempts: i32 = row.try_get("attempts")?;
         let email = OutgoingEmail {
             id: notification_id.to_string(),
             to: row.try_get("recipients")?,
@@ -80,14 +93,7 @@ pub async fn send_due(
         };
         match mailer.send(&email).await {
             Ok(()) => {
-                sqlx::query(
-                    "UPDATE notifications SET status = 'sent', attempts = $2, sent_at = now(), last_error = NULL \
-                     WHERE notification_id = $1",
-                )
-                .bind(notification_id)
-                .bind(attempts)
-                .execute(&mut *transaction)
-                .await?;
+                mark_sent(pool, notification_id, settings.claim_lease).await?;
                 tracing::info!(%notification_id, attempts, "notification sent");
             }
             Err(error) => {
@@ -98,21 +104,43 @@ pub async fn send_due(
                     "failed"
                 };
                 sqlx::query(
-                    "UPDATE notifications SET status = $2, attempts = $3, last_error = $4, \
-                            next_attempt_at = now() + make_interval(secs => $5) \
-                      WHERE notification_id = $1",
+                    "UPDATE notifications SET status = $2, last_error = $3, \
+                            next_attempt_at = now() + make_interval(secs => $4) \
+                      WHERE notification_id = $1 AND status = 'pending'",
                 )
                 .bind(notification_id)
                 .bind(status)
-                .bind(attempts)
                 .bind(error.to_string())
                 .bind(retry_in.unwrap_or_default().as_secs_f64())
-                .execute(&mut *transaction)
+                .execute(pool)
                 .await?;
                 tracing::warn!(%notification_id, attempts, %error, status, "notification not delivered");
             }
         }
-        transaction.commit().await?;
         handled += 1;
+    }
+}
+
+async fn mark_sent(
+    pool: &PgPool,
+    notification_id: uuid::Uuid,
+    lease: Duration,
+) -> Result<(), BillingError> {
+    let deadline = tokio::time::Instant::now() + lease;
+    loop {
+        let marked = sqlx::query(
+            "UPDATE notifications SET status = 'sent', sent_at = now(), last_error = NULL WHERE notification_id = $1",
+        )
+        .bind(notification_id)
+        .execute(pool)
+        .await;
+        match marked {
+            Ok(_) => return Ok(()),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(%notification_id, %error, "sent, but not yet recorded; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
 }

@@ -81,6 +81,11 @@ pub(super) async fn start_automatic_top_up(
     clock: &dyn Clock,
 ) -> Result<Option<String>, BillingError> {
     let account_id = settings.account_id.as_str();
+    // Serializes with "Apply Changes" and the engine: one open top-up per account.
+    sqlx::query("SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE")
+        .bind(account_id)
+        .execute(&mut *connection)
+        .await?;
     let open: Option<String> = sqlx::query_scalar(
         "SELECT top_up_id FROM top_ups WHERE account_id = $1 AND trigger = 'AUTOMATIC' \
             AND status IN ('PENDING', 'RETRY_SCHEDULED', 'UNKNOWN') LIMIT 1",

@@ -22,6 +22,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Notify, watch};
+use uuid::Uuid;
 
 use super::settings::PolicyConfig;
 use super::{AttemptOutcome, Clock, TopUp, TopUpStatus, gateway_key, ledger_key};
@@ -32,9 +33,6 @@ use crate::ids::{AccountId, IdempotencyKey};
 use crate::ledger::{self, EntryKind, Posting};
 use crate::notifications::{self, CardLabel, Notice};
 use crate::payment_methods::{self, PaymentMethod};
-
-/// How long one replica may drive a top-up before another may take over.
-const LEASE: chrono::Duration = chrono::Duration::seconds(120);
 
 pub struct TopUpEngine {
     pub pool: PgPool,
@@ -53,6 +51,12 @@ pub fn engine_caller() -> Caller {
         account: None,
         roles: vec![Role::Service],
     }
+}
+
+/// This replica's hold on one top-up.
+struct Lease {
+    top_up_id: String,
+    owner: Uuid,
 }
 
 enum Step {
@@ -87,25 +91,27 @@ impl TopUpEngine {
     /// Drives every due automatic top-up once; returns how many.
     pub async fn run_due(&self) -> Result<usize, BillingError> {
         let mut driven = 0;
-        while let Some((top_up_id, account_id)) = self.claim().await? {
+        while let Some((top_up_id, account_id, owner)) = self.claim().await? {
             let account = AccountId::parse(&account_id)?;
-            if let Err(error) = self.drive(&account, &top_up_id).await {
+            let lease = Lease {
+                top_up_id: top_up_id.clone(),
+                owner,
+            };
+            if let Err(error) = self.drive(&account, &lease).await {
                 tracing::warn!(%top_up_id, %error, "top-up not driven; it will be retried");
-                self.release(
-                    &top_up_id,
-                    Some(self.clock.now() + self.config.reconcile_after),
-                )
-                .await?;
+                self.release(&lease, Some(self.clock.now() + self.config.reconcile_after))
+                    .await?;
             }
             driven += 1;
         }
         Ok(driven)
     }
 
-    async fn claim(&self) -> Result<Option<(String, String)>, BillingError> {
+    async fn claim(&self) -> Result<Option<(String, String, Uuid)>, BillingError> {
         let now = self.clock.now();
-        let claimed: Option<(String, String)> = sqlx::query_as(
-            "UPDATE top_ups SET lease_until = $2 \
+        let owner = Uuid::new_v4();
+        let claimed: Option<(String, String, Uuid)> = sqlx::query_as(
+            "UPDATE top_ups SET lease_until = $2, lease_owner = $3 \
               WHERE top_up_id = ( \
                     SELECT top_up_id FROM top_ups \
                      WHERE trigger = 'AUTOMATIC' AND status IN ('PENDING', 'RETRY_SCHEDULED', 'UNKNOWN') \
@@ -113,10 +119,11 @@ impl TopUpEngine {
                        AND (lease_until IS NULL OR lease_until <= $1) \
                      ORDER BY COALESCE(next_attempt_at, created_at) \
                      LIMIT 1 FOR UPDATE SKIP LOCKED) \
-          RETURNING top_up_id, account_id",
+          RETURNING top_up_id, account_id, lease_owner",
         )
         .bind(now)
-        .bind(now + LEASE)
+        .bind(now + self.config.lease)
+        .bind(owner)
         .fetch_optional(&self.pool)
         .await?;
         Ok(claimed)
@@ -125,25 +132,61 @@ impl TopUpEngine {
     /// Ends this replica's hold; `next_attempt_at` when it should come back.
     async fn release(
         &self,
-        top_up_id: &str,
+        lease: &Lease,
         next_attempt_at: Option<DateTime<Utc>>,
     ) -> Result<(), BillingError> {
         sqlx::query(
-            "UPDATE top_ups SET lease_until = NULL, next_attempt_at = COALESCE($2, next_attempt_at) WHERE top_up_id = $1",
+            "UPDATE top_ups SET lease_until = NULL, lease_owner = NULL, \
+                    next_attempt_at = COALESCE($3, next_attempt_at) \
+              WHERE top_up_id = $1 AND lease_owner = $2",
         )
-        .bind(top_up_id)
+        .bind(&lease.top_up_id)
+        .bind(lease.owner)
         .bind(next_attempt_at)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    async fn drive(&self, account: &AccountId, top_up_id: &str) -> Result<(), BillingError> {
+    /// Extends this replica's lease before a gateway call; false when another
+    /// replica took the top-up over (or it ended) — then this one stops.
+    async fn renew(&self, lease: &Lease) -> Result<bool, BillingError> {
+        let renewed = sqlx::query(
+            "UPDATE top_ups SET lease_until = $3 WHERE top_up_id = $1 AND lease_owner = $2 \
+                AND status IN ('PENDING', 'RETRY_SCHEDULED', 'UNKNOWN')",
+        )
+        .bind(&lease.top_up_id)
+        .bind(lease.owner)
+        .bind(self.clock.now() + self.config.lease)
+        .execute(&self.pool)
+        .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
+    /// Inside a settling transaction: locks the top-up and confirms this
+    /// replica still drives it.
+    async fn still_ours(
+        &self,
+        connection: &mut PgConnection,
+        lease: &Lease,
+    ) -> Result<bool, BillingError> {
+        let row: Option<(Option<Uuid>, String)> = sqlx::query_as(
+            "SELECT lease_owner, status FROM top_ups WHERE top_up_id = $1 FOR UPDATE",
+        )
+        .bind(&lease.top_up_id)
+        .fetch_optional(connection)
+        .await?;
+        Ok(matches!(row, Some((Some(owner), status))
+            if owner == lease.owner && matches!(status.as_str(), "PENDING" | "RETRY_SCHEDULED" | "UNKNOWN")))
+    }
+
+    async fn drive(&self, account: &AccountId, lease: &Lease) -> Result<(), BillingError> {
+        let top_up_id = lease.top_up_id.as_str();
         let mut connection = self.pool.acquire().await?;
         let top_up = super::get(&mut connection, account, top_up_id).await?;
         if top_up.status.is_final() {
             drop(connection);
-            return self.release(top_up_id, None).await;
+            return self.release(lease, None).await;
         }
         // Nothing else is charged for the account while a charge's outcome is unknown.
         let other_unknown: Option<String> = sqlx::query_scalar(
@@ -157,10 +200,7 @@ impl TopUpEngine {
         drop(connection);
         if other_unknown.is_some() {
             return self
-                .release(
-                    top_up_id,
-                    Some(self.clock.now() + self.config.reconcile_after),
-                )
+                .release(lease, Some(self.clock.now() + self.config.reconcile_after))
                 .await;
         }
 
@@ -173,6 +213,9 @@ impl TopUpEngine {
         {
             let method = self.method(account, &pending.payment_method_id).await?;
             let key = gateway_key(top_up_id, pending.attempt_number);
+            if !self.renew(lease).await? {
+                return Ok(());
+            }
             let charge = match self.gateway.find_charge(&key).await {
                 Ok(Some(charge)) => charge,
                 // The processor never saw it: making it now, with the same key, is safe.
@@ -180,15 +223,12 @@ impl TopUpEngine {
                 Err(error) => {
                     tracing::warn!(%top_up_id, %error, "reconciliation failed; will ask again");
                     return self
-                        .release(
-                            top_up_id,
-                            Some(self.clock.now() + self.config.reconcile_after),
-                        )
+                        .release(lease, Some(self.clock.now() + self.config.reconcile_after))
                         .await;
                 }
             };
             if let Step::Done = self
-                .settle(&top_up, pending.attempt_number, &method, charge)
+                .settle(lease, &top_up, pending.attempt_number, &method, charge)
                 .await?
             {
                 return Ok(());
@@ -217,19 +257,22 @@ impl TopUpEngine {
                     .unwrap_or(0)
                     + 1,
             );
+            if !self.renew(lease).await? {
+                return Ok(());
+            }
             self.record_attempt_start(&top_up, attempt_number, round, &method)
                 .await?;
             let charge = self
                 .charge(&method, &top_up, gateway_key(top_up_id, attempt_number))
                 .await;
             if let Step::Done = self
-                .settle(&top_up, attempt_number, &method, charge)
+                .settle(lease, &top_up, attempt_number, &method, charge)
                 .await?
             {
                 return Ok(());
             }
         }
-        self.finish_round(account, top_up_id).await
+        self.finish_round(account, lease).await
     }
 
     /// Methods to try this round: active auto-charge ones in priority order,
@@ -348,6 +391,7 @@ impl TopUpEngine {
     /// Records what the gateway answered for one attempt, and its consequences.
     async fn settle(
         &self,
+        lease: &Lease,
         top_up: &TopUp,
         attempt_number: i32,
         method: &PaymentMethod,
@@ -364,6 +408,10 @@ impl TopUpEngine {
             .bind(account.as_str())
             .execute(&mut *transaction)
             .await?;
+        if !self.still_ours(&mut transaction, lease).await? {
+            // Another replica took over (this one was too slow): it settles the attempt.
+            return Ok(Step::Done);
+        }
         let (outcome, decline) = match &charge.outcome {
             Outcome::Succeeded => (AttemptOutcome::Succeeded, None),
             Outcome::Declined { code, hard } => {
@@ -502,7 +550,7 @@ impl TopUpEngine {
     ) -> Result<(), BillingError> {
         sqlx::query(
             "UPDATE top_ups SET status = $2, failure_reason = $3, next_attempt_at = $4, \
-                    transaction_id = COALESCE($5, transaction_id), lease_until = NULL, updated_at = $6 \
+                    transaction_id = COALESCE($5, transaction_id), lease_until = NULL, lease_owner = NULL, updated_at = $6 \
               WHERE top_up_id = $1",
         )
         .bind(&top_up.top_up_id)
@@ -518,9 +566,13 @@ impl TopUpEngine {
 
     /// Every method of the round failed (or there was none): schedule the
     /// next round with back-off, or give up after the last.
-    async fn finish_round(&self, account: &AccountId, top_up_id: &str) -> Result<(), BillingError> {
+    async fn finish_round(&self, account: &AccountId, lease: &Lease) -> Result<(), BillingError> {
+        let top_up_id = lease.top_up_id.as_str();
         let now = self.clock.now();
         let mut transaction = self.pool.begin().await?;
+        if !self.still_ours(&mut transaction, lease).await? {
+            return Ok(());
+        }
         let top_up = super::lock(&mut transaction, account, top_up_id).await?;
         let rounds = top_up.rounds + 1;
         let any_attempt = !top_up.attempts.is_empty();

@@ -29,6 +29,9 @@ pub struct PolicyConfig {
     pub max_rounds: i32,
     /// Wait before asking the gateway about a charge whose outcome is unknown.
     pub reconcile_after: chrono::Duration,
+    /// How long one replica may drive a top-up without renewing its lease
+    /// (must exceed the gateway's timeout); then another replica takes over.
+    pub lease: chrono::Duration,
 }
 
 impl Default for PolicyConfig {
@@ -45,6 +48,7 @@ impl Default for PolicyConfig {
             ],
             max_rounds: 5,
             reconcile_after: chrono::Duration::seconds(30),
+            lease: chrono::Duration::seconds(90),
         }
     }
 }

@@ -315,6 +315,7 @@ pub fn mail_settings(mailer: Arc<dyn billing::notifications::Mailer>) -> ServerS
         sender: billing::notifications::SenderSettings {
             poll_interval: Duration::from_millis(50),
             retry_schedule: vec![Duration::from_millis(200); 50],
+            claim_lease: Duration::from_secs(30),
         },
         ..Default::default()
     }
