@@ -70,15 +70,17 @@ pub async fn wait_until_quiet(pool: &PgPool, limit: Duration) -> Result<(), Stri
 }
 
 pub async fn run_all(pool: &PgPool, channel: &Channel, service_token: &str, sink: &Sink) -> Report {
-    let mut report = Report::default();
-    report.entries = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_entries")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    report.top_ups = sqlx::query_scalar("SELECT COUNT(*) FROM top_ups")
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    let mut report = Report {
+        entries: sqlx::query_scalar("SELECT COUNT(*) FROM ledger_entries")
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        top_ups: sqlx::query_scalar("SELECT COUNT(*) FROM top_ups")
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        ..Report::default()
+    };
 
     report.check(
         "balance == sum(ledger) and version == entries",
