@@ -48,14 +48,13 @@ async fn when_every_card_fails_rounds_follow_the_back_off_and_stop_after_five() 
         // The round is over once its result is recorded (not merely its attempt started).
         eventually(&format!("round {expected}"), || async {
             let listed = top_ups(&s.app, &s.admin).await;
-            let done = listed.first().is_some_and(|t| {
+            listed.first().is_some_and(|t| {
                 t.attempts.len() == expected
                     && matches!(
                         status_of(t),
                         TopUpStatus::RetryScheduled | TopUpStatus::Failed
                     )
-            });
-            done
+            })
         })
         .await;
     }
