@@ -29,9 +29,20 @@ fn required_id(field: &str, text: &str) -> Result<String, BillingError> {
     if text.is_empty() {
         return Err(BillingError::invalid(field, "is required"));
     }
-    // Any other text is looked up; what does not exist is NOT_FOUND.
+    checked_id(field, text)
+}
+
+/// Any short printable text is looked up (what does not exist is NOT_FOUND);
+/// control characters (Postgres refuses NUL in text) or huge values cannot
+/// name a stored row and are refused before the database sees them.
+fn checked_id(field: &str, text: &str) -> Result<String, BillingError> {
+    if text.len() > MAX_ID_BYTES || text.chars().any(char::is_control) {
+        return Err(BillingError::invalid(field, "is not a valid id"));
+    }
     Ok(text.to_owned())
 }
+
+const MAX_ID_BYTES: usize = 128;
 
 #[tonic::async_trait]
 impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
@@ -163,6 +174,9 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
     ) -> Result<Response<proto::ReorderPaymentMethodsResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let ids = request.into_inner().payment_method_ids;
+        for (index, id) in ids.iter().enumerate() {
+            checked_id(&format!("payment_method_ids[{index}]"), id)?;
+        }
         let methods = self.methods.reorder(&caller, &account_id, ids).await?;
         Ok(Response::new(proto::ReorderPaymentMethodsResponse {
             payment_methods: methods.iter().map(method_to_proto).collect(),
@@ -191,7 +205,10 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
             account_id,
             trigger: Trigger::Manual,
             amount: message.amount,
-            payment_method_id: Some(message.payment_method_id).filter(|id| !id.is_empty()),
+            payment_method_id: Some(message.payment_method_id)
+                .filter(|id| !id.is_empty())
+                .map(|id| checked_id("payment_method_id", &id))
+                .transpose()?,
             idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
         };
         let result = self.methods.add_funds(&caller, funds).await?;

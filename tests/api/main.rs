@@ -4,6 +4,7 @@
 mod balances;
 mod events;
 mod helpers;
+mod hostile_input;
 mod keys;
 mod limits;
 mod notifications;
