@@ -38,7 +38,7 @@ pub const SERVICE_NAMES: [&str; 4] = [
 ];
 
 /// The largest request message any billing RPC decodes; larger ones are
-/// refused with `RESOURCE_EXHAUSTED` before a handler runs.
+/// refused (tonic answers `OUT_OF_RANGE`) before a handler runs.
 pub const MAX_REQUEST_MESSAGE_BYTES: usize = 1024 * 1024;
 /// The largest HTTP/2 header list (gRPC metadata) a request may carry.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;

@@ -741,3 +741,248 @@ async fn every_rpc_answers_hostile_messages_with_a_status_and_writes_nothing_whe
     assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
     fuzz.app.stop().await;
 }
+
+/// Code and stored text: a payload is either kept byte for byte or refused
+/// as INVALID_ARGUMENT (control characters); never anything else.
+fn stored_verbatim_or_refused(
+    what: &str,
+    payload: &str,
+    result: Result<String, Status>,
+    failures: &mut Vec<String>,
+) {
+    match result {
+        Ok(stored) if stored == payload => {}
+        Ok(stored) => failures.push(format!("{what} {payload:?} stored as {stored:?}")),
+        Err(status) if status.code() == Code::InvalidArgument => {}
+        Err(status) => failures.push(format!("{what} {payload:?}: {status:?}")),
+    }
+}
+
+#[tokio::test]
+async fn injection_and_unicode_payloads_in_every_text_field_are_stored_verbatim_or_refused() {
+    let app = spawn_app().await;
+    app.account_with_balance(ACCT, "100.00").await;
+    let service = app.service_token();
+    let admin = app.token("admin", Some(ACCT));
+    let mut failures = Vec::new();
+    let mut methods = PaymentMethodsClient::new(app.channel.clone());
+    for (n, payload) in PAYLOADS.iter().enumerate() {
+        let created = app
+            .balances()
+            .create_account(authed(
+                &service,
+                proto::CreateAccountRequest {
+                    account_id: format!("payload-{n}"),
+                    display_name: (*payload).into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(|r| r.into_inner().account.unwrap().display_name);
+        stored_verbatim_or_refused("display_name", payload, created, &mut failures);
+
+        let debited = app
+            .balances()
+            .debit(authed(
+                &service,
+                proto::DebitRequest {
+                    account_id: ACCT.into(),
+                    amount: "0.01".into(),
+                    idempotency_key: format!("payload-{n}"),
+                    description: (*payload).into(),
+                    metadata: [("k".to_owned(), (*payload).to_owned())].into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(|r| r.into_inner().transaction.unwrap());
+        let description = debited.clone().map(|t| t.description);
+        stored_verbatim_or_refused("description", payload, description, &mut failures);
+        let value = debited.map(|t| t.metadata["k"].clone());
+        stored_verbatim_or_refused("metadata value", payload, value, &mut failures);
+
+        let mut holder = card(&unique_visa(n as u32));
+        holder.holder_name = (*payload).into();
+        let mut request =
+            crate::payment_methods::add_card_request(ACCT, holder, &format!("payload-card-{n}"));
+        request.billing_address.as_mut().unwrap().line1 = (*payload).into();
+        let added = methods
+            .add_card(authed(&admin, request))
+            .await
+            .map(|r| r.into_inner().payment_method.unwrap());
+        let holder_name = added.clone().map(|m| m.holder_name);
+        stored_verbatim_or_refused("holder_name", payload, holder_name, &mut failures);
+        let line1 = added.map(|m| m.billing_address.unwrap().line1);
+        stored_verbatim_or_refused("billing_address.line1", payload, line1, &mut failures);
+
+        // An email or an idempotency key with a payload is never a valid one.
+        let updated = NotificationsClient::new(app.channel.clone())
+            .update_notification_settings(authed(
+                &admin,
+                proto::UpdateNotificationSettingsRequest {
+                    account_id: ACCT.into(),
+                    recipients: vec![format!("ops{payload}@example.com")],
+                    enabled_kinds: vec![],
+                },
+            ))
+            .await;
+        if let Err(status) = &updated {
+            if status.code() != Code::InvalidArgument {
+                failures.push(format!("recipient {payload:?}: {status:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Every table is still there and the ledger adds up.
+    let report = app
+        .balances()
+        .verify_ledger(authed(&service, proto::VerifyLedgerRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        report.accounts_checked,
+        table_counts(&app.pool).await["accounts"]
+    );
+    assert!(report.mismatches.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_five_mib_message_is_refused_by_the_size_limit_and_writes_nothing() {
+    let app = spawn_app().await;
+    app.account_with_balance(ACCT, "100.00").await;
+    let before = table_counts(&app.pool).await;
+    let error = app
+        .balances()
+        .debit(authed(
+            &app.service_token(),
+            proto::DebitRequest {
+                account_id: ACCT.into(),
+                amount: "1.00".into(),
+                idempotency_key: "huge".into(),
+                description: "x".repeat(5 * 1024 * 1024),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "{error:?}"
+    );
+    assert_eq!(table_counts(&app.pool).await, before);
+    // Just over the 1 MiB limit is refused as well; well under it is decoded.
+    let just_over = app
+        .balances()
+        .debit(authed(
+            &app.service_token(),
+            proto::DebitRequest {
+                account_id: ACCT.into(),
+                amount: "1.00".into(),
+                idempotency_key: "just-over".into(),
+                description: "x".repeat(billing::server::MAX_REQUEST_MESSAGE_BYTES),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    // tonic answers OUT_OF_RANGE, naming the explicit 1 MiB limit (its default is 4 MiB).
+    assert!(
+        matches!(just_over.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "{just_over:?}"
+    );
+    assert!(just_over.message().contains("1048576"), "{just_over:?}");
+    let well_under = app
+        .balances()
+        .debit(authed(
+            &app.service_token(),
+            proto::DebitRequest {
+                account_id: ACCT.into(),
+                amount: "1.00".into(),
+                idempotency_key: "under".into(),
+                description: "x".repeat(100 * 1024),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    // Decoded, then refused by the description's own bound.
+    assert_eq!(well_under.code(), Code::InvalidArgument, "{well_under:?}");
+    assert_eq!(table_counts(&app.pool).await, before);
+    app.stop().await;
+}
+
+async fn still_serving(app: &TestApp) {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel.clone());
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("the server still answers health checks")
+        .into_inner();
+    assert_eq!(
+        answer.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let balance = app
+        .balances()
+        .get_balance(authed(
+            &app.service_token(),
+            proto::GetBalanceRequest {
+                account_id: ACCT.into(),
+            },
+        ))
+        .await
+        .expect("the server still serves RPCs")
+        .into_inner();
+    assert_eq!(balance.balance, "100.00");
+}
+
+/// The HTTP/2 layer refused the headers (GOAWAY/RST_STREAM), before any
+/// handler or the token check saw them.
+fn refused_by_the_header_limit<T: Debug>(result: Result<T, Status>) {
+    let status = result.expect_err("oversized headers were accepted");
+    assert_ne!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        std::error::Error::source(&status).is_some(),
+        "not refused by the transport: {status:?}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_metadata_is_refused_and_the_server_stays_healthy() {
+    let app = spawn_app().await;
+    app.account_with_balance(ACCT, "100.00").await;
+    let before = table_counts(&app.pool).await;
+    let debit = || proto::DebitRequest {
+        account_id: ACCT.into(),
+        amount: "1.00".into(),
+        idempotency_key: "metadata".into(),
+        ..Default::default()
+    };
+
+    // A 64 KiB authorization header.
+    let mut huge_token = tonic::Request::new(debit());
+    huge_token.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", "a".repeat(64 * 1024)).parse().unwrap(),
+    );
+    let refused = app.balances().debit(huge_token).await;
+    refused_by_the_header_limit(refused);
+    still_serving(&app).await;
+
+    // A valid token buried under 1,000 extra headers (about 100 KiB).
+    let mut many = authed(&app.service_token(), debit());
+    for index in 0..1000 {
+        many.metadata_mut().insert(
+            tonic::metadata::MetadataKey::from_bytes(format!("x-padding-{index}").as_bytes())
+                .unwrap(),
+            "p".repeat(90).parse().unwrap(),
+        );
+    }
+    let refused = app.balances().debit(many).await;
+    refused_by_the_header_limit(refused);
+    assert_eq!(table_counts(&app.pool).await, before, "nothing was debited");
+    still_serving(&app).await;
+    app.stop().await;
+}
