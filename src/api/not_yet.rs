@@ -1,9 +1,11 @@
 //! Services of the API contract whose capabilities arrive in later issues.
-//! Every RPC authenticates like the others, then answers `UNIMPLEMENTED`
-//! with a message that says which capability will bring it.
+//! Every RPC authenticates and authorizes its account like the others
+//! (another account is `NOT_FOUND`), then answers `UNIMPLEMENTED` with a
+//! message that says which capability will bring it.
 
 use tonic::{Request, Response, Status};
 
+use super::authorize_account_id;
 use crate::proto;
 
 fn not_yet(rpc: &str, capability: &str) -> Status {
@@ -19,8 +21,9 @@ pub struct BalancePolicyApi;
 impl proto::balance_policy_server::BalancePolicy for BalancePolicyApi {
     async fn get_low_balance_settings(
         &self,
-        _request: Request<proto::GetLowBalanceSettingsRequest>,
+        request: Request<proto::GetLowBalanceSettingsRequest>,
     ) -> Result<Response<proto::GetLowBalanceSettingsResponse>, Status> {
+        authorize_account_id(&request, &request.get_ref().account_id)?;
         Err(not_yet(
             "BalancePolicy.GetLowBalanceSettings",
             "the low-balance settings and top-up engine (issue 4)",
@@ -29,8 +32,9 @@ impl proto::balance_policy_server::BalancePolicy for BalancePolicyApi {
 
     async fn apply_low_balance_settings(
         &self,
-        _request: Request<proto::ApplyLowBalanceSettingsRequest>,
+        request: Request<proto::ApplyLowBalanceSettingsRequest>,
     ) -> Result<Response<proto::ApplyLowBalanceSettingsResponse>, Status> {
+        authorize_account_id(&request, &request.get_ref().account_id)?;
         Err(not_yet(
             "BalancePolicy.ApplyLowBalanceSettings",
             "the low-balance settings and top-up engine (issue 4)",
@@ -39,8 +43,9 @@ impl proto::balance_policy_server::BalancePolicy for BalancePolicyApi {
 
     async fn list_top_ups(
         &self,
-        _request: Request<proto::ListTopUpsRequest>,
+        request: Request<proto::ListTopUpsRequest>,
     ) -> Result<Response<proto::ListTopUpsResponse>, Status> {
+        authorize_account_id(&request, &request.get_ref().account_id)?;
         Err(not_yet(
             "BalancePolicy.ListTopUps",
             "the low-balance settings and top-up engine (issue 4)",
@@ -49,8 +54,9 @@ impl proto::balance_policy_server::BalancePolicy for BalancePolicyApi {
 
     async fn get_top_up(
         &self,
-        _request: Request<proto::GetTopUpRequest>,
+        request: Request<proto::GetTopUpRequest>,
     ) -> Result<Response<proto::GetTopUpResponse>, Status> {
+        authorize_account_id(&request, &request.get_ref().account_id)?;
         Err(not_yet(
             "BalancePolicy.GetTopUp",
             "the low-balance settings and top-up engine (issue 4)",
