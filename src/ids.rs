@@ -91,7 +91,16 @@ pub fn parse_text(field: &str, text: &str, max_chars: usize) -> Result<String, B
 /// An email address: `local@domain.tld`, no spaces, at most 254 characters.
 /// Deliberately simple: the mail server is the final judge.
 pub fn parse_email(field: &str, text: &str) -> Result<String, BillingError> {
-    let invalid = || BillingError::invalid(field, format!("{text:?} is not a valid email address"));
+    // Echo a bounded prefix only: a 10k-character value must not become a
+    // 10k-character grpc-message header (clients reset such streams).
+    let invalid = || {
+        let shown: String = text.chars().take(64).collect();
+        let ellipsis = if text.chars().count() > 64 { "…" } else { "" };
+        BillingError::invalid(
+            field,
+            format!("{shown:?}{ellipsis} is not a valid email address"),
+        )
+    };
     if text.len() > 254 || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid());
     }

@@ -38,6 +38,12 @@ pub const SERVICE_NAMES: [&str; 4] = [
     "billing.v1.Notifications",
 ];
 
+/// The largest request message any billing RPC decodes; larger ones are
+/// refused (tonic answers `OUT_OF_RANGE`) before a handler runs.
+pub const MAX_REQUEST_MESSAGE_BYTES: usize = 1024 * 1024;
+/// The largest HTTP/2 header list (gRPC metadata) a request may carry.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
 /// Settings of a running server that tests also choose.
 #[derive(Clone)]
 pub struct ServerSettings {
@@ -251,27 +257,40 @@ pub async fn serve(
         .timeout(settings.request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(layers)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(proto::balances_server::BalancesServer::new(
-            BalancesApi::new(pool.clone(), feed.clone(), settings.watch.clone()),
-        ))
-        .add_service(proto::balance_policy_server::BalancePolicyServer::new(
-            BalancePolicyApi::new(
+        .add_service(
+            proto::balances_server::BalancesServer::new(BalancesApi::new(
+                pool.clone(),
+                feed.clone(),
+                settings.watch.clone(),
+            ))
+            .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES),
+        )
+        .add_service(
+            proto::balance_policy_server::BalancePolicyServer::new(BalancePolicyApi::new(
                 pool.clone(),
                 settings.policy.clone(),
                 settings.clock.clone(),
                 wake_engine.clone(),
-            ),
-        ))
-        .add_service(proto::payment_methods_server::PaymentMethodsServer::new(
-            PaymentMethodsApi::new(PaymentMethods::new(pool.clone(), gateway)),
-        ))
-        .add_service(proto::notifications_server::NotificationsServer::new(
-            NotificationsApi::new(pool.clone()),
-        ))
+            ))
+            .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES),
+        )
+        .add_service(
+            proto::payment_methods_server::PaymentMethodsServer::new(PaymentMethodsApi::new(
+                PaymentMethods::new(pool.clone(), gateway),
+            ))
+            .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES),
+        )
+        .add_service(
+            proto::notifications_server::NotificationsServer::new(NotificationsApi::new(
+                pool.clone(),
+            ))
+            .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
             let feed = feed.clone();
             async move {

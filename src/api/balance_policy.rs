@@ -9,7 +9,7 @@ use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use super::authorize_account_id;
-use super::convert::timestamp;
+use super::convert::{required_id, timestamp};
 use super::payment_methods::top_up_to_proto;
 use crate::error::BillingError;
 use crate::ledger;
@@ -142,10 +142,8 @@ impl BalancePolicy for BalancePolicyApi {
         request: Request<proto::GetTopUpRequest>,
     ) -> Result<Response<proto::GetTopUpResponse>, Status> {
         let (_, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
-        let top_up_id = request.get_ref().top_up_id.as_str();
-        if top_up_id.is_empty() {
-            return Err(BillingError::invalid("top_up_id", "is required").into());
-        }
+        let top_up_id = required_id("top_up_id", &request.get_ref().top_up_id)?;
+        let top_up_id = top_up_id.as_str();
         let mut connection = self.pool.acquire().await.map_err(BillingError::from)?;
         let top_up = topup::get(&mut connection, &account_id, top_up_id).await?;
         Ok(Response::new(proto::GetTopUpResponse {

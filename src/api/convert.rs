@@ -52,3 +52,22 @@ pub fn metadata(
     }
     Ok(parsed)
 }
+
+pub(crate) fn required_id(field: &str, text: &str) -> Result<String, BillingError> {
+    if text.is_empty() {
+        return Err(BillingError::invalid(field, "is required"));
+    }
+    checked_id(field, text)
+}
+
+/// Any short printable text is looked up (what does not exist is NOT_FOUND);
+/// control characters (Postgres refuses NUL in text) or huge values cannot
+/// name a stored row and are refused before the database sees them.
+pub(crate) fn checked_id(field: &str, text: &str) -> Result<String, BillingError> {
+    if text.len() > MAX_ID_BYTES || text.chars().any(char::is_control) {
+        return Err(BillingError::invalid(field, "is not a valid id"));
+    }
+    Ok(text.to_owned())
+}
+
+const MAX_ID_BYTES: usize = 128;

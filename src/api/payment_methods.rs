@@ -4,6 +4,7 @@ use tonic::{Request, Response, Status};
 
 use super::authorize_account_id;
 use super::convert::timestamp;
+use super::convert::{checked_id, required_id};
 use crate::card::CardDetails;
 use crate::error::BillingError;
 use crate::gateway::CardSource;
@@ -23,14 +24,6 @@ impl PaymentMethodsApi {
     pub fn new(methods: PaymentMethods) -> Self {
         Self { methods }
     }
-}
-
-fn required_id(field: &str, text: &str) -> Result<String, BillingError> {
-    if text.is_empty() {
-        return Err(BillingError::invalid(field, "is required"));
-    }
-    // Any other text is looked up; what does not exist is NOT_FOUND.
-    Ok(text.to_owned())
 }
 
 #[tonic::async_trait]
@@ -163,6 +156,9 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
     ) -> Result<Response<proto::ReorderPaymentMethodsResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let ids = request.into_inner().payment_method_ids;
+        for (index, id) in ids.iter().enumerate() {
+            checked_id(&format!("payment_method_ids[{index}]"), id)?;
+        }
         let methods = self.methods.reorder(&caller, &account_id, ids).await?;
         Ok(Response::new(proto::ReorderPaymentMethodsResponse {
             payment_methods: methods.iter().map(method_to_proto).collect(),
@@ -191,7 +187,10 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
             account_id,
             trigger: Trigger::Manual,
             amount: message.amount,
-            payment_method_id: Some(message.payment_method_id).filter(|id| !id.is_empty()),
+            payment_method_id: Some(message.payment_method_id)
+                .filter(|id| !id.is_empty())
+                .map(|id| checked_id("payment_method_id", &id))
+                .transpose()?,
             idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
         };
         let result = self.methods.add_funds(&caller, funds).await?;

@@ -86,7 +86,22 @@ pub async fn spawn_app_with(settings: ServerSettings) -> TestApp {
 
 /// A server on an existing pool (tests that control the database themselves).
 pub async fn spawn_app_on(pool: PgPool, settings: ServerSettings) -> TestApp {
-    let keys = test_keys();
+    spawn_app_on_with_keys(pool, settings, test_keys()).await
+}
+
+/// A server on a fresh database that verifies tokens with `keys` (e.g. RS256).
+#[allow(dead_code)]
+pub async fn spawn_app_with_keys(keys: Arc<KeySet>) -> TestApp {
+    init_logs();
+    let (pool, _) = fresh_database().await;
+    spawn_app_on_with_keys(pool, ServerSettings::default(), keys).await
+}
+
+async fn spawn_app_on_with_keys(
+    pool: PgPool,
+    settings: ServerSettings,
+    keys: Arc<KeySet>,
+) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (shutdown_sender, shutdown_receiver) = oneshot::channel::<()>();
@@ -187,6 +202,29 @@ pub async fn count_rows(pool: &PgPool, table: &str) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap()
+}
+
+/// Row counts of every table in schema public, in one round trip: equal
+/// before and after a call proves the call wrote nothing.
+#[allow(dead_code)]
+pub async fn table_counts(pool: &PgPool) -> std::collections::BTreeMap<String, i64> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let union = tables
+        .iter()
+        .map(|t| format!("SELECT '{t}'::text, COUNT(*) FROM \"{t}\""))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(union))
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 /// Polls `check` until it returns true; panics with `what` after 20 s.

@@ -2,9 +2,11 @@
 //! test, called through tonic clients. `TEST_LOG=1` shows the server's logs.
 
 mod alerts;
+mod auth_attacks;
 mod balances;
 mod events;
 mod helpers;
+mod hostile_input;
 mod keys;
 mod limits;
 mod notifications;
