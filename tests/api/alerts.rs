@@ -165,20 +165,7 @@ async fn one_alert_per_crossing_rearmed_only_when_the_balance_rises_back() {
     debit(&s.app, "15.00", "d1").await; // 30 -> 15: alert
     debit(&s.app, "3.00", "d2").await; // 15 -> 12: still below, no alert
     eventually("the first alert", || async { sink.messages().len() == 1 }).await;
-    s.app
-        .balances()
-        .credit(authed(
-            &s.app.service_token(),
-            proto::CreditRequest {
-                account_id: ACCT.into(),
-                amount: "8.00".into(),
-                kind: proto::TransactionKind::Refund as i32,
-                idempotency_key: "c1".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap(); // 12 -> 20: back at the threshold, re-armed
+    crate::top_ups::credit(&s.app, "8.00", "c1").await; // 12 -> 20: back at the threshold, re-armed
     debit(&s.app, "0.01", "d3").await; // 20 -> 19.99: alert again
     eventually("the second alert", || async { sink.messages().len() == 2 }).await;
     crate::top_ups::settle_briefly().await;

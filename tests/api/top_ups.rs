@@ -118,6 +118,23 @@ pub async fn debit(app: &TestApp, amount: &str, key: &str) {
         .unwrap();
 }
 
+/// A manual adjustment credit (lifts the balance without a card).
+pub async fn credit(app: &TestApp, amount: &str, key: &str) {
+    app.balances()
+        .credit(authed(
+            &app.service_token(),
+            proto::CreditRequest {
+                account_id: ACCT.into(),
+                amount: amount.into(),
+                kind: proto::TransactionKind::Adjustment as i32,
+                idempotency_key: key.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+}
+
 pub async fn top_ups(app: &TestApp, token: &str) -> Vec<proto::TopUp> {
     policy(app)
         .list_top_ups(authed(

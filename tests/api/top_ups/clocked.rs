@@ -137,20 +137,7 @@ async fn the_daily_count_cap_stops_automatic_top_ups_and_reports_it() {
 
     // A day later the cap has rolled over.
     s.clock.advance(Duration::hours(25));
-    s.app
-        .balances()
-        .credit(authed(
-            &s.app.service_token(),
-            proto::CreditRequest {
-                account_id: ACCT.into(),
-                amount: "10.00".into(),
-                kind: proto::TransactionKind::Adjustment as i32,
-                idempotency_key: "c".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    credit(&s.app, "10.00", "c").await;
     debit(&s.app, "10.00", "d3").await; // 15 -> 5
     wait_for_top_up(&s, TopUpStatus::Succeeded).await;
     assert_eq!(sandbox_charges(&s.app).await, 2);
@@ -173,20 +160,7 @@ async fn the_daily_amount_cap_limits_the_multiple_then_refuses() {
     let first = wait_for_top_up(&s, TopUpStatus::Succeeded).await;
     assert_eq!(first.amount, "90.00");
     debit(&s.app, "1.00", "d2").await; // still below after the capped top-up: same crossing
-    s.app
-        .balances()
-        .credit(authed(
-            &s.app.service_token(),
-            proto::CreditRequest {
-                account_id: ACCT.into(),
-                amount: "20.00".into(),
-                kind: proto::TransactionKind::Adjustment as i32,
-                idempotency_key: "c".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    credit(&s.app, "20.00", "c").await;
     debit(&s.app, "20.00", "d3").await; // 109 -> 89: a new crossing; 90 already charged today
     let capped = wait_for_top_up(&s, TopUpStatus::CapReached).await;
     assert!(

@@ -189,20 +189,7 @@ async fn staying_below_the_threshold_is_one_crossing_and_rising_back_rearms() {
         .execute(&s.app.pool)
         .await
         .unwrap();
-    s.app
-        .balances()
-        .credit(authed(
-            &s.app.service_token(),
-            proto::CreditRequest {
-                account_id: ACCT.into(),
-                amount: "20.00".into(),
-                kind: proto::TransactionKind::Adjustment as i32,
-                idempotency_key: "c1".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    credit(&s.app, "20.00", "c1").await;
     debit(&s.app, "20.00", "d4").await; // 33 -> 13
     eventually("a second crossing, a second top-up", || async {
         top_ups(&s.app, &s.admin).await.len() == 2
