@@ -111,7 +111,8 @@ impl TopUpEngine {
         let now = self.clock.now();
         let owner = Uuid::new_v4();
         let claimed: Option<(String, String, Uuid)> = sqlx::query_as(
-            "UPDATE top_ups SET lease_until = $2, lease_owner = $3 \
+            "UPDATE top_ups SET lease_until = $2, lease_owner = $3, \
+                    status = CASE WHEN status = 'RETRY_SCHEDULED' THEN 'PENDING' ELSE status END \
               WHERE top_up_id = ( \
                     SELECT top_up_id FROM top_ups \
                      WHERE trigger = 'AUTOMATIC' AND status IN ('PENDING', 'RETRY_SCHEDULED', 'UNKNOWN') \
