@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use super::mailer::{Mailer, OutgoingEmail};
 use crate::error::BillingError;
+use crate::telemetry::metrics;
 
 #[derive(Debug, Clone)]
 pub struct SenderSettings {
@@ -61,7 +62,7 @@ pub async fn send_due(
     loop {
         let mut transaction = pool.begin().await?;
         let row = sqlx::query(
-            "SELECT notification_id, recipients, subject, body_text, attempts FROM notifications \
+            "SELECT notification_id, kind, recipients, subject, body_text, attempts FROM notifications \
               WHERE status = 'pending' AND next_attempt_at <= now() \
               ORDER BY next_attempt_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
@@ -72,6 +73,7 @@ pub async fn send_due(
         };
         let notification_id: uuid::Uuid = row.try_get("notification_id")?;
         let attempts: i32 = row.try_get::<i32, _>("attempts")? + 1;
+        let kind: String = row.try_get("kind")?;
         let email = OutgoingEmail {
             id: notification_id.to_string(),
             to: row.try_get("recipients")?,
@@ -89,6 +91,7 @@ pub async fn send_due(
                 .execute(&mut *transaction)
                 .await?;
                 tracing::info!(%notification_id, attempts, "notification sent");
+                metrics::notification_finished(&kind, "sent");
             }
             Err(error) => {
                 let retry_in = settings.retry_schedule.get(attempts as usize - 1).copied();
@@ -110,6 +113,12 @@ pub async fn send_due(
                 .execute(&mut *transaction)
                 .await?;
                 tracing::warn!(%notification_id, attempts, %error, status, "notification not delivered");
+                let outcome = if retry_in.is_some() {
+                    "retry"
+                } else {
+                    "failed"
+                };
+                metrics::notification_finished(&kind, outcome);
             }
         }
         transaction.commit().await?;
