@@ -10,3 +10,4 @@ mod notifications;
 mod payment_methods;
 mod permissions;
 mod subscribers;
+mod telemetry;
