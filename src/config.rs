@@ -106,9 +106,24 @@ pub struct ServeArgs {
     /// After SIGTERM/SIGINT, how long in-flight RPCs and streams may take to finish (milliseconds).
     #[arg(long, env = "BILLING_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
-    /// Log format.
+    /// Log format (the container image and the Helm chart set json).
     #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Address of the HTTP server for Prometheus `/metrics`.
+    #[arg(long, env = "BILLING_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
+    pub metrics_listen: SocketAddr,
+    /// Largest gRPC message accepted or sent (bytes); larger requests are refused.
+    #[arg(long, env = "BILLING_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Largest HTTP/2 header list (metadata) a request may carry (bytes).
+    #[arg(long, env = "BILLING_MAX_HEADER_LIST_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_list_bytes: u32,
+    /// HTTP/2 keep-alive ping interval (seconds); keeps long streams alive through proxies.
+    #[arg(long, env = "BILLING_KEEPALIVE_INTERVAL_SECS", default_value_t = 30)]
+    pub keepalive_interval_secs: u64,
+    /// How long a keep-alive ping may go unanswered before the connection is closed (seconds).
+    #[arg(long, env = "BILLING_KEEPALIVE_TIMEOUT_SECS", default_value_t = 10)]
+    pub keepalive_timeout_secs: u64,
 }
 
 impl ServeArgs {
@@ -229,6 +244,9 @@ pub struct MailArgs {
 pub struct MigrateArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
+    /// Log format.
+    #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -10,15 +10,19 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            billing::telemetry::init(args.log_format);
-            billing::server::run(*args).await
+            let telemetry = billing::telemetry::init(args.log_format);
+            let result = billing::server::run(*args).await;
+            // Exporting the last spans blocks: off the runtime's worker threads.
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            result
         }
         Command::Migrate(args) => {
-            billing::telemetry::init(billing::config::LogFormat::Text);
+            let telemetry = billing::telemetry::init(args.log_format);
             let database = billing::db::Database::open(&args.database).await?;
             billing::db::migrate(&database.pool).await?;
             tracing::info!("migrations applied");
             database.close().await;
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
             Ok(())
         }
         Command::Token(args) => {

@@ -1,5 +1,6 @@
-//! The gRPC server: router, tower layers (load shedding, a global
-//! concurrency limit, auth), per-request timeout, health, reflection and
+//! The gRPC server: router, tower layers (RPC span/log/metrics, deadline,
+//! load shedding, a global concurrency limit, auth), message and header
+//! size limits, keep-alive, health, reflection, the metrics HTTP server and
 //! graceful shutdown.
 
 use std::future::Future;
@@ -24,6 +25,7 @@ use crate::config::ServeArgs;
 use crate::db::{self, Database};
 use crate::events::{EventFeed, FeedSettings, WatchSettings};
 use crate::gateway::{PaymentGateway, SandboxGateway};
+use crate::limits::DeadlineLayer;
 use crate::notifications::{self, FileMailer, Mailer, SenderSettings, SmtpMailer, SmtpSettings};
 use crate::payment_methods::PaymentMethods;
 use crate::proto;
@@ -64,6 +66,15 @@ pub struct ServerSettings {
     /// How often the top-up engine looks for due top-ups without being woken.
     pub engine_poll: Duration,
     pub clock: Arc<dyn Clock>,
+    /// Largest gRPC message decoded or encoded by every service.
+    pub max_message_bytes: usize,
+    /// Largest HTTP/2 header list of a request.
+    pub max_header_list_bytes: u32,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Where `/metrics` is served over HTTP; `None`: no HTTP server (tests
+    /// bind port 0 and pass the listener).
+    pub metrics_listener: Option<Arc<std::net::TcpListener>>,
 }
 
 impl Default for ServerSettings {
@@ -80,6 +91,11 @@ impl Default for ServerSettings {
             engines: false,
             engine_poll: Duration::from_millis(250),
             clock: Arc::new(SystemClock),
+            max_message_bytes: 1024 * 1024,
+            max_header_list_bytes: 16 * 1024,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            metrics_listener: None,
         }
     }
 }
@@ -104,6 +120,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         database = %database.description,
         "billing serving gRPC"
     );
+    let metrics_listener = std::net::TcpListener::bind(args.metrics_listen)
+        .with_context(|| format!("binding {} (metrics)", args.metrics_listen))?;
+    tracing::info!(address = %metrics_listener.local_addr()?, "metrics served over HTTP at /metrics");
     let mailer = build_mailer(&args)?;
     tracing::info!(mail = %mailer.describe(), "emails go to");
     let settings = ServerSettings {
@@ -124,6 +143,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         policy: args.policy.config(),
         engines: args.policy.engines,
+        max_message_bytes: args.max_message_bytes,
+        max_header_list_bytes: args.max_header_list_bytes,
+        keepalive_interval: Duration::from_secs(args.keepalive_interval_secs.max(1)),
+        keepalive_timeout: Duration::from_secs(args.keepalive_timeout_secs.max(1)),
+        metrics_listener: Some(Arc::new(metrics_listener)),
         ..ServerSettings::default()
     };
     let (stop_sender, stop_receiver) = watch::channel(false);
@@ -200,6 +224,14 @@ pub async fn serve(
             stop_receiver.clone(),
         ))
     });
+    let metrics_task = match &settings.metrics_listener {
+        Some(listener) => Some(spawn_metrics_server(
+            listener,
+            pool.clone(),
+            stop_receiver.clone(),
+        )?),
+        None => None,
+    };
     // One feed per process: every stream of this server follows it.
     let feed = EventFeed::start(pool.clone(), settings.events.clone());
 
@@ -249,15 +281,17 @@ pub async fn serve(
 
     let layers = ServiceBuilder::new()
         .layer(RpcLogLayer)
+        .layer(DeadlineLayer::new(settings.request_timeout))
         .layer(LoadShedLayer::new())
         .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
         .layer(AuthLayer::new(keys));
 
+    let max_message = settings.max_message_bytes;
+    // The request timeout is enforced by `DeadlineLayer` (answering DEADLINE_EXCEEDED).
     let served = Server::builder()
-        .timeout(settings.request_timeout)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(settings.keepalive_interval))
+        .http2_keepalive_timeout(Some(settings.keepalive_timeout))
+        .http2_max_header_list_size(settings.max_header_list_bytes)
         .layer(layers)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -268,7 +302,8 @@ pub async fn serve(
                 feed.clone(),
                 settings.watch.clone(),
             ))
-            .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES),
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
         )
         .add_service(
             proto::balance_policy_server::BalancePolicyServer::new(BalancePolicyApi::new(
@@ -277,19 +312,22 @@ pub async fn serve(
                 settings.clock.clone(),
                 wake_engine.clone(),
             ))
-            .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES),
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
         )
         .add_service(
             proto::payment_methods_server::PaymentMethodsServer::new(PaymentMethodsApi::new(
                 PaymentMethods::new(pool.clone(), gateway),
             ))
-            .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES),
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
         )
         .add_service(
             proto::notifications_server::NotificationsServer::new(NotificationsApi::new(
                 pool.clone(),
             ))
-            .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES),
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
             let feed = feed.clone();
@@ -310,7 +348,29 @@ pub async fn serve(
     if let Some(task) = sender_task {
         let _ = task.await;
     }
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     served.context("serving gRPC")
+}
+
+/// Serves `/metrics` on (a handle of) `listener` until `stop` turns true.
+fn spawn_metrics_server(
+    listener: &std::net::TcpListener,
+    pool: PgPool,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = listener.try_clone().context("metrics listener")?;
+    listener.set_nonblocking(true).context("metrics listener")?;
+    let listener = TcpListener::from_std(listener).context("metrics listener")?;
+    Ok(tokio::spawn(async move {
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        if let Err(error) = crate::http::serve(listener, pool, stopped).await {
+            tracing::error!(%error, "metrics HTTP server failed");
+        }
+    }))
 }
 
 /// Pings the database every `interval`; the overall and per-service health

@@ -224,7 +224,10 @@ impl Balances for BalancesApi {
         };
         let Watcher { events, end } =
             events::watch(&self.feed, filter, after_cursor, &self.watch_settings);
-        let delivered = ReceiverStream::new(events).map(|event| {
+        // The gauge counts the stream until tonic drops it (client gone or ended).
+        let open = crate::telemetry::metrics::OpenStream::new();
+        let delivered = ReceiverStream::new(events).map(move |event| {
+            let _open = &open;
             Ok(proto::WatchBalanceEventsResponse {
                 event: Some(event_to_proto(&event)),
             })

@@ -34,6 +34,10 @@ pub(crate) fn authorize<T>(
         .get::<Access>()
         .copied()
         .ok_or_else(|| Status::internal("internal error"))?;
+    if let Some(account) = account {
+        // The RPC span (telemetry::rpc_log) declares the field; the body alone knows it.
+        tracing::Span::current().record("account_id", account.as_str());
+    }
     auth::authorize_account(&caller, access, account)?;
     Ok(caller)
 }

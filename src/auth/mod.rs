@@ -10,7 +10,7 @@ mod permissions;
 mod token;
 
 pub use layer::AuthLayer;
-pub use permissions::{Access, required_access};
+pub use permissions::{Access, known_method, required_access};
 pub use token::{Claims, KeySet};
 
 use crate::error::BillingError;

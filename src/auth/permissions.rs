@@ -67,6 +67,15 @@ const TABLE: &[(&str, Access)] = &[
     ),
 ];
 
+/// `path` as a `&'static str` when it is a billing RPC of the table (a
+/// bounded label for metrics), else `None`.
+pub fn known_method(path: &str) -> Option<&'static str> {
+    TABLE
+        .iter()
+        .find(|(method, _)| *method == path)
+        .map(|(method, _)| *method)
+}
+
 /// The access an RPC path needs; `None` for paths outside `billing.v1`
 /// (health, reflection), which need no token.
 pub fn required_access(path: &str) -> Option<Access> {

@@ -68,6 +68,7 @@ pub struct PostingResult {
 }
 
 /// Posts one entry in its own transaction.
+#[tracing::instrument(name = "ledger.post", skip_all, fields(account_id = %posting.account_id, kind = posting.kind.as_str()))]
 pub async fn post(
     pool: &PgPool,
     caller: &Caller,
@@ -196,5 +197,9 @@ pub async fn post_in_transaction(
         }),
     )
     .await?;
+    if posting.kind.is_debit() {
+        // Counted when written; idempotent replays returned above.
+        crate::telemetry::metrics::debit_posted();
+    }
     Ok(result)
 }

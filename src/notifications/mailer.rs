@@ -102,6 +102,8 @@ impl SmtpMailer {
 
 #[async_trait::async_trait]
 impl Mailer for SmtpMailer {
+    // Recipients and content stay out of the span: only the message id.
+    #[tracing::instrument(name = "smtp.send", skip_all, fields(notification_id = %email.id))]
     async fn send(&self, email: &OutgoingEmail) -> Result<(), MailError> {
         let message = build_message(&self.from, email)?;
         self.transport

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use super::mailer::{Mailer, OutgoingEmail};
 use crate::error::BillingError;
+use crate::telemetry::metrics;
 
 #[derive(Debug, Clone)]
 pub struct SenderSettings {
@@ -75,7 +76,7 @@ pub async fn send_due(
                     SELECT notification_id FROM notifications \
                      WHERE status = 'pending' AND next_attempt_at <= now() \
                      ORDER BY next_attempt_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED) \
-          RETURNING notification_id, recipients, subject, body_text, attempts",
+          RETURNING notification_id, kind, recipients, subject, body_text, attempts",
         )
         .bind(settings.claim_lease.as_secs_f64())
         .fetch_optional(pool)
@@ -85,6 +86,7 @@ pub async fn send_due(
         };
         let notification_id: uuid::Uuid = row.try_get("notification_id")?;
         let attempts: i32 = row.try_get("attempts")?;
+        let kind: String = row.try_get("kind")?;
         let email = OutgoingEmail {
             id: notification_id.to_string(),
             to: row.try_get("recipients")?,
@@ -94,6 +96,7 @@ pub async fn send_due(
         match mailer.send(&email).await {
             Ok(()) => {
                 mark_sent(pool, notification_id, settings.claim_lease).await?;
+                metrics::notification_finished(&kind, "sent");
                 tracing::info!(%notification_id, attempts, "notification sent");
             }
             Err(error) => {
@@ -114,6 +117,14 @@ pub async fn send_due(
                 .bind(retry_in.unwrap_or_default().as_secs_f64())
                 .execute(pool)
                 .await?;
+                metrics::notification_finished(
+                    &kind,
+                    if retry_in.is_some() {
+                        "retry"
+                    } else {
+                        "failed"
+                    },
+                );
                 tracing::warn!(%notification_id, attempts, %error, status, "notification not delivered");
             }
         }

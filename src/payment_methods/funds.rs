@@ -8,7 +8,10 @@
 //! 3. under the account lock again: record the attempt and, on success,
 //!    credit the ledger in the transaction that marks the top-up `SUCCEEDED`.
 
+use std::time::Instant;
+
 use rust_decimal::Decimal;
+use tracing::Instrument;
 
 use super::{MethodStatus, PaymentMethod, PaymentMethods, gateway_error, store};
 use crate::audit;
@@ -17,6 +20,7 @@ use crate::error::BillingError;
 use crate::gateway::{Charge, ChargeRequest, Outcome};
 use crate::ids::{AccountId, IdempotencyKey};
 use crate::ledger::{self, EntryKind, Posting, previous_response, remember_response};
+use crate::telemetry::metrics;
 use crate::topup::{self, AttemptOutcome, NewTopUp, PendingChallenge, TopUp, TopUpStatus, Trigger};
 
 /// Add Funds (`Trigger::Manual`, the primary card when no method is named)
@@ -43,6 +47,11 @@ pub struct FundsResult {
 const ATTEMPT: i32 = 1;
 
 impl PaymentMethods {
+    #[tracing::instrument(
+        name = "payment_methods.add_funds",
+        skip_all,
+        fields(account_id = %request.account_id, trigger = ?request.trigger)
+    )]
     pub async fn add_funds(
         &self,
         caller: &Caller,
@@ -178,6 +187,10 @@ impl PaymentMethods {
         let reconciled = if top_up.status == TopUpStatus::Unknown {
             self.gateway
                 .find_charge(&gateway_key)
+                .instrument(tracing::info_span!(
+                    "gateway.find_charge",
+                    gateway = self.gateway.name()
+                ))
                 .await
                 .map_err(|e| gateway_error("payment_method_id", e))?
         } else {
@@ -185,17 +198,26 @@ impl PaymentMethods {
         };
         let charge = match reconciled {
             Some(charge) => charge,
-            None => self
-                .gateway
-                .charge(ChargeRequest {
-                    token: method.gateway_token.clone(),
-                    amount: top_up.amount,
-                    currency: top_up.currency,
-                    idempotency_key: gateway_key,
-                    off_session: false,
-                })
-                .await
-                .map_err(|e| gateway_error("payment_method_id", e))?,
+            None => {
+                let started = Instant::now();
+                // The span names the gateway, never the token or the card.
+                let charged = self
+                    .gateway
+                    .charge(ChargeRequest {
+                        token: method.gateway_token.clone(),
+                        amount: top_up.amount,
+                        currency: top_up.currency,
+                        idempotency_key: gateway_key,
+                        off_session: false,
+                    })
+                    .instrument(tracing::info_span!(
+                        "gateway.charge",
+                        gateway = self.gateway.name()
+                    ))
+                    .await;
+                metrics::gateway_charge_observed(started.elapsed().as_secs_f64());
+                charged.map_err(|e| gateway_error("payment_method_id", e))?
+            }
         };
         self.settle(caller, account, top_up_id, &method, charge)
             .await
@@ -306,6 +328,10 @@ impl PaymentMethods {
         )
         .await?;
         transaction.commit().await?;
+        metrics::top_up_finished(status.as_str());
+        if let Some((code, _)) = decline {
+            metrics::card_declined(code);
+        }
         tracing::info!(account_id = %account, top_up_id, status = status.as_str(), "top-up settled");
         let top_up = topup::get(&mut *self.pool.acquire().await?, account, top_up_id).await?;
         self.result(account, top_up).await

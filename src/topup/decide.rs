@@ -16,6 +16,7 @@ use super::{Clock, TopUpStatus, new_top_up_id};
 use crate::error::BillingError;
 use crate::events::BalanceEvent;
 use crate::notifications::{self, Notice};
+use crate::telemetry::metrics;
 
 pub struct PolicyDecider {
     pub config: PolicyConfig,
@@ -24,6 +25,7 @@ pub struct PolicyDecider {
 
 impl PolicyDecider {
     /// Returns true when a top-up was started (the engine should wake up).
+    #[tracing::instrument(name = "engine.decide", skip_all, fields(account_id = %event.account_id, cursor = event.cursor))]
     pub async fn decide(
         &self,
         connection: &mut PgConnection,
@@ -44,6 +46,7 @@ impl PolicyDecider {
             };
             let key = format!("low_balance:{}:{}", event.account_id, event.cursor);
             notifications::enqueue(&mut *connection, &event.account_id, &notice, &key).await?;
+            metrics::engine_decision("alerts", "low_balance");
         }
         if before > Decimal::ZERO && after <= Decimal::ZERO {
             let notice = Notice::BalanceDepleted {
@@ -54,6 +57,7 @@ impl PolicyDecider {
         }
         if settings.auto_refill_enabled && crossed(settings.threshold) {
             let key = format!("crossing:{}", event.cursor);
+            metrics::engine_decision("top_up", "crossing");
             let started = start_automatic_top_up(
                 connection,
                 &settings,

@@ -33,6 +33,7 @@ use crate::ids::{AccountId, IdempotencyKey};
 use crate::ledger::{self, EntryKind, Posting};
 use crate::notifications::{self, CardLabel, Notice};
 use crate::payment_methods::{self, PaymentMethod};
+use crate::telemetry::metrics;
 
 pub struct TopUpEngine {
     pub pool: PgPool,
@@ -181,6 +182,7 @@ impl TopUpEngine {
             if owner == lease.owner && matches!(status.as_str(), "PENDING" | "RETRY_SCHEDULED" | "UNKNOWN")))
     }
 
+    #[tracing::instrument(name = "engine.drive_top_up", skip_all, fields(account_id = %account, top_up_id = %lease.top_up_id))]
     async fn drive(&self, account: &AccountId, lease: &Lease) -> Result<(), BillingError> {
         let top_up_id = lease.top_up_id.as_str();
         let mut connection = self.pool.acquire().await?;
@@ -462,6 +464,7 @@ impl TopUpEngine {
                 Step::Done
             }
             Outcome::Declined { code, hard } => {
+                metrics::card_declined(code);
                 tracing::info!(account_id = %account, top_up_id = %top_up.top_up_id, decline_code = %code, hard, "automatic charge declined");
                 if payment_methods::disable_after_decline(&mut transaction, method, code).await? {
                     let notice = Notice::PaymentMethodDisabled {
@@ -562,6 +565,7 @@ impl TopUpEngine {
         .bind(self.clock.now())
         .execute(connection)
         .await?;
+        metrics::top_up_finished(status.as_str());
         Ok(())
     }
 

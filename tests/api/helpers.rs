@@ -24,7 +24,7 @@ pub fn server_url() -> String {
 
 pub fn init_logs() {
     if std::env::var("TEST_LOG").is_ok() {
-        billing::telemetry::init(billing::config::LogFormat::Text);
+        let _telemetry = billing::telemetry::init(billing::config::LogFormat::Text);
     }
 }
 

@@ -125,3 +125,68 @@ async fn a_request_past_its_timeout_is_cut_off_and_writes_nothing() {
     assert_eq!(count_rows(&app.pool, "ledger_entries").await, entries);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_call_with_a_one_millisecond_grpc_timeout_gets_deadline_exceeded() {
+    let app = spawn_app_with(ServerSettings::default()).await;
+    app.account_with_balance("acme", "10.00").await;
+    let entries = count_rows(&app.pool, "ledger_entries").await;
+    // The debit cannot finish while the row is locked: only the deadline ends it.
+    let lock = lock_account(&app.pool, "acme").await;
+    let mut request = authed(&app.service_token(), debit("hurried"));
+    request.set_timeout(Duration::from_millis(1));
+    // tonic's Channel would also time the call out itself (as CANCELLED) and
+    // race the server's answer: this client leaves the deadline to the server.
+    let plain_http2 =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<tonic::body::Body>();
+    let origin = format!("http://{}", app.address).parse().unwrap();
+    let error = proto::balances_client::BalancesClient::with_origin(plain_http2, origin)
+        .debit(request)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::DeadlineExceeded, "{error:?}");
+    lock.rollback().await.unwrap();
+    // The server is fine afterwards, and the cut-off debit wrote nothing.
+    let balance = app
+        .balances()
+        .get_balance(authed(
+            &app.service_token(),
+            proto::GetBalanceRequest {
+                account_id: "acme".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(balance.balance, "10.00");
+    assert_eq!(count_rows(&app.pool, "ledger_entries").await, entries);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_larger_than_the_limit_is_refused_and_the_server_stays_up() {
+    let app = spawn_app_with(ServerSettings {
+        max_message_bytes: 64 * 1024,
+        ..Default::default()
+    })
+    .await;
+    app.account_with_balance("acme", "10.00").await;
+    let mut oversized = debit("big");
+    oversized.description = "x".repeat(100 * 1024);
+    let error = app
+        .balances()
+        .debit(authed(&app.service_token(), oversized))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{error:?}"
+    );
+    app.balances()
+        .debit(authed(&app.service_token(), debit("small")))
+        .await
+        .expect("a normal message still passes");
+    app.stop().await;
+}

@@ -13,4 +13,5 @@ mod notifications;
 mod payment_methods;
 mod permissions;
 mod subscribers;
+mod telemetry;
 mod top_ups;

@@ -36,6 +36,11 @@ impl Serve {
         command
             .arg("serve")
             .env("BILLING_LISTEN", address.to_string())
+            // Several servers run at once: each its own metrics port.
+            .env(
+                "BILLING_METRICS_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
             .env_remove("DATABASE_URL")
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(log.try_clone().unwrap()))

@@ -48,6 +48,10 @@ impl Server {
         let child = Command::new(env!("CARGO_BIN_EXE_billing"))
             .arg("serve")
             .env("BILLING_LISTEN", self.address.to_string())
+            .env(
+                "BILLING_METRICS_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
             .env("DATABASE_URL", &self.database_url)
             .env("BILLING_JWT_SECRET", SECRET)
             .env("BILLING_DATA_DIR", &self.dir)

@@ -1,0 +1,66 @@
+{{- define "billing.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "billing.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "billing.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "billing.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "billing.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "billing.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "billing.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "billing.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "billing.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* Environment shared by the server and the migration Job: config and secrets. */}}
+{{- define "billing.env" -}}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "secrets.database.existingSecret is required" .Values.secrets.database.existingSecret }}
+      key: {{ .Values.secrets.database.key }}
+{{- if .Values.secrets.jwt.publicKeyKey }}
+- name: BILLING_JWT_PUBLIC_KEY_FILE
+  value: /etc/billing/jwt/{{ .Values.secrets.jwt.publicKeyKey }}
+{{- else if .Values.secrets.jwt.hs256SecretKey }}
+- name: BILLING_JWT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.secrets.jwt.existingSecret }}
+      key: {{ .Values.secrets.jwt.hs256SecretKey }}
+{{- end }}
+{{- if .Values.secrets.smtp.existingSecret }}
+- name: BILLING_SMTP_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.secrets.smtp.existingSecret }}
+      key: {{ .Values.secrets.smtp.key }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,122 @@
+//! The per-request deadline, as a tower layer inside the RPC log: the
+//! shorter of the caller's `grpc-timeout` and the server's request timeout.
+//! A request past it is dropped (nothing it had not committed is written)
+//! and answered `DEADLINE_EXCEEDED`.
+//!
+//! tonic also enforces `grpc-timeout`, outside every layer, but answers
+//! `CANCELLED`; this layer fires up to a millisecond earlier so callers get
+//! the code the gRPC spec names. It also turns the errors of the layers
+//! below (load shedding's `Overloaded`) into statuses, so the RPC log and
+//! metrics see a code for every call.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tower::{BoxError, Layer, Service};
+
+/// Margin by which this deadline precedes tonic's own `grpc-timeout` timer.
+const AHEAD_OF_TONIC: Duration = Duration::from_millis(1);
+
+#[derive(Clone)]
+pub struct DeadlineLayer {
+    server_timeout: Duration,
+}
+
+impl DeadlineLayer {
+    pub fn new(server_timeout: Duration) -> Self {
+        Self { server_timeout }
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Deadline {
+            inner,
+            server_timeout: self.server_timeout,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Deadline<S> {
+    inner: S,
+    server_timeout: Duration,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B, R> Service<http::Request<B>> for Deadline<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    R: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let requested = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|value| value.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let limit = match requested {
+            Some(requested) if requested < self.server_timeout => {
+                requested.saturating_sub(AHEAD_OF_TONIC)
+            }
+            _ => self.server_timeout,
+        };
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            match tokio::time::timeout(limit, future).await {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(error)) => Ok(tonic::Status::from_error(error.into()).into_http()),
+                Err(_) => Ok(tonic::Status::deadline_exceeded("deadline exceeded").into_http()),
+            }
+        })
+    }
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units_parse() {
+        assert_eq!(parse_grpc_timeout("1m"), Some(Duration::from_millis(1)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+    }
+}

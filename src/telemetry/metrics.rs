@@ -1,0 +1,245 @@
+//! Prometheus metrics: one process-wide registry and the plain functions the
+//! domain calls (`metrics::debit_posted()`, …). Labels are bounded: RPC
+//! methods from the permission table, gRPC code names, top-up statuses,
+//! gateway decline codes, notification kinds — never account ids, amounts
+//! or card data. Gauges of database state (outbox depth, subscriber lag,
+//! pool use) are set when `/metrics` is scraped (see `crate::http`).
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+struct Metrics {
+    registry: Registry,
+    rpc_requests: IntCounterVec,
+    rpc_duration: HistogramVec,
+    debits: IntCounter,
+    top_ups: IntCounterVec,
+    declines: IntCounterVec,
+    notifications: IntCounterVec,
+    event_streams: IntGauge,
+    outbox_pending: IntGauge,
+    subscriber_lag: IntGaugeVec,
+    pool_connections: IntGaugeVec,
+    pool_max: IntGauge,
+    engine_decisions: IntCounterVec,
+    charge_duration: Histogram,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let registry = Registry::new_custom(Some("billing".into()), None).expect("metric prefix");
+    let counter = |name: &str, help: &str, labels: &[&str]| {
+        let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("counter");
+        registry.register(Box::new(metric.clone())).expect("unique");
+        metric
+    };
+    let gauge = |name: &str, help: &str| {
+        let metric = IntGauge::new(name, help).expect("gauge");
+        registry.register(Box::new(metric.clone())).expect("unique");
+        metric
+    };
+    let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+        let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("gauge");
+        registry.register(Box::new(metric.clone())).expect("unique");
+        metric
+    };
+    let rpc_duration = HistogramVec::new(
+        HistogramOpts::new(
+            "rpc_duration_seconds",
+            "Latency of RPCs, to the response headers",
+        ),
+        &["method", "code"],
+    )
+    .expect("histogram");
+    registry
+        .register(Box::new(rpc_duration.clone()))
+        .expect("unique");
+    let charge_duration = Histogram::with_opts(HistogramOpts::new(
+        "gateway_charge_duration_seconds",
+        "Latency of payment gateway charges",
+    ))
+    .expect("histogram");
+    registry
+        .register(Box::new(charge_duration.clone()))
+        .expect("unique");
+    let debits =
+        IntCounter::new("debits_total", "Usage debits posted to the ledger").expect("counter");
+    registry.register(Box::new(debits.clone())).expect("unique");
+    Metrics {
+        rpc_requests: counter(
+            "rpc_requests_total",
+            "RPCs answered, by method and gRPC code",
+            &["method", "code"],
+        ),
+        rpc_duration,
+        debits,
+        top_ups: counter(
+            "top_ups_total",
+            "Top-ups settled (manual and automatic), by outcome",
+            &["outcome"],
+        ),
+        declines: counter(
+            "card_declines_total",
+            "Card charges declined, by decline code",
+            &["code"],
+        ),
+        notifications: counter(
+            "notifications_total",
+            "Email delivery attempts, by notification kind and outcome (sent, retry, failed)",
+            &["kind", "outcome"],
+        ),
+        engine_decisions: counter(
+            "engine_decisions_total",
+            "Decisions of the engines (auto top-up, alerts), by engine and decision",
+            &["engine", "decision"],
+        ),
+        event_streams: gauge(
+            "event_streams_open",
+            "WatchBalanceEvents streams open on this replica",
+        ),
+        outbox_pending: gauge(
+            "outbox_pending",
+            "Emails waiting in the outbox (all replicas)",
+        ),
+        subscriber_lag: gauge_vec(
+            "event_subscriber_lag",
+            "Events between the newest balance event and each engine subscriber's cursor",
+            &["subscriber"],
+        ),
+        pool_connections: gauge_vec(
+            "db_pool_connections",
+            "Database connections of this replica's pool, by state (idle, in_use)",
+            &["state"],
+        ),
+        pool_max: gauge(
+            "db_pool_max_connections",
+            "Largest size of this replica's pool",
+        ),
+        charge_duration,
+        registry,
+    }
+});
+
+/// An RPC answered with `code` (a `tonic::Code` name) after `seconds`.
+pub fn rpc_finished(method: &str, code: &str, seconds: f64) {
+    let metrics = &*METRICS;
+    metrics
+        .rpc_requests
+        .with_label_values(&[method, code])
+        .inc();
+    metrics
+        .rpc_duration
+        .with_label_values(&[method, code])
+        .observe(seconds);
+}
+
+/// A usage debit written to the ledger (idempotent replays do not count).
+pub fn debit_posted() {
+    METRICS.debits.inc();
+}
+
+/// A top-up reached `outcome` (a top-up status: succeeded, failed,
+/// requires_action, unknown).
+pub fn top_up_finished(outcome: &str) {
+    METRICS.top_ups.with_label_values(&[outcome]).inc();
+}
+
+/// The gateway declined a charge with `code` (e.g. `insufficient_funds`).
+pub fn card_declined(code: &str) {
+    METRICS.declines.with_label_values(&[code]).inc();
+}
+
+/// A gateway charge took `seconds` (whatever its outcome).
+pub fn gateway_charge_observed(seconds: f64) {
+    METRICS.charge_duration.observe(seconds);
+}
+
+/// An email of `kind` was sent, scheduled for retry or given up (`outcome`).
+pub fn notification_finished(kind: &str, outcome: &str) {
+    METRICS
+        .notifications
+        .with_label_values(&[kind, outcome])
+        .inc();
+}
+
+/// An engine (`auto_top_up`, `low_balance_alert`) took `decision`
+/// (e.g. `charge`, `skip_cooldown`, `alert`).
+pub fn engine_decision(engine: &str, decision: &str) {
+    METRICS
+        .engine_decisions
+        .with_label_values(&[engine, decision])
+        .inc();
+}
+
+pub fn stream_opened() {
+    METRICS.event_streams.inc();
+}
+
+pub fn stream_closed() {
+    METRICS.event_streams.dec();
+}
+
+/// Counts an open event stream for as long as it lives.
+pub struct OpenStream(());
+
+impl OpenStream {
+    pub fn new() -> OpenStream {
+        stream_opened();
+        OpenStream(())
+    }
+}
+
+impl Default for OpenStream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        stream_closed();
+    }
+}
+
+/// Scrape-time gauges: pending outbox rows.
+pub fn set_outbox_pending(pending: i64) {
+    METRICS.outbox_pending.set(pending);
+}
+
+/// Scrape-time gauges: how far `subscriber` is behind the newest event.
+pub fn set_subscriber_lag(subscriber: &str, lag: i64) {
+    METRICS
+        .subscriber_lag
+        .with_label_values(&[subscriber])
+        .set(lag);
+}
+
+/// Scrape-time gauges: the pool's connections.
+pub fn set_pool_use(size: u32, idle: usize, max: u32) {
+    let metrics = &*METRICS;
+    let idle = idle as i64;
+    metrics
+        .pool_connections
+        .with_label_values(&["idle"])
+        .set(idle);
+    metrics
+        .pool_connections
+        .with_label_values(&["in_use"])
+        .set((i64::from(size) - idle).max(0));
+    metrics.pool_max.set(i64::from(max));
+}
+
+/// Every metric in the Prometheus text exposition format.
+pub fn render() -> String {
+    let mut buffer = Vec::new();
+    if let Err(error) = TextEncoder::new().encode(&METRICS.registry.gather(), &mut buffer) {
+        tracing::warn!(%error, "encoding metrics failed");
+    }
+    String::from_utf8(buffer).unwrap_or_default()
+}
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

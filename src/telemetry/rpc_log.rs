@@ -1,0 +1,199 @@
+//! The outermost layer of every RPC: a span (the OpenTelemetry server span,
+//! child of the caller's W3C `traceparent`), one log line with method, gRPC
+//! code, latency and trace id, and the RPC count and latency metrics.
+//!
+//! The span declares `account_id` empty: the account is in the request
+//! body, so the handlers record it (`api::authorize`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tower::{Layer, Service};
+use tracing::Instrument;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::{metrics, otel};
+
+#[derive(Clone, Default)]
+pub struct RpcLogLayer;
+
+impl<S> Layer<S> for RpcLogLayer {
+    type Service = RpcLog<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcLog { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcLog<S> {
+    inner: S,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// The bounded `method` label: a billing RPC of the permission table, a
+/// health/reflection method, else `other` (unknown paths are not labels).
+fn method_label(path: &str) -> &'static str {
+    const INFRASTRUCTURE: [&str; 4] = [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ];
+    crate::auth::known_method(path)
+        .or_else(|| INFRASTRUCTURE.iter().copied().find(|known| *known == path))
+        .unwrap_or("other")
+}
+
+/// Records the end of an RPC once: when it answers, or (dropped before
+/// answering: the client went away) as `Cancelled`.
+struct Finish {
+    method: &'static str,
+    path: String,
+    started: Instant,
+    span: tracing::Span,
+    trace_id: Option<String>,
+    done: bool,
+}
+
+impl Finish {
+    fn record(&mut self, code: tonic::Code, error: Option<&dyn std::fmt::Display>) {
+        self.done = true;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let latency_ms = elapsed * 1000.0;
+        let code_name = format!("{code:?}");
+        metrics::rpc_finished(self.method, &code_name, elapsed);
+        self.span.record("rpc.grpc.status_code", code as i32);
+        if is_server_fault(code) {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        let method = self.path.as_str();
+        let trace_id = self.trace_id.as_deref().unwrap_or("");
+        self.span.in_scope(|| match error {
+            Some(error) => {
+                tracing::warn!(target: "billing::rpc", method, code = %code_name, latency_ms, trace_id, %error, "rpc failed")
+            }
+            None if code == tonic::Code::Ok || method.starts_with("/grpc.") => {
+                tracing::info!(target: "billing::rpc", method, code = %code_name, latency_ms, trace_id, "rpc")
+            }
+            None => {
+                tracing::warn!(target: "billing::rpc", method, code = %code_name, latency_ms, trace_id, "rpc")
+            }
+        });
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(tonic::Code::Cancelled, None);
+        }
+    }
+}
+
+/// Codes that mean the server failed (the span is marked as an error);
+/// the caller's mistakes are not the server's errors.
+fn is_server_fault(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
+    )
+}
+
+impl<S, B, R> Service<http::Request<B>> for RpcLog<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>> + Send,
+    S::Future: Send + 'static,
+    S::Error: std::fmt::Display,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let method = method_label(&path);
+        let (service, rpc) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or(("", ""));
+        let span = tracing::info_span!(
+            target: "billing::rpc",
+            "rpc",
+            otel.name = %path.trim_start_matches('/'),
+            otel.kind = "server",
+            otel.status_code = Empty,
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %rpc,
+            rpc.grpc.status_code = Empty,
+            account_id = Empty,
+        );
+        let parent = otel::extract_parent(request.headers());
+        let remote_trace_id = otel::trace_id_of(&parent);
+        if remote_trace_id.is_some() {
+            // Fails only when no OpenTelemetry layer is installed: nothing to parent then.
+            let _ = span.set_parent(parent);
+        }
+        // The exported span's trace id, or (traces off) the caller's.
+        let trace_id = otel::trace_id_of(&span.context()).or(remote_trace_id);
+        let mut finish = Finish {
+            method,
+            path,
+            started: Instant::now(),
+            span: span.clone(),
+            trace_id,
+            done: false,
+        };
+        let future = span.in_scope(|| self.inner.call(request));
+        Box::pin(
+            async move {
+                let result = future.await;
+                match &result {
+                    // Errors are trailers-only responses: the code is in the headers.
+                    // A successful unary call carries its code in the trailers (0).
+                    Ok(response) => {
+                        let code = response
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<i32>().ok())
+                            .unwrap_or(0);
+                        finish.record(tonic::Code::from(code), None);
+                    }
+                    Err(error) => finish.record(tonic::Code::Unknown, Some(error)),
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_are_bounded_to_known_rpcs() {
+        assert_eq!(
+            method_label("/billing.v1.Balances/Debit"),
+            "/billing.v1.Balances/Debit"
+        );
+        assert_eq!(
+            method_label("/grpc.health.v1.Health/Check"),
+            "/grpc.health.v1.Health/Check"
+        );
+        assert_eq!(method_label("/billing.v1.Balances/acct-123"), "other");
+        assert_eq!(method_label("/anything/else"), "other");
+    }
+}

@@ -1,0 +1,384 @@
+//! Telemetry: `/metrics` counts RPCs and debits; a caller's `traceparent`
+//! becomes the parent of the exported server span (received over real
+//! OTLP/gRPC) and no card data reaches span attributes; the JSON RPC log
+//! line carries method, code, latency and trace id.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use billing::proto;
+use billing::server::ServerSettings;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::{authed, eventually, spawn_app_with};
+use crate::payment_methods::{add_card_request, card};
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_SPAN_ID: &str = "00f067aa0ba902b7";
+
+fn traced<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = authed(token, message);
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01")
+            .parse()
+            .unwrap(),
+    );
+    request
+}
+
+/// GET `path` over plain HTTP/1.1; the body.
+async fn http_get(address: SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_lowercase().contains("content-type: text/plain"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The value of the sample of `name` whose labels include every `labels` pair (0 when absent).
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(&format!("{name} ")) || line.starts_with(&format!("{name}{{"))
+        })
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_count_rpcs_by_method_and_code_and_debits() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_address = listener.local_addr().unwrap();
+    let app = spawn_app_with(ServerSettings {
+        metrics_listener: Some(Arc::new(listener)),
+        ..Default::default()
+    })
+    .await;
+    app.account_with_balance("acme", "10.00").await;
+    let debit_ok = [("method", "/billing.v1.Balances/Debit"), ("code", "Ok")];
+    let refused = [
+        ("method", "/billing.v1.Balances/Debit"),
+        ("code", "FailedPrecondition"),
+    ];
+    let before = http_get(metrics_address, "/metrics").await;
+
+    let token = app.service_token();
+    let debit = |key: &str, amount: &str| proto::DebitRequest {
+        account_id: "acme".into(),
+        amount: amount.into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    app.balances()
+        .debit(authed(&token, debit("m-1", "1.00")))
+        .await
+        .unwrap();
+    let error = app
+        .balances()
+        .debit(authed(&token, debit("m-2", "999.00")))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition);
+
+    let after = http_get(metrics_address, "/metrics").await;
+    // Other tests share the process-wide registry: counters only grow.
+    assert!(
+        sample(&after, "billing_rpc_requests_total", &debit_ok)
+            >= sample(&before, "billing_rpc_requests_total", &debit_ok) + 1.0
+    );
+    assert!(
+        sample(&after, "billing_rpc_requests_total", &refused)
+            >= sample(&before, "billing_rpc_requests_total", &refused) + 1.0
+    );
+    assert!(sample(&after, "billing_rpc_duration_seconds_count", &debit_ok) >= 1.0);
+    assert!(
+        sample(&after, "billing_debits_total", &[])
+            >= sample(&before, "billing_debits_total", &[]) + 1.0
+    );
+    for gauge in [
+        "billing_outbox_pending",
+        "billing_db_pool_connections",
+        "billing_db_pool_max_connections",
+        "billing_event_streams_open",
+    ] {
+        assert!(
+            after.contains(&format!("\n{gauge}")),
+            "{gauge} missing:\n{after}"
+        );
+    }
+    assert!(!after.contains("acme"), "account ids are never labels");
+    app.stop().await;
+}
+
+/// An OTLP/gRPC trace receiver keeping every span it is sent.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Span>>>,
+    resources: Arc<Mutex<Vec<opentelemetry_proto::tonic::resource::v1::Resource>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            self.resources
+                .lock()
+                .unwrap()
+                .extend(resource.resource.clone());
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// The string value of resource attribute `key` of the first export that had it.
+fn attribute_of_resource(collector: &Collector, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    collector
+        .resources
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|resource| {
+            resource
+                .attributes
+                .iter()
+                .find(|kv| kv.key == key)
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    Value::StringValue(text) => Some(text.clone()),
+                    _ => None,
+                })
+        })
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .map(|kv| format!("{:?}", kv.value))
+}
+
+/// `billing serve` as a child process exporting traces to `collector`.
+struct ServeProcess {
+    child: std::process::Child,
+    address: SocketAddr,
+}
+
+impl ServeProcess {
+    /// Traces go to `collector` when given; stdout (JSON logs) is captured.
+    fn start(database_url: &str, collector: Option<SocketAddr>) -> ServeProcess {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (address, metrics) = (free(), free());
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_billing"));
+        if let Some(collector) = collector {
+            command.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"));
+        }
+        let child = command
+            .arg("serve")
+            .env("DATABASE_URL", database_url)
+            .env("BILLING_JWT_SECRET", crate::helpers::TEST_SECRET)
+            .env("BILLING_LISTEN", address.to_string())
+            .env("BILLING_METRICS_LISTEN", metrics.to_string())
+            .env("BILLING_DATA_DIR", data_dir.keep())
+            .env("BILLING_LOG_FORMAT", "json")
+            .env("OTEL_SERVICE_NAME", "billing-under-test")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start billing serve");
+        ServeProcess { child, address }
+    }
+
+    /// SIGTERM, then waits for a clean exit (which flushes the spans); its stdout.
+    fn terminate(self) -> String {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let output = self.child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "billing serve exited with {}",
+            output.status
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Waits until it accepts connections; a channel to it.
+    async fn connect(&self) -> tonic::transport::Channel {
+        let address = self.address;
+        eventually("billing serve accepts connections", || async move {
+            tokio::net::TcpStream::connect(address).await.is_ok()
+        })
+        .await;
+        tonic::transport::Channel::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
+/// A fresh database for a child process: its pool and URL.
+async fn fresh_database_url() -> (sqlx::PgPool, String) {
+    let (pool, options) = crate::helpers::fresh_database().await;
+    let server_url = crate::helpers::server_url();
+    let url = format!(
+        "{}/{}",
+        server_url.rsplit_once('/').unwrap().0,
+        options.get_database().unwrap()
+    );
+    (pool, url)
+}
+
+async fn create_account(channel: &tonic::transport::Channel, token: &str) {
+    proto::balances_client::BalancesClient::new(channel.clone())
+        .create_account(authed(
+            token,
+            proto::CreateAccountRequest {
+                account_id: "acme".into(),
+                currency: "USD".into(),
+                billing_email: "acme@example.com".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_callers_traceparent_parents_the_exported_rpc_span_and_no_card_data_is_exported() {
+    let collector = Collector::default();
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver_address = receiver.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(receiver)),
+    );
+    let (pool, database_url) = fresh_database_url().await;
+    let server = ServeProcess::start(&database_url, Some(receiver_address));
+    let channel = server.connect().await;
+    let keys = crate::helpers::test_keys();
+    let service = keys.mint("test", "service", None, 600).unwrap();
+    create_account(&channel, &service).await;
+    let number = "4242424242424242";
+    let admin = keys.mint("test", "admin", Some("acme"), 600).unwrap();
+    proto::payment_methods_client::PaymentMethodsClient::new(channel)
+        .add_card(traced(
+            &admin,
+            add_card_request("acme", card(number), "trace-card"),
+        ))
+        .await
+        .unwrap();
+    let gateway_token: String = sqlx::query_scalar("SELECT gateway_token FROM payment_methods")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // Spans are batched: the exit on SIGTERM must flush them.
+    tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+    assert_eq!(
+        attribute_of_resource(&collector, "service.name").as_deref(),
+        Some("billing-under-test")
+    );
+
+    let spans = collector.spans.lock().unwrap().clone();
+    let names: Vec<_> = spans.iter().map(|span| span.name.as_str()).collect();
+    let rpc = spans
+        .iter()
+        .find(|span| span.name == "billing.v1.PaymentMethods/AddCard")
+        .unwrap_or_else(|| panic!("no AddCard span among {names:?}"));
+    assert_eq!(hex(&rpc.trace_id), TRACE_ID);
+    assert_eq!(hex(&rpc.parent_span_id), PARENT_SPAN_ID);
+    assert!(attribute(rpc, "account_id").is_some_and(|v| v.contains("acme")));
+    assert!(attribute(rpc, "rpc.grpc.status_code").is_some_and(|v| v.contains("IntValue(0)")));
+    let everything = format!("{spans:?}");
+    assert!(!everything.contains(number), "a card number in span data");
+    assert!(
+        !everything.contains(&gateway_token),
+        "a gateway token in span data"
+    );
+    assert!(
+        !everything.to_lowercase().contains("cvc"),
+        "a CVC field in span data"
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn the_json_rpc_log_line_has_method_code_latency_and_trace_id() {
+    let (_pool, database_url) = fresh_database_url().await;
+    let server = ServeProcess::start(&database_url, None);
+    let channel = server.connect().await;
+    let service = crate::helpers::test_keys()
+        .mint("test", "service", None, 600)
+        .unwrap();
+    create_account(&channel, &service).await;
+    proto::balances_client::BalancesClient::new(channel)
+        .get_balance(traced(
+            &service,
+            proto::GetBalanceRequest {
+                account_id: "acme".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let text = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+
+    let line = text
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("every line is JSON"))
+        .find(|line| line["method"] == "/billing.v1.Balances/GetBalance")
+        .unwrap_or_else(|| panic!("no GetBalance rpc line in:\n{text}"));
+    assert_eq!(line["message"], "rpc");
+    assert_eq!(line["code"], "Ok");
+    assert!(
+        line["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{line}"
+    );
+    // Traces are off here: the id is the caller's, so logs and traces still join.
+    assert_eq!(line["trace_id"], TRACE_ID);
+    assert_eq!(line["span"]["account_id"], "acme");
+}
