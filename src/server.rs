@@ -24,6 +24,7 @@ use crate::config::ServeArgs;
 use crate::db::{self, Database};
 use crate::events::{EventFeed, FeedSettings, WatchSettings};
 use crate::gateway::{PaymentGateway, SandboxGateway};
+use crate::ledger::DebitBatcher;
 use crate::notifications::{self, FileMailer, Mailer, SenderSettings, SmtpMailer, SmtpSettings};
 use crate::payment_methods::PaymentMethods;
 use crate::proto;
@@ -58,6 +59,8 @@ pub struct ServerSettings {
     /// How often the top-up engine looks for due top-ups without being woken.
     pub engine_poll: Duration,
     pub clock: Arc<dyn Clock>,
+    /// Most debits of one account committed together (group commit); 1 turns it off.
+    pub debit_batch_max: usize,
 }
 
 impl Default for ServerSettings {
@@ -74,6 +77,7 @@ impl Default for ServerSettings {
             engines: false,
             engine_poll: Duration::from_millis(250),
             clock: Arc::new(SystemClock),
+            debit_batch_max: 128,
         }
     }
 }
@@ -117,6 +121,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         policy: args.policy.config(),
         engines: args.policy.engines,
+        debit_batch_max: args.debit_batch_max,
         ..ServerSettings::default()
     };
     let (stop_sender, stop_receiver) = watch::channel(false);
@@ -255,7 +260,12 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(proto::balances_server::BalancesServer::new(
-            BalancesApi::new(pool.clone(), feed.clone(), settings.watch.clone()),
+            BalancesApi::new(
+                pool.clone(),
+                DebitBatcher::new(pool.clone(), settings.debit_batch_max),
+                feed.clone(),
+                settings.watch.clone(),
+            ),
         ))
         .add_service(proto::balance_policy_server::BalancePolicyServer::new(
             BalancePolicyApi::new(

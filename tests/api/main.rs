@@ -4,6 +4,7 @@
 mod alerts;
 mod balances;
 mod events;
+mod group_commit;
 mod helpers;
 mod keys;
 mod limits;
