@@ -22,7 +22,9 @@ pub(crate) fn spread_account(index: usize) -> String {
 pub(super) async fn run(bench: &Bench) -> anyhow::Result<Report> {
     let scenario = bench.args.scenario;
     let accounts: Vec<String> = match scenario {
-        Scenario::DebitSpread => (0..bench.args.accounts.max(1)).map(spread_account).collect(),
+        Scenario::DebitSpread => (0..bench.args.accounts.max(1))
+            .map(spread_account)
+            .collect(),
         Scenario::DebitHot => vec![HOT_ACCOUNT.to_owned()],
         _ => Vec::new(),
     };
@@ -67,7 +69,9 @@ pub(super) async fn run(bench: &Bench) -> anyhow::Result<Report> {
                 call += 1;
                 let outcome = if scenario == Scenario::Noop {
                     health
-                        .check(HealthCheckRequest { service: String::new() })
+                        .check(HealthCheckRequest {
+                            service: String::new(),
+                        })
                         .await
                         .map(|_| ())
                 } else {
@@ -178,6 +182,7 @@ pub(crate) async fn ensure_funded(bench: &Bench, accounts: &[String]) -> anyhow:
                             kind: proto::TransactionKind::Adjustment as i32,
                             idempotency_key: format!("bench-funding-{account_id}"),
                             description: "bench funding".into(),
+                            ..Default::default()
                         },
                     ))
                     .await

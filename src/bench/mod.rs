@@ -111,10 +111,9 @@ impl Bench {
 
     /// An admin token for one account (card and settings RPCs need one).
     pub fn account_token(&self, account_id: &str) -> anyhow::Result<MetadataValue<Ascii>> {
-        let keys = self
-            .keys
-            .as_ref()
-            .context("this scenario mints account tokens: configure the signing key, not --token")?;
+        let keys = self.keys.as_ref().context(
+            "this scenario mints account tokens: configure the signing key, not --token",
+        )?;
         let token = keys.mint("bench", "admin", Some(account_id), 3600)?;
         Ok(format!("Bearer {token}").parse()?)
     }

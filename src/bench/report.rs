@@ -11,7 +11,9 @@ pub(crate) fn histogram() -> Histogram<u64> {
 }
 
 pub(crate) fn record(histogram: &mut Histogram<u64>, latency: Duration) {
-    let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
+    let micros = u64::try_from(latency.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1);
     histogram.saturating_record(micros);
 }
 

@@ -66,7 +66,7 @@ pub(super) async fn events(bench: &Bench) -> anyhow::Result<Report> {
     let listen_until = deadline + Duration::from_secs(2);
     loop {
         let message = match tokio::time::timeout_at(listen_until.into(), stream.message()).await {
-            Err(_elapsed) | Ok(Ok(None)) => break,
+            Err(_) | Ok(Ok(None)) => break,
             Ok(Ok(Some(message))) => message,
             Ok(Err(status)) => return Err(status).context("the event stream failed"),
         };
@@ -79,7 +79,10 @@ pub(super) async fn events(bench: &Bench) -> anyhow::Result<Report> {
             continue; // replayed history
         }
         received += 1;
-        report::record(&mut latency, now.duration_since(created_at).unwrap_or_default());
+        report::record(
+            &mut latency,
+            now.duration_since(created_at).unwrap_or_default(),
+        );
     }
     let (mut ok, mut errors) = (0, 0);
     for writer in writers {

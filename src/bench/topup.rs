@@ -73,7 +73,7 @@ async fn one_crossing(bench: &Bench, index: usize) -> anyhow::Result<Duration> {
             amount: "150.00".into(),
             kind: proto::TransactionKind::Adjustment as i32,
             idempotency_key: "opening".into(),
-            description: String::new(),
+            ..Default::default()
         }))
         .await
         .context("funding")?;
