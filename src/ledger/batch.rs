@@ -12,7 +12,7 @@
 //! transaction fails, every accepted debit of the batch gets the error.
 //!
 //! With no contention a batch holds one debit, and the cost is that of a plain
-//! debit in five round trips (BEGIN, lock, keys, write, COMMIT). The row lock
+//! debit in four round trips (BEGIN, lock with the key lookup, write, COMMIT). The row lock
 //! still serializes against other replicas and other writers (credits, top-ups).
 
 use std::collections::HashMap;
@@ -30,15 +30,12 @@ use super::{Account, EntryKind, LedgerEntry, Posting, PostingResult, idempotency
 use crate::auth::Caller;
 use crate::error::BillingError;
 
-const LOCK_FOR_BATCH_SQL: &str = "SELECT account_id, currency, display_name, billing_email, balance, credit_limit, version, created_at, now() AS now \
-     FROM accounts WHERE account_id = $1 FOR UPDATE";
-
 type Reply = oneshot::Sender<Result<PostingResult, BillingError>>;
 
-struct Waiting {
-    caller: Caller,
-    posting: Posting,
-    fingerprint: String,
+pub(super) struct Waiting {
+    pub(super) caller: Caller,
+    pub(super) posting: Posting,
+    pub(super) fingerprint: String,
     reply: Reply,
 }
 
@@ -101,8 +98,21 @@ impl DebitBatcher {
 
     async fn lead(self, account_id: String, mut batch: Vec<Waiting>) {
         loop {
-            let results = match apply_batch(&self.pool, &account_id, &batch).await {
-                Ok(results) => results,
+            let mut outcome = apply_batch(&self.pool, &account_id, &batch, Read::Optimistic).await;
+            if matches!(outcome, Ok(None)) {
+                tracing::debug!(%account_id, "a key of the batch was stored concurrently; redoing it");
+                outcome = apply_batch(&self.pool, &account_id, &batch, Read::AfterLock).await;
+            }
+            let results = match outcome {
+                Ok(Some(results)) => results,
+                Ok(None) => batch
+                    .iter()
+                    .map(|_| {
+                        Err(BillingError::Unavailable(
+                            "a concurrent change conflicted; retry".into(),
+                        ))
+                    })
+                    .collect(),
                 Err(error) => batch.iter().map(|_| Err(copy_error(&error))).collect(),
             };
             for (waiting, result) in batch.drain(..).zip(results) {
@@ -136,26 +146,52 @@ fn copy_error(error: &BillingError) -> BillingError {
 }
 
 /// One accepted debit, ready to be written.
-struct Accepted {
-    index: usize,
-    result: PostingResult,
+pub(super) struct Accepted {
+    pub(super) index: usize,
+    pub(super) result: PostingResult,
 }
 
+/// How the batch's stored idempotency keys are read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// With the lock, in one round trip (see `batch_lock.sql`).
+    Optimistic,
+    /// In a statement after the lock: always current.
+    AfterLock,
+}
+
+type BatchResults = Vec<Result<PostingResult, BillingError>>;
+
+/// The batch's results; `None` when an optimistic read missed a key stored
+/// meanwhile (nothing was committed: redo with [`Read::AfterLock`]).
 async fn apply_batch(
     pool: &PgPool,
     account_id: &str,
     batch: &[Waiting],
-) -> Result<Vec<Result<PostingResult, BillingError>>, BillingError> {
+    read: Read,
+) -> Result<Option<BatchResults>, BillingError> {
+    let keys: Vec<&str> = batch
+        .iter()
+        .map(|w| w.posting.idempotency_key.as_str())
+        .collect();
     let mut transaction = pool.begin().await?;
-    let row = sqlx::query(LOCK_FOR_BATCH_SQL)
+    let row = sqlx::query(include_str!("batch_lock.sql"))
         .bind(account_id)
+        .bind(&keys)
+        .bind(batch.len() as i64)
         .fetch_optional(&mut *transaction)
         .await?
         .ok_or(BillingError::NotFound("account"))?;
     let account = account_from_row(&row)?;
     // The transaction's start time: every entry and event of the batch carries it.
     let now: DateTime<Utc> = row.try_get("now")?;
-    let (stored, mut entry_ids) = lookup(&mut transaction, account_id, batch).await?;
+    // Popped from the back: entries are written in sequence order with increasing ids.
+    let mut entry_ids: Vec<i64> = row.try_get("entry_ids")?;
+    entry_ids.sort_unstable_by(|a, b| b.cmp(a));
+    let stored = match read {
+        Read::Optimistic => parse_stored_keys(row.try_get("stored_keys")?)?,
+        Read::AfterLock => lookup(&mut transaction, account_id, &keys).await?,
+    };
 
     let mut balance = account.balance;
     let mut version = account.version;
@@ -200,7 +236,7 @@ async fn apply_batch(
     }
 
     if !accepted.is_empty() {
-        write(
+        let keys_stored = super::batch_write::write(
             &mut transaction,
             &account,
             batch,
@@ -210,6 +246,16 @@ async fn apply_batch(
             now,
         )
         .await?;
+        if keys_stored != accepted.len() as i64 {
+            // Only an optimistic read can miss a key: the lock's snapshot predates it.
+            transaction.rollback().await?;
+            if read == Read::AfterLock {
+                return Err(BillingError::Unexpected(anyhow::anyhow!(
+                    "an idempotency key of the batch was stored without the account's lock"
+                )));
+            }
+            return Ok(None);
+        }
         transaction.commit().await?;
     } else {
         transaction.rollback().await?;
@@ -218,58 +264,56 @@ async fn apply_batch(
         results[index] = Some(Ok(result));
     }
     // Duplicates of an in-batch key were answered with a clone above.
-    Ok(results
-        .into_iter()
-        .map(|result| {
-            result.unwrap_or_else(|| {
-                Err(BillingError::Unexpected(anyhow::anyhow!(
-                    "a debit of the batch was left unanswered"
-                )))
+    Ok(Some(
+        results
+            .into_iter()
+            .map(|result| {
+                result.unwrap_or_else(|| {
+                    Err(BillingError::Unexpected(anyhow::anyhow!(
+                        "a debit of the batch was left unanswered"
+                    )))
+                })
             })
-        })
-        .collect())
+            .collect(),
+    ))
 }
 
 type StoredKeys = HashMap<String, (String, String, serde_json::Value)>;
 
-/// Stored keys of the batch, and fresh entry ids (ascending, popped from the back).
+/// The batch's keys already stored on the account, read after the lock.
 async fn lookup(
     connection: &mut PgConnection,
     account_id: &str,
-    batch: &[Waiting],
-) -> Result<(StoredKeys, Vec<i64>), BillingError> {
-    let keys: Vec<&str> = batch
-        .iter()
-        .map(|w| w.posting.idempotency_key.as_str())
-        .collect();
-    let rows = sqlx::query(include_str!("batch_lookup.sql"))
-        .bind(account_id)
-        .bind(&keys)
-        .bind(batch.len() as i64)
-        .fetch_all(connection)
-        .await?;
-    let mut stored = HashMap::new();
-    let mut entry_ids = Vec::with_capacity(batch.len());
-    for row in rows {
-        if let Some(entry_id) = row.try_get::<Option<i64>, _>("entry_id")? {
-            entry_ids.push(entry_id);
-            continue;
-        }
-        let response: String = row.try_get("response")?;
-        let response = serde_json::from_str(&response)
-            .map_err(|e| BillingError::Unexpected(anyhow::anyhow!("stored response: {e}")))?;
-        stored.insert(
-            row.try_get("idempotency_key")?,
-            (
-                row.try_get("operation")?,
-                row.try_get("request_hash")?,
-                response,
-            ),
-        );
-    }
-    // Entries are written in sequence order with increasing ids.
-    entry_ids.sort_unstable_by(|a, b| b.cmp(a));
-    Ok((stored, entry_ids))
+    keys: &[&str],
+) -> Result<StoredKeys, BillingError> {
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT idempotency_key, operation, request_hash, response::TEXT FROM idempotency_keys \
+         WHERE account_id = $1 AND idempotency_key = ANY($2)",
+    )
+    .bind(account_id)
+    .bind(keys)
+    .fetch_all(connection)
+    .await?;
+    rows.into_iter()
+        .map(|(key, operation, hash, response)| {
+            let response = serde_json::from_str(&response)
+                .map_err(|e| BillingError::Unexpected(anyhow::anyhow!("stored response: {e}")))?;
+            Ok((key, (operation, hash, response)))
+        })
+        .collect()
+}
+
+/// `[[key, operation, request_hash, response], …]` from `batch_lock.sql`.
+fn parse_stored_keys(json: Option<String>) -> Result<StoredKeys, BillingError> {
+    let Some(json) = json else {
+        return Ok(StoredKeys::new());
+    };
+    let rows: Vec<(String, String, String, serde_json::Value)> = serde_json::from_str(&json)
+        .map_err(|e| BillingError::Unexpected(anyhow::anyhow!("stored keys: {e}")))?;
+    Ok(rows
+        .into_iter()
+        .map(|(key, operation, hash, response)| (key, (operation, hash, response)))
+        .collect())
 }
 
 fn reused_key() -> BillingError {
@@ -327,93 +371,5 @@ fn posting_result(
         total_balance: balance + account.credit_limit,
         version,
         currency: account.currency.code().to_owned(),
-    }
-}
-
-async fn write(
-    connection: &mut PgConnection,
-    account: &Account,
-    batch: &[Waiting],
-    accepted: &[Accepted],
-    balance: Decimal,
-    version: i64,
-    created_at: DateTime<Utc>,
-) -> Result<(), BillingError> {
-    let mut columns = Columns::default();
-    for Accepted { index, result } in accepted {
-        columns.push(&batch[*index], result)?;
-    }
-    let moved: i64 = sqlx::query_scalar(include_str!("batch_debit.sql"))
-        .bind(account.account_id.as_str())
-        .bind(balance)
-        .bind(version)
-        .bind(created_at)
-        .bind(columns.entry_ids)
-        .bind(columns.transaction_ids)
-        .bind(columns.amounts)
-        .bind(columns.balances_after)
-        .bind(columns.totals_after)
-        .bind(columns.sequences)
-        .bind(columns.descriptions)
-        .bind(columns.metadata)
-        .bind(columns.keys)
-        .bind(columns.request_hashes)
-        .bind(columns.responses)
-        .bind(columns.actors)
-        .bind(columns.roles)
-        .bind(columns.details)
-        .fetch_one(connection)
-        .await?;
-    debug_assert_eq!(moved, version, "the version counts the entries");
-    Ok(())
-}
-
-/// The batch's accepted debits, one array per column of `batch_debit.sql`.
-#[derive(Default)]
-struct Columns {
-    entry_ids: Vec<i64>,
-    transaction_ids: Vec<Uuid>,
-    amounts: Vec<Decimal>,
-    balances_after: Vec<Decimal>,
-    totals_after: Vec<Decimal>,
-    sequences: Vec<i64>,
-    descriptions: Vec<String>,
-    metadata: Vec<String>,
-    keys: Vec<String>,
-    request_hashes: Vec<String>,
-    responses: Vec<String>,
-    actors: Vec<String>,
-    roles: Vec<String>,
-    details: Vec<String>,
-}
-
-impl Columns {
-    fn push(&mut self, waiting: &Waiting, result: &PostingResult) -> Result<(), BillingError> {
-        let entry = &result.entry;
-        let json = |value: serde_json::Result<String>| {
-            value.map_err(|e| BillingError::Unexpected(e.into()))
-        };
-        self.entry_ids.push(entry.entry_id);
-        self.transaction_ids.push(entry.transaction_id);
-        self.amounts.push(entry.amount);
-        self.balances_after.push(result.balance);
-        self.totals_after.push(result.total_balance);
-        self.sequences.push(result.version);
-        self.descriptions.push(entry.description.clone());
-        self.metadata
-            .push(json(serde_json::to_string(&entry.metadata))?);
-        self.keys
-            .push(waiting.posting.idempotency_key.as_str().to_owned());
-        self.request_hashes.push(waiting.fingerprint.clone());
-        self.responses.push(json(serde_json::to_string(result))?);
-        self.actors.push(waiting.caller.subject.clone());
-        self.roles.push(waiting.caller.roles_label());
-        self.details
-            .push(json(serde_json::to_string(&serde_json::json!({
-                "transaction_id": entry.transaction_id,
-                "kind": EntryKind::Usage.as_str(),
-                "amount": entry.amount.to_string(),
-            })))?);
-        Ok(())
     }
 }

@@ -1,7 +1,8 @@
 -- A batch of accepted debits on one locked account, in one round trip: the
 -- balance and version move once; each debit appends its entry, its balance
 -- event (in sequence order, so cursors follow sequences), its idempotency
--- key with the stored response, and its audit row.
+-- key with the stored response, and its audit row. `keys_stored` below the
+-- batch's length means another transaction stored one of its keys first.
 -- $1 account_id, $2 final balance, $3 final version, $4 created_at (the
 -- transaction's now()), then one array element per debit: $5 entry_id,
 -- $6 transaction_id, $7 signed amount, $8 balance_after, $9 total_balance_after,
@@ -29,8 +30,10 @@ WITH moved AS (
 ), keys AS (
     INSERT INTO idempotency_keys (account_id, idempotency_key, operation, request_hash, response)
     SELECT $1, idempotency_key, 'post', request_hash, response::JSONB FROM batch
+        ON CONFLICT DO NOTHING
+ RETURNING 1
 ), audit AS (
     INSERT INTO audit_log (actor, role, action, account_id, details)
     SELECT actor, role, 'debit', $1, details::JSONB FROM batch ORDER BY sequence
 )
-SELECT version FROM moved
+SELECT (SELECT version FROM moved) AS version, (SELECT count(*) FROM keys) AS keys_stored

@@ -8,6 +8,7 @@
 
 mod accounts;
 mod batch;
+mod batch_write;
 mod history;
 mod idempotency;
 mod postings;

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use billing::proto;
 use tonic::Code;
 
-use crate::helpers::{authed, count_rows, spawn_app};
+use billing::server::ServerSettings;
+
+use crate::helpers::{authed, count_rows, spawn_app, spawn_app_on};
 
 fn debit(amount: &str, key: &str) -> proto::DebitRequest {
     proto::DebitRequest {
@@ -170,5 +172,89 @@ async fn a_refused_debit_in_a_batch_does_not_stop_the_others() {
         .unwrap()
         .into_inner();
     assert_eq!(balance.balance, "0.25");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn retries_through_two_replicas_take_effect_once() {
+    let app = spawn_app().await;
+    app.account_with_balance("hot", "1000.00").await;
+    let options = (*app.pool.connect_options()).clone();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let replica = spawn_app_on(pool, ServerSettings::default()).await;
+    let token = app.service_token();
+    // Each key goes to both replicas at once: their batches race for the row lock.
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        for server in [&app, &replica] {
+            let mut client = server.balances();
+            let token = token.clone();
+            tasks.push(tokio::spawn(async move {
+                let response = client
+                    .debit(authed(&token, debit("1.00", &format!("twice-{i}"))))
+                    .await
+                    .expect("both replicas answer")
+                    .into_inner();
+                (i, response.transaction.unwrap().transaction_id)
+            }));
+        }
+    }
+    let mut by_key: HashMap<i32, Vec<String>> = HashMap::new();
+    for task in tasks {
+        let (i, transaction_id) = task.await.unwrap();
+        by_key.entry(i).or_default().push(transaction_id);
+    }
+    for (i, ids) in &by_key {
+        assert_eq!(ids[0], ids[1], "key {i}: one effect, one result");
+    }
+    assert_eq!(count_rows(&app.pool, "ledger_entries").await, 61);
+    let balance: rust_decimal::Decimal =
+        sqlx::query_scalar("SELECT balance FROM accounts WHERE account_id = 'hot'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(balance, rust_decimal::Decimal::new(94000, 2));
+    replica.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_stored_while_the_batch_waited_for_the_lock_is_still_honoured() {
+    let app = spawn_app().await;
+    app.account_with_balance("hot", "10.00").await;
+    // Another writer holds the account's lock and stores the key for another request.
+    let mut other = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE account_id = 'hot' FOR UPDATE")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (account_id, idempotency_key, operation, request_hash, response) \
+         VALUES ('hot', 'contested', 'post', 'another request', '{}')",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let mut client = app.balances();
+    let token = app.service_token();
+    let waiting = tokio::spawn(async move {
+        client
+            .debit(authed(&token, debit("1.00", "contested")))
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    other.commit().await.unwrap();
+
+    let refused = waiting.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
+    assert_eq!(
+        count_rows(&app.pool, "ledger_entries").await,
+        1,
+        "nothing written"
+    );
     app.stop().await;
 }
