@@ -8,7 +8,8 @@
 //! earlier in the batch) and for funds (against the balance left by the debits
 //! before it), so a refused debit writes nothing and spoils nothing. The
 //! accepted ones are written by one statement ([`batch_debit.sql`]). Every
-//! caller is answered only after the commit that holds its entry; if the
+//! caller is answered only after the commit that holds its entry; a caller
+//! that is gone (timed out) before its debit is applied withdraws it; if the
 //! transaction fails, every accepted debit of the batch gets the error.
 //!
 //! With no contention a batch holds one debit, and the cost is that of a plain
@@ -201,6 +202,14 @@ async fn apply_batch(
     // Keys accepted earlier in this batch: their fingerprint and result.
     let mut in_batch: HashMap<&str, (&str, usize)> = HashMap::new();
     for (index, waiting) in batch.iter().enumerate() {
+        // A caller cut off (timeout, disconnect) while the batch waited for
+        // the lock withdraws its debit, as a rolled-back transaction would.
+        if waiting.reply.is_closed() {
+            results[index] = Some(Err(BillingError::Unavailable(
+                "the request was cancelled".into(),
+            )));
+            continue;
+        }
         let key = waiting.posting.idempotency_key.as_str();
         if let Some((operation, fingerprint, response)) = stored.get(key) {
             results[index] = Some(
