@@ -69,10 +69,17 @@ START_NS=$(date +%s%N)
 "$BILLING" serve --listen "127.0.0.1:$PORT" >"$OUT/server.log" 2>&1 &
 SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
-until [[ "$(pg_answers 127.0.0.1 "$PORT")" == yes ]]; do sleep 0.01; done
-bench() { "$BILLING" bench --target "http://127.0.0.1:$PORT" --json "$@"; }
-bench noop --duration-secs 1 --warmup-secs 0 --concurrency 1 >/dev/null
+# Start → the health check answers SERVING (grpcurl), or → the port accepts.
+serving() {
+  if command -v grpcurl >/dev/null; then
+    grpcurl -plaintext -max-time 1 "127.0.0.1:$PORT" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"SERVING"'
+  else
+    [[ "$(pg_answers 127.0.0.1 "$PORT")" == yes ]]
+  fi
+}
+until serving; do sleep 0.01; done
 SERVING_MS=$(( ($(date +%s%N) - START_NS) / 1000000 ))
+bench() { "$BILLING" bench --target "http://127.0.0.1:$PORT" --json "$@"; }
 sleep 1
 IDLE_RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$SERVER_PID/status")
 
