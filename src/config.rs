@@ -29,6 +29,8 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Mint a bearer token with the configured (or development) key.
     Token(TokenArgs),
+    /// Load and latency scenarios against a running server (see BENCHMARKS.md).
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -106,6 +108,9 @@ pub struct ServeArgs {
     /// After SIGTERM/SIGINT, how long in-flight RPCs and streams may take to finish (milliseconds).
     #[arg(long, env = "BILLING_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+    /// Most concurrent debits of one account committed in one transaction (group commit); 1 turns it off.
+    #[arg(long, env = "BILLING_DEBIT_BATCH_MAX", default_value_t = 128)]
+    pub debit_batch_max: usize,
     /// Log format (the container image and the Helm chart set json).
     #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

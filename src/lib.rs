@@ -7,6 +7,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod bench;
 pub mod card;
 pub mod config;
 pub mod db;

@@ -37,5 +37,6 @@ async fn main() -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
+        Command::Bench(args) => billing::bench::run(*args).await,
     }
 }

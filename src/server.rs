@@ -25,6 +25,7 @@ use crate::config::ServeArgs;
 use crate::db::{self, Database};
 use crate::events::{EventFeed, FeedSettings, WatchSettings};
 use crate::gateway::{PaymentGateway, SandboxGateway};
+use crate::ledger::DebitBatcher;
 use crate::limits::DeadlineLayer;
 use crate::notifications::{self, FileMailer, Mailer, SenderSettings, SmtpMailer, SmtpSettings};
 use crate::payment_methods::PaymentMethods;
@@ -75,6 +76,8 @@ pub struct ServerSettings {
     /// Where `/metrics` is served over HTTP; `None`: no HTTP server (tests
     /// bind port 0 and pass the listener).
     pub metrics_listener: Option<Arc<std::net::TcpListener>>,
+    /// Most debits of one account committed together (group commit); 1 turns it off.
+    pub debit_batch_max: usize,
 }
 
 impl Default for ServerSettings {
@@ -96,6 +99,7 @@ impl Default for ServerSettings {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             metrics_listener: None,
+            debit_batch_max: 128,
         }
     }
 }
@@ -148,6 +152,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         keepalive_interval: Duration::from_secs(args.keepalive_interval_secs.max(1)),
         keepalive_timeout: Duration::from_secs(args.keepalive_timeout_secs.max(1)),
         metrics_listener: Some(Arc::new(metrics_listener)),
+        debit_batch_max: args.debit_batch_max,
         ..ServerSettings::default()
     };
     let (stop_sender, stop_receiver) = watch::channel(false);
@@ -299,6 +304,7 @@ pub async fn serve(
         .add_service(
             proto::balances_server::BalancesServer::new(BalancesApi::new(
                 pool.clone(),
+                DebitBatcher::new(pool.clone(), settings.debit_batch_max),
                 feed.clone(),
                 settings.watch.clone(),
             ))

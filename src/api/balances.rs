@@ -26,14 +26,21 @@ use crate::proto::{self, balances_server::Balances};
 #[derive(Clone)]
 pub struct BalancesApi {
     pool: PgPool,
+    debits: ledger::DebitBatcher,
     feed: EventFeed,
     watch_settings: WatchSettings,
 }
 
 impl BalancesApi {
-    pub fn new(pool: PgPool, feed: EventFeed, watch_settings: WatchSettings) -> Self {
+    pub fn new(
+        pool: PgPool,
+        debits: ledger::DebitBatcher,
+        feed: EventFeed,
+        watch_settings: WatchSettings,
+    ) -> Self {
         Self {
             pool,
+            debits,
             feed,
             watch_settings,
         }
@@ -119,7 +126,7 @@ impl Balances for BalancesApi {
             metadata: metadata("metadata", message.metadata)?,
             allow_overdraft: message.allow_overdraft,
         };
-        let result = ledger::post(&self.pool, &caller, posting).await?;
+        let result = self.debits.debit(&caller, posting).await?;
         let (transaction, balance, total_balance, version) = posting_to_proto(&result)?;
         Ok(Response::new(proto::DebitResponse {
             transaction: Some(transaction),

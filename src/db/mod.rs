@@ -39,6 +39,9 @@ impl Database {
         let pool = PgPoolOptions::new()
             .max_connections(args.db_max_connections.max(2))
             .acquire_timeout(Duration::from_secs(5))
+            // No ping before each checkout: a round trip per transaction; a dead
+            // connection fails its statement instead and is dropped.
+            .test_before_acquire(false)
             .connect_with(database_options.clone())
             .await
             .context("connecting the database pool")?;

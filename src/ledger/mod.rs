@@ -7,6 +7,8 @@
 //! `balance == sum(entries)` always holds and concurrent debits serialize.
 
 mod accounts;
+mod batch;
+mod batch_write;
 mod history;
 mod idempotency;
 mod postings;
@@ -20,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use accounts::{NewAccount, create_account, get_account, load_account};
+pub use batch::DebitBatcher;
 pub use history::{EntryFilter, list_entries};
 pub use idempotency::request_fingerprint;
 pub(crate) use idempotency::{previous_response, remember_response};

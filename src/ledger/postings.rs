@@ -15,7 +15,7 @@ use crate::error::BillingError;
 use crate::ids::{AccountId, IdempotencyKey};
 
 /// The largest absolute balance the `NUMERIC(24, 6)` columns hold, with margin.
-const BALANCE_LIMIT: i64 = 100_000_000_000_000_000;
+pub(super) const BALANCE_LIMIT: i64 = 100_000_000_000_000_000;
 
 #[derive(Debug, Clone)]
 pub struct Posting {
@@ -31,7 +31,7 @@ pub struct Posting {
 }
 
 impl Posting {
-    fn fingerprint(&self) -> String {
+    pub(super) fn fingerprint(&self) -> String {
         let metadata = serde_json::to_string(&self.metadata).unwrap_or_default();
         idempotency::request_fingerprint(
             "post",
@@ -49,7 +49,7 @@ impl Posting {
         )
     }
 
-    fn signed_amount(&self) -> Decimal {
+    pub(super) fn signed_amount(&self) -> Decimal {
         if self.kind.is_debit() {
             -self.amount
         } else {

@@ -5,6 +5,7 @@ mod alerts;
 mod auth_attacks;
 mod balances;
 mod events;
+mod group_commit;
 mod helpers;
 mod hostile_input;
 mod keys;

@@ -1,0 +1,174 @@
+//! The event stream: delivery latency under debits, and many idle streams.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+
+use super::report::{self, Report};
+use super::{Bench, load, rss_kib, with_token};
+use crate::proto::{self, balances_client::BalancesClient};
+
+const EVENTS_ACCOUNT: &str = "bench-events";
+const IDLE_ACCOUNT: &str = "bench-idle";
+
+/// Latency = the subscriber's receive time − the event's `created_at`.
+/// `created_at` is the debit transaction's start (`now()`), a little before
+/// its commit, so this is commit → subscriber plus the transaction's own time:
+/// an upper bound. Both clocks are this machine's.
+pub(super) async fn events(bench: &Bench) -> anyhow::Result<Report> {
+    load::ensure_funded(bench, &[EVENTS_ACCOUNT.to_owned()]).await?;
+    let started = SystemTime::now();
+    let mut subscriber = BalancesClient::new(bench.channel(0));
+    let mut stream = subscriber
+        .watch_balance_events(bench.request(proto::WatchBalanceEventsRequest {
+            account_id: EVENTS_ACCOUNT.into(),
+            after_cursor: 0,
+        }))
+        .await
+        .context("subscribing")?
+        .into_inner();
+    let measure = Duration::from_secs(bench.args.duration_secs.max(1));
+    let deadline = Instant::now() + measure;
+    let pace = Duration::from_secs_f64(
+        bench.args.concurrency as f64 / bench.args.rate.unwrap_or(200.0).max(0.001),
+    );
+    let mut writers = Vec::new();
+    for worker in 0..bench.args.concurrency.max(1) {
+        let mut client = BalancesClient::new(bench.channel(worker + 1));
+        let token = bench.token.clone();
+        let (amount, run_id) = (bench.args.amount.clone(), bench.run_id.clone());
+        writers.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(pace);
+            let (mut ok, mut errors) = (0u64, 0u64);
+            for call in 0.. {
+                ticker.tick().await;
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let debit = client
+                    .debit(with_token(
+                        &token,
+                        proto::DebitRequest {
+                            account_id: EVENTS_ACCOUNT.into(),
+                            amount: amount.clone(),
+                            idempotency_key: format!("{run_id}-ev-{worker}-{call}"),
+                            ..Default::default()
+                        },
+                    ))
+                    .await;
+                if debit.is_ok() { ok += 1 } else { errors += 1 }
+            }
+            (ok, errors)
+        }));
+    }
+    let mut latency = report::histogram();
+    let mut received = 0u64;
+    let listen_until = deadline + Duration::from_secs(2);
+    loop {
+        let message = match tokio::time::timeout_at(listen_until.into(), stream.message()).await {
+            Err(_) | Ok(Ok(None)) => break,
+            Ok(Ok(Some(message))) => message,
+            Ok(Err(status)) => return Err(status).context("the event stream failed"),
+        };
+        let now = SystemTime::now();
+        let Some(created_at) = message.event.and_then(|e| e.created_at) else {
+            continue;
+        };
+        let created_at = SystemTime::try_from(created_at).unwrap_or(now);
+        if created_at < started {
+            continue; // replayed history
+        }
+        received += 1;
+        report::record(
+            &mut latency,
+            now.duration_since(created_at).unwrap_or_default(),
+        );
+    }
+    let (mut ok, mut errors) = (0, 0);
+    for writer in writers {
+        let (writer_ok, writer_errors) = writer.await?;
+        ok += writer_ok;
+        errors += writer_errors;
+    }
+    Ok(Report {
+        scenario: "Events".into(),
+        concurrency: bench.args.concurrency,
+        elapsed: measure,
+        ok: received,
+        errors,
+        latency_of: "event created_at (transaction start) to subscriber receive".into(),
+        latency,
+        extra: serde_json::json!({ "debits_ok": ok, "events_received": received }),
+        error_samples: Vec::new(),
+    })
+}
+
+/// Opens `--streams` streams on an account with no events, holds them, and
+/// reads the server's RSS before and after.
+pub(super) async fn idle(bench: &Bench) -> anyhow::Result<Report> {
+    let mut setup = BalancesClient::new(bench.channel(0));
+    let _ = setup
+        .create_account(bench.request(proto::CreateAccountRequest {
+            account_id: IDLE_ACCOUNT.into(),
+            currency: "USD".into(),
+            display_name: "bench".into(),
+            ..Default::default()
+        }))
+        .await;
+    let rss_before = bench.args.server_pid.and_then(rss_kib);
+    let started = Instant::now();
+    let mut latency = report::histogram();
+    let mut streams = Vec::with_capacity(bench.args.streams);
+    let mut errors = 0u64;
+    let mut error_samples = Vec::new();
+    for chunk_start in (0..bench.args.streams).step_by(500) {
+        let chunk_end = (chunk_start + 500).min(bench.args.streams);
+        let opening = (chunk_start..chunk_end).map(|index| {
+            let mut client = BalancesClient::new(bench.channel(index));
+            let request = bench.request(proto::WatchBalanceEventsRequest {
+                account_id: IDLE_ACCOUNT.into(),
+                after_cursor: 0,
+            });
+            async move {
+                let began = Instant::now();
+                let opened = client.watch_balance_events(request).await;
+                (opened, began.elapsed())
+            }
+        });
+        for (opened, took) in futures::future::join_all(opening).await {
+            match opened {
+                Ok(stream) => {
+                    report::record(&mut latency, took);
+                    streams.push(stream.into_inner());
+                }
+                Err(status) => {
+                    errors += 1;
+                    if error_samples.len() < 3 {
+                        error_samples.push(format!("{:?}: {}", status.code(), status.message()));
+                    }
+                }
+            }
+        }
+    }
+    let opened_in = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(bench.args.duration_secs.max(1))).await;
+    let rss_held = bench.args.server_pid.and_then(rss_kib);
+    let held = streams.len();
+    drop(streams);
+    Ok(Report {
+        scenario: "IdleStreams".into(),
+        concurrency: bench.args.streams,
+        elapsed: opened_in,
+        ok: held as u64,
+        errors,
+        latency_of: "opening a stream (response headers)".into(),
+        latency,
+        extra: serde_json::json!({
+            "streams_held": held,
+            "connections": bench.channels.len(),
+            "server_rss_mib_before": rss_before.map(|k| k as f64 / 1024.0),
+            "server_rss_mib_held": rss_held.map(|k| k as f64 / 1024.0),
+        }),
+        error_samples,
+    })
+}
