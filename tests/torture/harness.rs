@@ -61,7 +61,7 @@ impl Server {
             .env("BILLING_SMTP_SECURITY", "none")
             .env("BILLING_MAIL_RETRY_SECS", "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1")
             .env("BILLING_OUTBOX_POLL_MS", "100")
-            .env("BILLING_MAIL_CLAIM_SECS", "5")
+            .env("BILLING_MAIL_CLAIM_SECS", "30")
             .env("BILLING_TOP_UP_RETRY_SECS", "1,2,2")
             .env("BILLING_TOP_UP_RECONCILE_SECS", "1")
             .env("BILLING_TOP_UP_LEASE_SECS", "3")
@@ -113,6 +113,8 @@ pub struct Sink {
 #[derive(Debug)]
 pub struct Received {
     pub message_id: String,
+    /// When the SMTP server stored it.
+    pub at: std::time::SystemTime,
 }
 
 impl Sink {
@@ -157,7 +159,10 @@ impl Sink {
                 .unwrap_or_default()
                 .trim()
                 .to_owned();
-            out.push(Received { message_id });
+            let at = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            out.push(Received { message_id, at });
         }
         out
     }

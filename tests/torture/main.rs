@@ -193,6 +193,7 @@ async fn torture_nothing_lost_nothing_charged_twice() {
     // Faults: kill -9 a replica every few seconds and bring it back; restart Postgres once.
     let mut rng = driver::seeded(seed);
     let (mut kills, mut pg_restarts) = (0u64, 0u64);
+    let mut kill_times = Vec::new();
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(rng.random_range(2000..4000))).await;
         if Instant::now() >= until {
@@ -201,6 +202,7 @@ async fn torture_nothing_lost_nothing_charged_twice() {
         let victim = rng.random_range(0..servers.len());
         servers[victim].kill();
         kills += 1;
+        kill_times.push(std::time::SystemTime::now());
         tokio::time::sleep(Duration::from_millis(300)).await;
         if pg_restarts == 0 && Instant::now() > started + Duration::from_secs(seconds / 2) {
             cluster.stop();
@@ -234,7 +236,14 @@ async fn torture_nothing_lost_nothing_charged_twice() {
         }
     }
     let outcome = checks::wait_until_quiet(&pool, Duration::from_secs(120)).await;
-    let report = checks::run_all(&pool, &channels[1], &driver.service_token, &sink).await;
+    let report = checks::run_all(
+        &pool,
+        &channels[1],
+        &driver.service_token,
+        &sink,
+        &kill_times,
+    )
+    .await;
 
     let tally = driver.tally.lock().unwrap();
     let mut violations = tally.violations.clone();
