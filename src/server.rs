@@ -58,6 +58,8 @@ pub struct ServerSettings {
     /// How often the top-up engine looks for due top-ups without being woken.
     pub engine_poll: Duration,
     pub clock: Arc<dyn Clock>,
+    /// The payment gateway; `None`: the sandbox simulator on this database.
+    pub gateway: Option<Arc<dyn PaymentGateway>>,
 }
 
 impl Default for ServerSettings {
@@ -74,6 +76,7 @@ impl Default for ServerSettings {
             engines: false,
             engine_poll: Duration::from_millis(250),
             clock: Arc::new(SystemClock),
+            gateway: None,
         }
     }
 }
@@ -117,6 +120,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         policy: args.policy.config(),
         engines: args.policy.engines,
+        gateway: build_gateway(&args, &database.pool)?,
         ..ServerSettings::default()
     };
     let (stop_sender, stop_receiver) = watch::channel(false);
@@ -143,6 +147,34 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     database.close().await;
     tracing::info!("billing stopped");
     result
+}
+
+/// `None` for the sandbox (built in `serve`); the Stripe gateway when configured.
+fn build_gateway(
+    args: &ServeArgs,
+    pool: &PgPool,
+) -> anyhow::Result<Option<Arc<dyn PaymentGateway>>> {
+    match args.gateway.kind {
+        crate::config::GatewayKind::Sandbox => Ok(None),
+        crate::config::GatewayKind::Stripe => {
+            let settings = args.gateway.stripe_settings()?;
+            let mode = if settings.secret_key.is_test_mode() {
+                "test"
+            } else {
+                "live"
+            };
+            tracing::info!(api = %settings.api_base, mode, "payment gateway: stripe");
+            if args.gateway.webhook_secret()?.is_none() {
+                tracing::warn!(
+                    "BILLING_STRIPE_WEBHOOK_SECRET is not set: stripe webhooks cannot be verified"
+                );
+            }
+            Ok(Some(Arc::new(crate::gateway::StripeGateway::new(
+                pool.clone(),
+                settings,
+            )?)))
+        }
+    }
 }
 
 fn build_mailer(args: &ServeArgs) -> anyhow::Result<Arc<dyn Mailer>> {
@@ -207,8 +239,11 @@ pub async fn serve(
         .build_v1alpha()
         .context("building reflection v1alpha")?;
 
-    // The only gateway so far: the sandbox simulator, keeping its state in this database.
-    let gateway: Arc<dyn PaymentGateway> = Arc::new(SandboxGateway::new(pool.clone()));
+    // The sandbox simulator (its state in this database) unless another gateway is given.
+    let gateway: Arc<dyn PaymentGateway> = settings
+        .gateway
+        .clone()
+        .unwrap_or_else(|| Arc::new(SandboxGateway::new(pool.clone())));
     let wake_engine = Arc::new(Notify::new());
     let engine_tasks = if settings.engines {
         let decisions = tokio::spawn(topup::run_policy_decisions(
@@ -235,10 +270,12 @@ pub async fn serve(
     } else {
         Vec::new()
     };
-    tracing::info!(
-        gateway = gateway.name(),
-        "payment gateway: sandbox (simulated card processor, test cards only)"
-    );
+    if gateway.name() == "sandbox" {
+        tracing::info!(
+            gateway = gateway.name(),
+            "payment gateway: sandbox (simulated card processor, test cards only)"
+        );
+    }
 
     let layers = ServiceBuilder::new()
         .layer(RpcLogLayer)

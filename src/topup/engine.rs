@@ -232,6 +232,73 @@ impl TopUpEngine {
         self.finish_round(account, top_up_id).await
     }
 
+    /// A charge result that arrived on its own (a processor's webhook) for
+    /// attempt `attempt_number` of an automatic top-up left `UNKNOWN` or
+    /// `REQUIRES_ACTION`: settled as the gateway's answer would have been
+    /// (credit and receipt, or decline and fall-through). The top-up is
+    /// claimed with the engine's lease first, so a replica reconciling it at
+    /// the same moment and this never both settle it. Returns false when there
+    /// was nothing to settle (settled already, or being driven: the driving
+    /// replica's reconciliation asks the gateway and finds the same result).
+    pub async fn settle_reported(
+        &self,
+        top_up_id: &str,
+        attempt_number: i32,
+        charge: Charge,
+    ) -> Result<bool, BillingError> {
+        if charge.outcome == Outcome::Unknown {
+            return Ok(false);
+        }
+        let now = self.clock.now();
+        let claimed: Option<String> = sqlx::query_scalar(
+            "UPDATE top_ups SET lease_until = $2 \
+              WHERE top_up_id = $1 AND trigger = 'AUTOMATIC' AND status IN ('UNKNOWN', 'REQUIRES_ACTION') \
+                AND (lease_until IS NULL OR lease_until <= $3) \
+          RETURNING account_id",
+        )
+        .bind(top_up_id)
+        .bind(now + LEASE)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(account_id) = claimed else {
+            return Ok(false);
+        };
+        let account = AccountId::parse(&account_id)?;
+        let top_up = super::get(&mut *self.pool.acquire().await?, &account, top_up_id).await?;
+        let Some(attempt) = top_up.attempts.iter().find(|a| {
+            a.attempt_number == attempt_number
+                && matches!(
+                    a.outcome,
+                    AttemptOutcome::Unknown | AttemptOutcome::RequiresAction
+                )
+        }) else {
+            self.release(top_up_id, None).await?;
+            return Ok(false);
+        };
+        let method = self.method(&account, &attempt.payment_method_id).await?;
+        match self.settle(&top_up, attempt_number, &method, charge).await {
+            Ok(Step::Done) => {}
+            Ok(Step::Next) => {
+                // Declined after all: the engine goes on with the round's other methods.
+                sqlx::query(
+                    "UPDATE top_ups SET status = 'PENDING', next_attempt_at = $2, lease_until = NULL, \
+                            updated_at = $2 WHERE top_up_id = $1",
+                )
+                .bind(top_up_id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                self.wake.notify_one();
+            }
+            Err(error) => {
+                self.release(top_up_id, None).await?;
+                return Err(error);
+            }
+        }
+        Ok(true)
+    }
+
     /// Methods to try this round: active auto-charge ones in priority order,
     /// plus those this top-up disabled with a soft decline in earlier rounds;
     /// never one it hard-declined or already tried this round.
