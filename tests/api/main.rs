@@ -10,5 +10,6 @@ mod limits;
 mod notifications;
 mod payment_methods;
 mod permissions;
+mod stripe;
 mod subscribers;
 mod top_ups;
