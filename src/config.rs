@@ -96,6 +96,8 @@ pub struct ServeArgs {
     pub mail: MailArgs,
     #[command(flatten)]
     pub policy: PolicyArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
     /// Longest a unary RPC may run (milliseconds); a shorter grpc-timeout wins.
     #[arg(long, env = "BILLING_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
@@ -206,6 +208,88 @@ impl PolicyArgs {
 
 fn parse_money(text: &str) -> Result<Decimal, String> {
     crate::money::parse_positive_amount(text, 2).map_err(|e| format!("amount {e}"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GatewayKind {
+    /// The built-in card-processor simulator (test cards only).
+    Sandbox,
+    /// Stripe's API: real cards (or Stripe's test mode with sk_test_ keys).
+    Stripe,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// The payment gateway: sandbox (simulated) or stripe.
+    #[arg(long = "gateway", env = "BILLING_GATEWAY", value_enum, default_value_t = GatewayKind::Sandbox)]
+    pub kind: GatewayKind,
+    /// Stripe secret key (sk_test_… / sk_live_… or a restricted rk_… key).
+    #[arg(long, env = "BILLING_STRIPE_SECRET_KEY", hide_env_values = true)]
+    pub stripe_secret_key: Option<crate::gateway::stripe::SecretKey>,
+    /// File holding the Stripe secret key (e.g. a mounted Kubernetes Secret).
+    #[arg(long, env = "BILLING_STRIPE_SECRET_KEY_FILE")]
+    pub stripe_secret_key_file: Option<PathBuf>,
+    /// Signing secret (whsec_…) of the Stripe webhook endpoint.
+    #[arg(long, env = "BILLING_STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub stripe_webhook_secret: Option<crate::gateway::stripe::signature::WebhookSecret>,
+    /// File holding the webhook signing secret.
+    #[arg(long, env = "BILLING_STRIPE_WEBHOOK_SECRET_FILE")]
+    pub stripe_webhook_secret_file: Option<PathBuf>,
+    /// Stripe's API base URL (a test server's in tests).
+    #[arg(long, env = "BILLING_STRIPE_API_BASE", default_value = crate::gateway::stripe::DEFAULT_API_BASE)]
+    pub stripe_api_base: String,
+    /// Longest wait for one Stripe call (milliseconds); past it a charge's outcome is unknown and reconciled.
+    #[arg(long, env = "BILLING_STRIPE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub stripe_timeout_ms: u64,
+    /// Where Stripe sends the customer back after a 3-D Secure redirect (the panel's page).
+    #[arg(long, env = "BILLING_STRIPE_RETURN_URL")]
+    pub stripe_return_url: Option<String>,
+}
+
+impl GatewayArgs {
+    /// The Stripe settings; an error naming the missing setting when there is no key.
+    pub fn stripe_settings(&self) -> anyhow::Result<crate::gateway::StripeSettings> {
+        use crate::gateway::stripe::SecretKey;
+        use anyhow::Context;
+        let key = match (&self.stripe_secret_key, &self.stripe_secret_key_file) {
+            (Some(key), _) => key.clone(),
+            (None, Some(path)) => {
+                SecretKey::new(std::fs::read_to_string(path).with_context(|| {
+                    format!("reading the stripe secret key from {}", path.display())
+                })?)
+            }
+            (None, None) => anyhow::bail!(
+                "--gateway stripe needs a secret key: set BILLING_STRIPE_SECRET_KEY or BILLING_STRIPE_SECRET_KEY_FILE"
+            ),
+        };
+        Ok(crate::gateway::StripeSettings {
+            api_base: self.stripe_api_base.clone(),
+            secret_key: key,
+            timeout: Duration::from_millis(self.stripe_timeout_ms.max(1)),
+            return_url: self.stripe_return_url.clone(),
+        })
+    }
+
+    /// The webhook signing secret, when configured.
+    pub fn webhook_secret(
+        &self,
+    ) -> anyhow::Result<Option<crate::gateway::stripe::signature::WebhookSecret>> {
+        use anyhow::Context;
+        Ok(
+            match (
+                &self.stripe_webhook_secret,
+                &self.stripe_webhook_secret_file,
+            ) {
+                (Some(secret), _) => Some(secret.clone()),
+                (None, Some(path)) => Some(crate::gateway::stripe::signature::WebhookSecret::new(
+                    std::fs::read_to_string(path).with_context(|| {
+                        format!("reading the stripe webhook secret from {}", path.display())
+                    })?,
+                )),
+                (None, None) => None,
+            },
+        )
+    }
 }
 
 #[derive(Debug, Clone, Args)]

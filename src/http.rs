@@ -1,5 +1,5 @@
 //! The HTTP side of the service (axum): `/metrics` in the Prometheus text
-//! format now; the payment gateway's webhook will live here too.
+//! format, and the payment gateway's webhook when one is configured.
 
 use axum::Router;
 use axum::extract::State;
@@ -11,19 +11,24 @@ use tokio::net::TcpListener;
 
 use crate::telemetry::metrics;
 
-pub fn router(pool: PgPool) -> Router {
-    Router::new()
+pub fn router(pool: PgPool, extra: Option<Router>) -> Router {
+    let router = Router::new()
         .route("/metrics", get(scrape))
-        .with_state(pool)
+        .with_state(pool);
+    match extra {
+        Some(extra) => router.merge(extra),
+        None => router,
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     pool: PgPool,
+    extra: Option<Router>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(pool))
+    axum::serve(listener, router(pool, extra))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -78,6 +78,10 @@ pub struct ServerSettings {
     pub metrics_listener: Option<Arc<std::net::TcpListener>>,
     /// Most debits of one account committed together (group commit); 1 turns it off.
     pub debit_batch_max: usize,
+    /// The payment gateway; `None`: the sandbox simulator on this database.
+    pub gateway: Option<Arc<dyn PaymentGateway>>,
+    /// Verifies the Stripe webhook (`POST /stripe/webhook` on the metrics port).
+    pub stripe_webhook_secret: Option<crate::gateway::stripe::signature::WebhookSecret>,
 }
 
 impl Default for ServerSettings {
@@ -100,6 +104,8 @@ impl Default for ServerSettings {
             keepalive_timeout: Duration::from_secs(10),
             metrics_listener: None,
             debit_batch_max: 128,
+            gateway: None,
+            stripe_webhook_secret: None,
         }
     }
 }
@@ -153,6 +159,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         keepalive_timeout: Duration::from_secs(args.keepalive_timeout_secs.max(1)),
         metrics_listener: Some(Arc::new(metrics_listener)),
         debit_batch_max: args.debit_batch_max,
+        gateway: build_gateway(&args, &database.pool)?,
+        stripe_webhook_secret: args.gateway.webhook_secret()?,
         ..ServerSettings::default()
     };
     let (stop_sender, stop_receiver) = watch::channel(false);
@@ -179,6 +187,34 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     database.close().await;
     tracing::info!("billing stopped");
     result
+}
+
+/// `None` for the sandbox (built in `serve`); the Stripe gateway when configured.
+fn build_gateway(
+    args: &ServeArgs,
+    pool: &PgPool,
+) -> anyhow::Result<Option<Arc<dyn PaymentGateway>>> {
+    match args.gateway.kind {
+        crate::config::GatewayKind::Sandbox => Ok(None),
+        crate::config::GatewayKind::Stripe => {
+            let settings = args.gateway.stripe_settings()?;
+            let mode = if settings.secret_key.is_test_mode() {
+                "test"
+            } else {
+                "live"
+            };
+            tracing::info!(api = %settings.api_base, mode, "payment gateway: stripe");
+            if args.gateway.webhook_secret()?.is_none() {
+                tracing::warn!(
+                    "BILLING_STRIPE_WEBHOOK_SECRET is not set: stripe webhooks cannot be verified"
+                );
+            }
+            Ok(Some(Arc::new(crate::gateway::StripeGateway::new(
+                pool.clone(),
+                settings,
+            )?)))
+        }
+    }
 }
 
 fn build_mailer(args: &ServeArgs) -> anyhow::Result<Arc<dyn Mailer>> {
@@ -229,14 +265,6 @@ pub async fn serve(
             stop_receiver.clone(),
         ))
     });
-    let metrics_task = match &settings.metrics_listener {
-        Some(listener) => Some(spawn_metrics_server(
-            listener,
-            pool.clone(),
-            stop_receiver.clone(),
-        )?),
-        None => None,
-    };
     // One feed per process: every stream of this server follows it.
     let feed = EventFeed::start(pool.clone(), settings.events.clone());
 
@@ -251,9 +279,35 @@ pub async fn serve(
         .build_v1alpha()
         .context("building reflection v1alpha")?;
 
-    // The only gateway so far: the sandbox simulator, keeping its state in this database.
-    let gateway: Arc<dyn PaymentGateway> = Arc::new(SandboxGateway::new(pool.clone()));
+    // The sandbox simulator (its state in this database) unless another gateway is given.
+    let gateway: Arc<dyn PaymentGateway> = settings
+        .gateway
+        .clone()
+        .unwrap_or_else(|| Arc::new(SandboxGateway::new(pool.clone())));
     let wake_engine = Arc::new(Notify::new());
+    // The payment gateway's webhook (Stripe) shares the metrics HTTP server.
+    let webhook = match (&settings.stripe_webhook_secret, &settings.gateway) {
+        (Some(secret), Some(gateway)) => Some(crate::gateway::stripe::webhook::webhook_router(
+            crate::gateway::stripe::webhook::WebhookState::new(
+                pool.clone(),
+                gateway.clone(),
+                secret.clone(),
+                settings.policy.clone(),
+                settings.clock.clone(),
+                wake_engine.clone(),
+            ),
+        )),
+        _ => None,
+    };
+    let metrics_task = match &settings.metrics_listener {
+        Some(listener) => Some(spawn_metrics_server(
+            listener,
+            pool.clone(),
+            webhook,
+            stop_receiver.clone(),
+        )?),
+        None => None,
+    };
     let engine_tasks = if settings.engines {
         let decisions = tokio::spawn(topup::run_policy_decisions(
             pool.clone(),
@@ -279,10 +333,12 @@ pub async fn serve(
     } else {
         Vec::new()
     };
-    tracing::info!(
-        gateway = gateway.name(),
-        "payment gateway: sandbox (simulated card processor, test cards only)"
-    );
+    if gateway.name() == "sandbox" {
+        tracing::info!(
+            gateway = gateway.name(),
+            "payment gateway: sandbox (simulated card processor, test cards only)"
+        );
+    }
 
     let layers = ServiceBuilder::new()
         .layer(RpcLogLayer)
@@ -364,6 +420,7 @@ pub async fn serve(
 fn spawn_metrics_server(
     listener: &std::net::TcpListener,
     pool: PgPool,
+    extra: Option<axum::Router>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = listener.try_clone().context("metrics listener")?;
@@ -373,7 +430,7 @@ fn spawn_metrics_server(
         let stopped = async move {
             let _ = stop.wait_for(|stop| *stop).await;
         };
-        if let Err(error) = crate::http::serve(listener, pool, stopped).await {
+        if let Err(error) = crate::http::serve(listener, pool, extra, stopped).await {
             tracing::error!(%error, "metrics HTTP server failed");
         }
     }))

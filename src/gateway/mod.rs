@@ -13,6 +13,7 @@
 //! The gateway knows cards and charges, nothing of accounts' balances or the ledger.
 
 pub mod sandbox;
+pub mod stripe;
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
@@ -21,6 +22,7 @@ use crate::card::CardDetails;
 use crate::money::Currency;
 
 pub use sandbox::SandboxGateway;
+pub use stripe::{StripeGateway, StripeSettings};
 
 /// Where a card to set up comes from.
 #[derive(Debug, Clone)]
@@ -105,7 +107,19 @@ pub trait PaymentGateway: Send + Sync + 'static {
     /// A short name stored with each payment method ("sandbox", "stripe").
     fn name(&self) -> &'static str;
 
-    async fn setup_card(&self, source: CardSource) -> Result<Setup, GatewayError>;
+    /// False when cards must come tokenized client-side (a real processor:
+    /// raw numbers never leave this service).
+    fn accepts_raw_cards(&self) -> bool {
+        true
+    }
+
+    /// Saves a card for the account named by `account_reference` (an opaque
+    /// id: processors keep one customer per account).
+    async fn setup_card(
+        &self,
+        account_reference: &str,
+        source: CardSource,
+    ) -> Result<Setup, GatewayError>;
 
     /// Completes the 3-D Secure challenge of a card set up with `RequiresAction`.
     async fn confirm_setup(

@@ -247,7 +247,11 @@ impl PaymentGateway for SandboxGateway {
         "sandbox"
     }
 
-    async fn setup_card(&self, source: CardSource) -> Result<Setup, GatewayError> {
+    async fn setup_card(
+        &self,
+        _account_reference: &str,
+        source: CardSource,
+    ) -> Result<Setup, GatewayError> {
         let card = match source {
             CardSource::Card(card) => card,
             CardSource::Token(token) => Self::card_for_token(&token)?,

@@ -71,6 +71,15 @@ impl PaymentMethods {
         caller: &Caller,
         new: NewCard,
     ) -> Result<PaymentMethod, BillingError> {
+        if matches!(new.source, CardSource::Card(_)) && !self.gateway.accepts_raw_cards() {
+            return Err(BillingError::invalid(
+                "card",
+                format!(
+                    "the {} gateway takes only a gateway_token from client-side tokenization (a pm_... PaymentMethod id); card numbers are never sent from this service",
+                    self.gateway.name()
+                ),
+            ));
+        }
         let request_fingerprint = new.fingerprint();
         let mut transaction = self.pool.begin().await?;
         store::lock_account(&mut transaction, &new.account_id).await?;
@@ -93,7 +102,7 @@ impl PaymentMethods {
 
         let setup = self
             .gateway
-            .setup_card(new.source.clone())
+            .setup_card(account, new.source.clone())
             .await
             .map_err(|e| gateway_error("gateway_token", e))?;
         if let Some(existing) =
@@ -207,6 +216,55 @@ impl PaymentMethods {
             .confirm_setup(&method.gateway_token, authenticated)
             .await
             .map_err(|e| gateway_error("payment_method_id", e))?;
+        let method = self
+            .apply_authentication(&mut transaction, caller, account_id, &method, outcome)
+            .await?;
+        transaction.commit().await?;
+        Ok(method)
+    }
+
+    /// A 3-D Secure result the processor reported itself (a webhook: the
+    /// customer finished the challenge in the browser): the card saved with
+    /// `gateway_token` becomes `ACTIVE` or `FAILED` exactly as ConfirmCard
+    /// would make it. `None` when no card waits for it (already settled,
+    /// or a card of another gateway).
+    pub async fn settle_authentication(
+        &self,
+        caller: &Caller,
+        gateway_token: &str,
+        outcome: Outcome,
+    ) -> Result<Option<PaymentMethod>, BillingError> {
+        let mut connection = self.pool.acquire().await?;
+        let Some((account, payment_method_id)) =
+            store::pending_by_token(&mut connection, self.gateway.name(), gateway_token).await?
+        else {
+            return Ok(None);
+        };
+        drop(connection);
+        let account_id = AccountId::parse(&account)?;
+        let mut transaction = self.pool.begin().await?;
+        store::lock_account(&mut transaction, &account_id).await?;
+        let method = store::find_live(&mut transaction, &account_id, &payment_method_id).await?;
+        if method.status != MethodStatus::PendingAuthentication {
+            return Ok(None);
+        }
+        let method = self
+            .apply_authentication(&mut transaction, caller, &account_id, &method, outcome)
+            .await?;
+        transaction.commit().await?;
+        Ok(Some(method))
+    }
+
+    /// The state a pending card reaches with the gateway's verdict; the caller holds the account lock.
+    async fn apply_authentication(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        caller: &Caller,
+        account_id: &AccountId,
+        method: &PaymentMethod,
+        outcome: Outcome,
+    ) -> Result<PaymentMethod, BillingError> {
+        let payment_method_id = method.payment_method_id.as_str();
         let (status, auto_charge, reason) = match outcome {
             Outcome::Succeeded => (MethodStatus::Active, method.auto_charge, String::new()),
             Outcome::Declined { code, .. } => (MethodStatus::Failed, false, code),
@@ -217,7 +275,7 @@ impl PaymentMethods {
             }
         };
         store::update_state(
-            &mut transaction,
+            &mut *connection,
             payment_method_id,
             status,
             auto_charge,
@@ -225,16 +283,14 @@ impl PaymentMethods {
         )
         .await?;
         audit::record(
-            &mut transaction,
+            &mut *connection,
             caller,
             "confirm_card",
             Some(account_id.as_str()),
-            serde_json::json!({ "payment_method_id": payment_method_id, "authenticated": authenticated, "status": status.as_str() }),
+            serde_json::json!({ "payment_method_id": payment_method_id, "status": status.as_str() }),
         )
         .await?;
-        let method = store::find(&mut transaction, account_id, payment_method_id).await?;
-        transaction.commit().await?;
-        Ok(method)
+        store::find(connection, account_id, payment_method_id).await
     }
 
     pub async fn get(

@@ -219,7 +219,7 @@ impl PaymentMethods {
                 charged.map_err(|e| gateway_error("payment_method_id", e))?
             }
         };
-        self.settle(caller, account, top_up_id, &method, charge)
+        self.settle(caller, account, top_up_id, &method, charge, false)
             .await
     }
 
@@ -230,11 +230,13 @@ impl PaymentMethods {
         top_up_id: &str,
         method: &PaymentMethod,
         charge: Charge,
+        reopen_requires_action: bool,
     ) -> Result<FundsResult, BillingError> {
         let mut transaction = self.pool.begin().await?;
         store::lock_account(&mut transaction, account).await?;
         let top_up = topup::lock(&mut transaction, account, top_up_id).await?;
-        if top_up.status.is_final() {
+        let reopened = reopen_requires_action && top_up.status == TopUpStatus::RequiresAction;
+        if top_up.status.is_final() && !reopened {
             // A concurrent replay of the same request settled it first.
             transaction.commit().await?;
             return self.result(account, top_up).await;
@@ -335,6 +337,39 @@ impl PaymentMethods {
         tracing::info!(account_id = %account, top_up_id, status = status.as_str(), "top-up settled");
         let top_up = topup::get(&mut *self.pool.acquire().await?, account, top_up_id).await?;
         self.result(account, top_up).await
+    }
+
+    /// A charge result that arrived on its own (a processor's webhook) for a
+    /// manual or retry top-up left `UNKNOWN` or `REQUIRES_ACTION` (the
+    /// customer finished 3-D Secure in the browser): settled through the same
+    /// path as a synchronous answer, so the ledger is credited exactly once.
+    /// Returns false when there was nothing to settle.
+    pub async fn settle_reported(
+        &self,
+        caller: &Caller,
+        account: &AccountId,
+        top_up_id: &str,
+        attempt_number: i32,
+        charge: Charge,
+    ) -> Result<bool, BillingError> {
+        if attempt_number != ATTEMPT || charge.outcome == Outcome::Unknown {
+            return Ok(false);
+        }
+        let mut connection = self.pool.acquire().await?;
+        let top_up = topup::get(&mut connection, account, top_up_id).await?;
+        // PENDING: the Add Funds call is still waiting for its own answer.
+        if !matches!(
+            top_up.status,
+            TopUpStatus::Unknown | TopUpStatus::RequiresAction
+        ) {
+            return Ok(false);
+        }
+        let method_id = top_up.payment_method_id.clone().unwrap_or_default();
+        let method = store::find(&mut connection, account, &method_id).await?;
+        drop(connection);
+        self.settle(caller, account, top_up_id, &method, charge, true)
+            .await?;
+        Ok(true)
     }
 
     /// A successful manual charge restores a temporarily disabled method;

@@ -249,3 +249,19 @@ pub(super) async fn set_priorities(
     .await?;
     Ok(())
 }
+
+/// The account and id of the card waiting for 3-D Secure that the gateway saved as `gateway_token`.
+pub(super) async fn pending_by_token(
+    connection: &mut PgConnection,
+    gateway: &str,
+    gateway_token: &str,
+) -> Result<Option<(String, String)>, BillingError> {
+    Ok(sqlx::query_as(
+        "SELECT account_id, payment_method_id FROM payment_methods \
+          WHERE gateway = $1 AND gateway_token = $2 AND status = 'PENDING_AUTHENTICATION'",
+    )
+    .bind(gateway)
+    .bind(gateway_token)
+    .fetch_optional(connection)
+    .await?)
+}

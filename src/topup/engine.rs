@@ -179,7 +179,8 @@ impl TopUpEngine {
         .fetch_optional(connection)
         .await?;
         Ok(matches!(row, Some((Some(owner), status))
-            if owner == lease.owner && matches!(status.as_str(), "PENDING" | "RETRY_SCHEDULED" | "UNKNOWN")))
+            if owner == lease.owner
+                && matches!(status.as_str(), "PENDING" | "RETRY_SCHEDULED" | "UNKNOWN" | "REQUIRES_ACTION")))
     }
 
     #[tracing::instrument(name = "engine.drive_top_up", skip_all, fields(account_id = %account, top_up_id = %lease.top_up_id))]
@@ -276,6 +277,82 @@ impl TopUpEngine {
             }
         }
         self.finish_round(account, lease).await
+    }
+
+    /// A charge result that arrived on its own (a processor's webhook) for
+    /// attempt `attempt_number` of an automatic top-up left `UNKNOWN` or
+    /// `REQUIRES_ACTION`: settled as the gateway's answer would have been
+    /// (credit and receipt, or decline and fall-through). The top-up is
+    /// claimed with the engine's lease first, so a replica reconciling it at
+    /// the same moment and this never both settle it. Returns false when there
+    /// was nothing to settle (settled already, or being driven: the driving
+    /// replica's reconciliation asks the gateway and finds the same result).
+    pub async fn settle_reported(
+        &self,
+        top_up_id: &str,
+        attempt_number: i32,
+        charge: Charge,
+    ) -> Result<bool, BillingError> {
+        if charge.outcome == Outcome::Unknown {
+            return Ok(false);
+        }
+        let now = self.clock.now();
+        let owner = Uuid::new_v4();
+        let claimed: Option<String> = sqlx::query_scalar(
+            "UPDATE top_ups SET lease_until = $2, lease_owner = $4 \
+              WHERE top_up_id = $1 AND trigger = 'AUTOMATIC' AND status IN ('UNKNOWN', 'REQUIRES_ACTION') \
+                AND (lease_until IS NULL OR lease_until <= $3) \
+          RETURNING account_id",
+        )
+        .bind(top_up_id)
+        .bind(now + self.config.lease)
+        .bind(now)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(account_id) = claimed else {
+            return Ok(false);
+        };
+        let lease = Lease {
+            top_up_id: top_up_id.to_owned(),
+            owner,
+        };
+        let account = AccountId::parse(&account_id)?;
+        let top_up = super::get(&mut *self.pool.acquire().await?, &account, top_up_id).await?;
+        let Some(attempt) = top_up.attempts.iter().find(|a| {
+            a.attempt_number == attempt_number
+                && matches!(
+                    a.outcome,
+                    AttemptOutcome::Unknown | AttemptOutcome::RequiresAction
+                )
+        }) else {
+            self.release(&lease, None).await?;
+            return Ok(false);
+        };
+        let method = self.method(&account, &attempt.payment_method_id).await?;
+        match self
+            .settle(&lease, &top_up, attempt_number, &method, charge)
+            .await
+        {
+            Ok(Step::Done) => {}
+            Ok(Step::Next) => {
+                // Declined after all: the engine goes on with the round's other methods.
+                sqlx::query(
+                    "UPDATE top_ups SET status = 'PENDING', next_attempt_at = $2, lease_until = NULL, \
+                            lease_owner = NULL, updated_at = $2 WHERE top_up_id = $1",
+                )
+                .bind(top_up_id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                self.wake.notify_one();
+            }
+            Err(error) => {
+                self.release(&lease, None).await?;
+                return Err(error);
+            }
+        }
+        Ok(true)
     }
 
     /// Methods to try this round: active auto-charge ones in priority order,

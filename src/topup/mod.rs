@@ -26,7 +26,7 @@ pub use runner::run_policy_decisions;
 pub use settings::{
     LowBalanceSettings, PolicyConfig, SettingsChange, apply_settings, get_settings,
 };
-pub use store::{NewTopUp, finish, get, insert, list, lock, record_attempt};
+pub use store::{NewTopUp, finish, get, insert, list, lock, owner, record_attempt};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -143,6 +143,13 @@ pub fn new_top_up_id() -> String {
 /// The gateway idempotency key of one attempt of a top-up.
 pub fn gateway_key(top_up_id: &str, attempt_number: i32) -> String {
     format!("{top_up_id}:attempt-{attempt_number}")
+}
+
+/// The top-up and attempt number a gateway idempotency key was derived from.
+pub fn parse_gateway_key(key: &str) -> Option<(&str, i32)> {
+    let (top_up_id, attempt) = key.rsplit_once(":attempt-")?;
+    let attempt: i32 = attempt.parse().ok().filter(|n| *n > 0)?;
+    top_up_id.starts_with("tu_").then_some((top_up_id, attempt))
 }
 
 /// The ledger idempotency key of a top-up's credit.

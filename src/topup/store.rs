@@ -245,3 +245,23 @@ pub async fn finish(
     .await?;
     Ok(())
 }
+
+/// The account and trigger of a top-up found by id alone (a processor's
+/// webhook names only the top-up).
+pub async fn owner(
+    connection: &mut PgConnection,
+    top_up_id: &str,
+) -> Result<Option<(AccountId, Trigger)>, BillingError> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT account_id, trigger FROM top_ups WHERE top_up_id = $1")
+            .bind(top_up_id)
+            .fetch_optional(connection)
+            .await?;
+    row.map(|(account, trigger)| {
+        Ok((
+            AccountId::parse(&account)?,
+            Trigger::parse(&trigger).ok_or_else(|| unexpected("trigger", &trigger))?,
+        ))
+    })
+    .transpose()
+}
