@@ -178,6 +178,9 @@ pub struct PolicyArgs {
     /// Seconds a replica may drive a top-up before another may take over (longer than the gateway timeout).
     #[arg(long, env = "BILLING_TOP_UP_LEASE_SECS", default_value_t = 90)]
     pub top_up_lease_secs: u32,
+    /// Seconds after which an unfinished Add Funds/retry (its caller went away) is reconciled at the gateway.
+    #[arg(long, env = "BILLING_TOP_UP_ABANDONED_SECS", default_value_t = 600)]
+    pub top_up_abandoned_secs: u32,
     /// Run the balance-policy decisions and the top-up engine in this process.
     #[arg(long, env = "BILLING_ENGINES", default_value_t = true, action = clap::ArgAction::Set)]
     pub engines: bool,
@@ -202,6 +205,9 @@ impl PolicyArgs {
                 self.top_up_reconcile_secs.max(1),
             )),
             lease: chrono::Duration::seconds(i64::from(self.top_up_lease_secs.max(1))),
+            abandoned_after: chrono::Duration::seconds(i64::from(
+                self.top_up_abandoned_secs.max(1),
+            )),
         }
     }
 }

@@ -372,6 +372,69 @@ impl PaymentMethods {
         Ok(true)
     }
 
+    /// A manual or retry top-up whose caller went away before it was settled
+    /// (a crash between recording it and recording the charge, and no retry
+    /// of the request since): the gateway is asked about its one attempt.
+    /// A charge it knows is settled as usual; one it never saw means nothing
+    /// was charged, and the top-up is closed as `FAILED`. Returns true when
+    /// the top-up was closed.
+    pub async fn reconcile_abandoned(
+        &self,
+        caller: &Caller,
+        account: &AccountId,
+        top_up_id: &str,
+    ) -> Result<bool, BillingError> {
+        let mut connection = self.pool.acquire().await?;
+        let top_up = topup::get(&mut connection, account, top_up_id).await?;
+        if !matches!(top_up.status, TopUpStatus::Pending | TopUpStatus::Unknown) {
+            return Ok(false);
+        }
+        let method_id = top_up.payment_method_id.clone().unwrap_or_default();
+        let method = store::find(&mut connection, account, &method_id).await?;
+        drop(connection);
+        let key = topup::gateway_key(top_up_id, ATTEMPT);
+        let found = self
+            .gateway
+            .find_charge(&key)
+            .await
+            .map_err(|e| gateway_error("payment_method_id", e))?;
+        match found {
+            Some(charge) if charge.outcome != Outcome::Unknown => {
+                self.settle(caller, account, top_up_id, &method, charge, false)
+                    .await?;
+            }
+            Some(_) => return Ok(false),
+            None => {
+                let mut transaction = self.pool.begin().await?;
+                store::lock_account(&mut transaction, account).await?;
+                let locked = topup::lock(&mut transaction, account, top_up_id).await?;
+                if !matches!(locked.status, TopUpStatus::Pending | TopUpStatus::Unknown) {
+                    return Ok(false);
+                }
+                topup::finish(
+                    &mut transaction,
+                    top_up_id,
+                    TopUpStatus::Failed,
+                    None,
+                    "abandoned: the request was not completed and nothing was charged",
+                    None,
+                )
+                .await?;
+                audit::record(
+                    &mut transaction,
+                    caller,
+                    "top_up_abandoned",
+                    Some(account.as_str()),
+                    serde_json::json!({ "top_up_id": top_up_id }),
+                )
+                .await?;
+                transaction.commit().await?;
+                tracing::warn!(account_id = %account, top_up_id, "abandoned manual top-up closed; nothing was charged");
+            }
+        }
+        Ok(true)
+    }
+
     /// A successful manual charge restores a temporarily disabled method;
     /// a successful retry also turns its auto-charge back on.
     async fn restore_after_success(

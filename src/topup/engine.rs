@@ -74,6 +74,9 @@ impl TopUpEngine {
             if let Err(error) = self.run_due().await {
                 tracing::warn!(%error, "top-up engine pass failed");
             }
+            if let Err(error) = self.reconcile_abandoned_manual_top_ups().await {
+                tracing::warn!(%error, "reconciling abandoned manual top-ups failed");
+            }
             let now = self.clock.now();
             if last_reminder_check.is_none_or(|at| now - at > chrono::Duration::hours(1)) {
                 if let Err(error) = self.remind_expiring_cards().await {
@@ -706,6 +709,33 @@ impl TopUpEngine {
         transaction.commit().await?;
         tracing::info!(account_id = %account, top_up_id, rounds, status = status.as_str(), "top-up round failed");
         Ok(())
+    }
+
+    /// Manual and retry top-ups left `PENDING`/`UNKNOWN` longer than
+    /// `abandoned_after` (their caller went away mid-request): asked about
+    /// at the gateway and settled or closed, so no charge stays uncredited.
+    pub async fn reconcile_abandoned_manual_top_ups(&self) -> Result<usize, BillingError> {
+        let stale_before = self.clock.now() - self.config.abandoned_after;
+        let stale: Vec<(String, String)> = sqlx::query_as(
+            "SELECT top_up_id, account_id FROM top_ups \
+              WHERE trigger IN ('MANUAL', 'RETRY') AND status IN ('PENDING', 'UNKNOWN') AND updated_at < $1 \
+              ORDER BY updated_at LIMIT 20",
+        )
+        .bind(stale_before)
+        .fetch_all(&self.pool)
+        .await?;
+        let methods = payment_methods::PaymentMethods::new(self.pool.clone(), self.gateway.clone());
+        let mut closed = 0;
+        for (top_up_id, account_id) in stale {
+            let account = AccountId::parse(&account_id)?;
+            if methods
+                .reconcile_abandoned(&engine_caller(), &account, &top_up_id)
+                .await?
+            {
+                closed += 1;
+            }
+        }
+        Ok(closed)
     }
 
     /// "Card expiring": once per card, 30 days before the end of its expiry month.

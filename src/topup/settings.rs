@@ -32,6 +32,9 @@ pub struct PolicyConfig {
     /// How long one replica may drive a top-up without renewing its lease
     /// (must exceed the gateway's timeout); then another replica takes over.
     pub lease: chrono::Duration,
+    /// A manual top-up (Add Funds, retry) still open this long after its
+    /// last change is reconciled by the engine (its caller went away).
+    pub abandoned_after: chrono::Duration,
 }
 
 impl Default for PolicyConfig {
@@ -49,6 +52,7 @@ impl Default for PolicyConfig {
             max_rounds: 5,
             reconcile_after: chrono::Duration::seconds(30),
             lease: chrono::Duration::seconds(90),
+            abandoned_after: chrono::Duration::minutes(10),
         }
     }
 }

@@ -65,6 +65,7 @@ impl Server {
             .env("BILLING_TOP_UP_RETRY_SECS", "1,2,2")
             .env("BILLING_TOP_UP_RECONCILE_SECS", "1")
             .env("BILLING_TOP_UP_LEASE_SECS", "3")
+            .env("BILLING_TOP_UP_ABANDONED_SECS", "15")
             .env("BILLING_HEALTH_INTERVAL_MS", "500")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::from(log.try_clone().unwrap()))

@@ -222,3 +222,69 @@ async fn an_off_session_charge_needing_authentication_waits_for_the_customer() {
     assert_eq!(balance(&s.app).await, "5.00");
     s.app.stop().await;
 }
+
+/// A manual top-up whose caller went away mid-request (the server died
+/// between recording it and recording the charge): once stale, the engine
+/// asks the gateway, credits what was charged, closes what was not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_manual_top_ups_are_settled_from_the_gateway_or_closed() {
+    use billing::gateway::{ChargeRequest, PaymentGateway, SandboxGateway};
+    let (s, cards) = scenario("0", &[VISA]).await;
+    let token: String = sqlx::query_scalar(
+        "SELECT gateway_token FROM payment_methods WHERE payment_method_id = $1",
+    )
+    .bind(&cards[0])
+    .fetch_one(&s.app.pool)
+    .await
+    .unwrap();
+    let created = billing::topup::Clock::now(s.clock.as_ref());
+    for id in ["tu_charged", "tu_never_charged"] {
+        sqlx::query(
+            "INSERT INTO top_ups (top_up_id, account_id, trigger, status, amount, currency, payment_method_id, created_at, updated_at) \
+             VALUES ($1, 'acme', 'MANUAL', 'PENDING', 25, 'USD', $2, $3, $3)",
+        )
+        .bind(id)
+        .bind(&cards[0])
+        .bind(created)
+        .execute(&s.app.pool)
+        .await
+        .unwrap();
+    }
+    // The charge of the first one reached the processor before the crash.
+    let gateway = SandboxGateway::new(s.app.pool.clone());
+    gateway
+        .charge(ChargeRequest {
+            token,
+            amount: rust_decimal::Decimal::from(25),
+            currency: billing::money::Currency::USD,
+            idempotency_key: billing::topup::gateway_key("tu_charged", 1),
+            off_session: false,
+        })
+        .await
+        .unwrap();
+    settle_briefly().await;
+    assert_eq!(
+        balance(&s.app).await,
+        "0.00",
+        "not stale yet: the caller may still be waiting"
+    );
+
+    s.clock.advance(Duration::minutes(11));
+    eventually("both reconciled", || async {
+        let listed = top_ups(&s.app, &s.admin).await;
+        listed.iter().all(|t| status_of(t) != TopUpStatus::Pending)
+    })
+    .await;
+    let listed = top_ups(&s.app, &s.admin).await;
+    let by_id = |id: &str| listed.iter().find(|t| t.top_up_id == id).unwrap().clone();
+    assert_eq!(status_of(&by_id("tu_charged")), TopUpStatus::Succeeded);
+    assert_eq!(status_of(&by_id("tu_never_charged")), TopUpStatus::Failed);
+    assert!(
+        by_id("tu_never_charged")
+            .failure_reason
+            .starts_with("abandoned")
+    );
+    assert_eq!(balance(&s.app).await, "25.00");
+    assert_eq!(ledger_top_ups(&s.app).await, 1);
+    s.app.stop().await;
+}
