@@ -8,6 +8,7 @@
 //! HDR histogram in microseconds.
 
 mod load;
+mod overload;
 mod report;
 mod streams;
 mod topup;
@@ -38,6 +39,8 @@ pub enum Scenario {
     IdleStreams,
     /// Low-balance crossing event → the top-up's first gateway attempt.
     TopUpReaction,
+    /// Far more callers than the server admits: shed vs admitted, memory, recovery.
+    Overload,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -161,6 +164,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Events => streams::events(&bench).await?,
         Scenario::IdleStreams => streams::idle(&bench).await?,
         Scenario::TopUpReaction => topup::reaction(&bench).await?,
+        Scenario::Overload => overload::run(&bench).await?,
     };
     if bench.args.json {
         println!("{}", report.to_json());
