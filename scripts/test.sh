@@ -58,9 +58,8 @@ fi
 log "test databases on $TEST_DATABASE_URL"
 # Databases left by earlier runs (each test makes one) are dropped first.
 if command -v psql >/dev/null; then
-  for db in $(psql "$TEST_DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'billing\_test\_%' OR datname LIKE 'billing\_cli\_%'" 2>/dev/null); do
-    psql "$TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
-  done
+  psql "$TEST_DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'billing\_test\_%' OR datname LIKE 'billing\_cli\_%'" 2>/dev/null \
+    | xargs -r -P 6 -I{} psql "$TEST_DATABASE_URL" -qc 'DROP DATABASE IF EXISTS "{}" WITH (FORCE)' >/dev/null 2>&1 || true
 fi
 
 log "cargo fmt --check"
