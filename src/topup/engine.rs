@@ -246,6 +246,8 @@ impl TopUpEngine {
         let round = top_up.rounds;
         let candidates = self.candidates(account, &top_up).await?;
         for method in candidates {
+            // Re-read: an earlier candidate of this round added attempts.
+            let top_up = super::get(&mut *self.pool.acquire().await?, account, top_up_id).await?;
             let attempt_number = top_up
                 .attempts
                 .iter()
@@ -253,17 +255,6 @@ impl TopUpEngine {
                 .max()
                 .unwrap_or(0)
                 + 1;
-            // Re-read: an earlier candidate of this round added attempts.
-            let top_up = super::get(&mut *self.pool.acquire().await?, account, top_up_id).await?;
-            let attempt_number = attempt_number.max(
-                top_up
-                    .attempts
-                    .iter()
-                    .map(|a| a.attempt_number)
-                    .max()
-                    .unwrap_or(0)
-                    + 1,
-            );
             if !self.renew(lease).await? {
                 return Ok(());
             }

@@ -7,9 +7,7 @@ use billing::proto::{self, NotificationKind, TopUpStatus};
 use billing::server::ServerSettings;
 use billing::topup::ManualClock;
 
-use crate::helpers::{
-    SmtpSink, TestApp, authed, eventually, mail_settings, spawn_app_on, spawn_app_with,
-};
+use crate::helpers::{SmtpSink, TestApp, authed, eventually, mail_settings, spawn_app_with};
 use crate::payment_methods::{add_active_card, card, client};
 use crate::top_ups::{
     ACCT, DECLINES, OFF_SESSION_3DS, Scenario, VISA, debit, engine_settings, settings, top_ups,
@@ -50,13 +48,7 @@ async fn start(sink: &SmtpSink, opening: &str, cards: &[&str]) -> Scenario {
 }
 
 async fn replica(first: &Scenario, sink: &SmtpSink) -> TestApp {
-    let options = (*first.app.pool.connect_options()).clone();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect_with(options)
-        .await
-        .unwrap();
-    spawn_app_on(pool, settings_with_mail(first.clock.clone(), sink)).await
+    crate::top_ups::replica_with(first, settings_with_mail(first.clock.clone(), sink)).await
 }
 
 async fn apply(s: &Scenario, request: proto::ApplyLowBalanceSettingsRequest) {

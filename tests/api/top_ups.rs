@@ -69,13 +69,18 @@ pub async fn scenario(opening: &str, cards: &[&str]) -> (Scenario, Vec<String>) 
 
 /// Another replica on the same database (its own pool, feed and engines).
 pub async fn replica(first: &Scenario) -> TestApp {
+    replica_with(first, engine_settings(first.clock.clone())).await
+}
+
+/// Another server on `first`'s database with its own pool and `settings`.
+pub async fn replica_with(first: &Scenario, settings: ServerSettings) -> TestApp {
     let options = (*first.app.pool.connect_options()).clone();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .connect_with(options)
         .await
         .unwrap();
-    spawn_app_on(pool, engine_settings(first.clock.clone())).await
+    spawn_app_on(pool, settings).await
 }
 
 pub fn policy(app: &TestApp) -> BalancePolicyClient<Channel> {
