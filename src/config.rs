@@ -149,12 +149,23 @@ impl ServeArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct PolicyArgs {
-    /// Smallest refill amount "Apply Changes" accepts.
+    /// Smallest refill amount "Apply Changes" accepts in USD and EUR (> 0;
+    /// other currencies: --refill-bounds).
     #[arg(long, env = "BILLING_REFILL_MIN", default_value = "30.00", value_parser = parse_money)]
     pub refill_min: Decimal,
-    /// Largest refill amount "Apply Changes" accepts (and the largest single automatic charge).
+    /// Largest refill amount "Apply Changes" accepts in USD and EUR (and the
+    /// largest single automatic charge).
     #[arg(long, env = "BILLING_REFILL_MAX", default_value = "10000.00", value_parser = parse_money)]
     pub refill_max: Decimal,
+    /// Refill bounds of other currencies, over the built-in defaults (about
+    /// 30–10,000 USD each, e.g. JPY 3000..1500000): `CUR=MIN..MAX,…`.
+    #[arg(long, env = "BILLING_REFILL_BOUNDS", default_value = "", value_parser = crate::topup::parse_refill_bounds)]
+    pub refill_bounds: crate::topup::RefillBounds,
+    /// Times the gateway is asked about a charge whose outcome is unknown
+    /// before the top-up becomes NEEDS_ATTENTION (an ERROR, and the account's
+    /// charges stay blocked until an operator resolves it).
+    #[arg(long, env = "BILLING_TOP_UP_RECONCILE_MAX_TRIES", default_value_t = 20)]
+    pub top_up_reconcile_max_tries: i32,
     /// Default cap on automatic top-ups per rolling 24 hours (per account, changeable in the settings).
     #[arg(long, env = "BILLING_MAX_TOP_UPS_PER_DAY", default_value_t = 10)]
     pub max_top_ups_per_day: i32,
@@ -187,10 +198,17 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    pub fn config(&self) -> crate::topup::PolicyConfig {
-        crate::topup::PolicyConfig {
-            min_refill: self.refill_min,
-            max_refill: self.refill_max.max(self.refill_min),
+    /// The engine's rules; errors name the setting at fault.
+    pub fn config(&self) -> anyhow::Result<crate::topup::PolicyConfig> {
+        let mut refill_bounds = self.refill_bounds.clone();
+        for code in ["USD", "EUR"] {
+            let currency = crate::money::Currency::parse(code).map_err(anyhow::Error::msg)?;
+            refill_bounds
+                .set(currency, self.refill_min, self.refill_max)
+                .map_err(|e| anyhow::anyhow!("--refill-min/--refill-max: {e}"))?;
+        }
+        Ok(crate::topup::PolicyConfig {
+            refill_bounds,
             default_max_top_ups_per_day: self.max_top_ups_per_day.max(1),
             default_max_amount_per_day: self.max_top_up_amount_per_day,
             retry_backoff: self
@@ -208,7 +226,8 @@ impl PolicyArgs {
             abandoned_after: chrono::Duration::seconds(i64::from(
                 self.top_up_abandoned_secs.max(1),
             )),
-        }
+            reconcile_max_tries: self.top_up_reconcile_max_tries.max(1),
+        })
     }
 }
 

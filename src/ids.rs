@@ -66,6 +66,22 @@ impl IdempotencyKey {
         Ok(IdempotencyKey(text.to_owned()))
     }
 
+    /// A key the service makes for its own records (e.g. the ledger credit of
+    /// a top-up): `"<namespace> <id>"`. It contains a space, which [`parse`]
+    /// refuses, so no client key can ever equal an internal one, whatever
+    /// the client sends.
+    ///
+    /// [`parse`]: IdempotencyKey::parse
+    pub fn internal(namespace: &str, id: &str) -> IdempotencyKey {
+        debug_assert!(!namespace.contains(' ') && !id.contains(' '));
+        IdempotencyKey(format!("{namespace} {id}"))
+    }
+
+    /// True for keys made by [`IdempotencyKey::internal`].
+    pub fn is_internal(&self) -> bool {
+        self.0.contains(' ')
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -121,6 +137,14 @@ pub fn parse_email(field: &str, text: &str) -> Result<String, BillingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_client_key_can_equal_an_internal_key() {
+        let internal = IdempotencyKey::internal("top-up", "tu_0190");
+        assert!(internal.is_internal());
+        assert!(IdempotencyKey::parse(internal.as_str()).is_err());
+        assert!(IdempotencyKey::parse("top-up:tu_0190").is_ok_and(|k| !k.is_internal()));
+    }
 
     #[test]
     fn account_ids_are_bounded_and_plain() {

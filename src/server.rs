@@ -31,7 +31,7 @@ use crate::notifications::{self, FileMailer, Mailer, SenderSettings, SmtpMailer,
 use crate::payment_methods::PaymentMethods;
 use crate::proto;
 use crate::telemetry::rpc_log::RpcLogLayer;
-use crate::topup::{self, Clock, PolicyConfig, PolicyDecider, SystemClock, TopUpEngine};
+use crate::topup::{self, Clock, PolicyConfig, PolicyDecider, SystemClock, TopUpEngine, TopUps};
 
 /// The health-checked service names, besides the overall "".
 pub const SERVICE_NAMES: [&str; 4] = [
@@ -151,7 +151,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .collect(),
             claim_lease: Duration::from_secs(u64::from(args.mail.mail_claim_secs.max(1))),
         },
-        policy: args.policy.config(),
+        policy: args.policy.config()?,
         engines: args.policy.engines,
         max_message_bytes: args.max_message_bytes,
         max_header_list_bytes: args.max_header_list_bytes,
@@ -308,6 +308,13 @@ pub async fn serve(
         )?),
         None => None,
     };
+    let top_ups = TopUps::new(
+        pool.clone(),
+        gateway.clone(),
+        settings.clock.clone(),
+        settings.policy.clone(),
+        wake_engine.clone(),
+    );
     let engine_tasks = if settings.engines {
         let decisions = tokio::spawn(topup::run_policy_decisions(
             pool.clone(),
@@ -320,11 +327,7 @@ pub async fn serve(
             stop_receiver.clone(),
         ));
         let engine = TopUpEngine {
-            pool: pool.clone(),
-            gateway: gateway.clone(),
-            clock: settings.clock.clone(),
-            config: settings.policy.clone(),
-            wake: wake_engine.clone(),
+            top_ups: top_ups.clone(),
             poll_interval: settings.engine_poll,
         };
         let stop = stop_receiver.clone();
@@ -380,6 +383,7 @@ pub async fn serve(
         .add_service(
             proto::payment_methods_server::PaymentMethodsServer::new(PaymentMethodsApi::new(
                 PaymentMethods::new(pool.clone(), gateway),
+                top_ups.clone(),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),

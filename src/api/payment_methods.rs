@@ -10,19 +10,23 @@ use crate::error::BillingError;
 use crate::gateway::CardSource;
 use crate::ids::IdempotencyKey;
 use crate::payment_methods::{
-    BillingAddress, FundsRequest, FundsResult, MethodStatus, NewCard, PaymentMethod, PaymentMethods,
+    BillingAddress, MethodStatus, NewCard, PaymentMethod, PaymentMethods,
 };
 use crate::proto::{self, add_card_request::Source, payment_methods_server};
-use crate::topup::{self, AttemptOutcome, PendingChallenge, TopUpStatus, Trigger};
+use crate::topup::{
+    self, AttemptOutcome, FundsRequest, FundsResult, PendingChallenge, TopUpStatus, TopUps, Trigger,
+};
 
 #[derive(Clone)]
 pub struct PaymentMethodsApi {
     methods: PaymentMethods,
+    /// Add Funds and Retry charge through the one top-up charge path.
+    top_ups: TopUps,
 }
 
 impl PaymentMethodsApi {
-    pub fn new(methods: PaymentMethods) -> Self {
-        Self { methods }
+    pub fn new(methods: PaymentMethods, top_ups: TopUps) -> Self {
+        Self { methods, top_ups }
     }
 }
 
@@ -193,7 +197,7 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
                 .transpose()?,
             idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
         };
-        let result = self.methods.add_funds(&caller, funds).await?;
+        let result = self.top_ups.add_funds(&caller, funds).await?;
         Ok(Response::new(proto::AddFundsResponse {
             next_action: top_up_next_action(&result),
             balance: result.top_up.currency.format(result.balance),
@@ -217,7 +221,7 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
             )?),
             idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
         };
-        let result = self.methods.add_funds(&caller, funds).await?;
+        let result = self.top_ups.add_funds(&caller, funds).await?;
         Ok(Response::new(proto::RetryPaymentMethodResponse {
             payment_method: result.payment_method.as_ref().map(method_to_proto),
             top_up: Some(top_up_to_proto(&result.top_up)),
@@ -307,6 +311,8 @@ pub(crate) fn top_up_to_proto(top_up: &topup::TopUp) -> proto::TopUp {
         TopUpStatus::RequiresAction => proto::TopUpStatus::RequiresAction,
         TopUpStatus::Unknown => proto::TopUpStatus::Unknown,
         TopUpStatus::CapReached => proto::TopUpStatus::CapReached,
+        TopUpStatus::Canceled => proto::TopUpStatus::Canceled,
+        TopUpStatus::NeedsAttention => proto::TopUpStatus::NeedsAttention,
     };
     let currency = top_up.currency;
     proto::TopUp {

@@ -38,43 +38,62 @@ pub async fn auto_charge_methods(
         .collect())
 }
 
-/// A declined automatic charge: an active method becomes temporarily
-/// disabled for auto-charge, with the reason. Returns true when it changed.
+/// A decline that takes a card out of automatic charging (any automatic
+/// decline, and a hard decline from any path): an `ACTIVE` card becomes
+/// `TEMPORARILY_DISABLED` with the reason. Guarded by its status, so a
+/// removed or already disabled card never changes. Returns true when it changed.
 pub async fn disable_after_decline(
     connection: &mut PgConnection,
-    method: &PaymentMethod,
+    payment_method_id: &str,
     reason: &str,
 ) -> Result<bool, BillingError> {
-    if method.status != MethodStatus::Active {
-        return Ok(false);
-    }
-    store::update_state(
+    store::transition(
         connection,
-        &method.payment_method_id,
+        payment_method_id,
+        &[MethodStatus::Active],
         MethodStatus::TemporarilyDisabled,
-        method.auto_charge,
+        None,
         reason,
     )
-    .await?;
-    Ok(true)
+    .await
 }
 
-/// A successful charge restores a temporarily disabled method.
+/// A successful charge restores a temporarily disabled card; a successful
+/// Retry also turns its auto-charge back on. Guarded: a removed card stays removed.
 pub async fn restore_after_success(
     connection: &mut PgConnection,
-    method: &PaymentMethod,
-) -> Result<(), BillingError> {
-    if method.status == MethodStatus::TemporarilyDisabled {
-        store::update_state(
+    payment_method_id: &str,
+    turn_auto_charge_on: bool,
+) -> Result<bool, BillingError> {
+    let restored = store::transition(
+        connection,
+        payment_method_id,
+        &[MethodStatus::TemporarilyDisabled],
+        MethodStatus::Active,
+        turn_auto_charge_on.then_some(true),
+        "",
+    )
+    .await?;
+    if !restored && turn_auto_charge_on {
+        return store::transition(
             connection,
-            &method.payment_method_id,
+            payment_method_id,
+            &[MethodStatus::Active],
             MethodStatus::Active,
-            method.auto_charge,
+            Some(true),
             "",
         )
-        .await?;
+        .await;
     }
-    Ok(())
+    Ok(restored)
+}
+
+/// Every method of the account not removed, in charge-priority order, the primary marked.
+pub async fn live_methods(
+    connection: &mut PgConnection,
+    account_id: &AccountId,
+) -> Result<Vec<PaymentMethod>, BillingError> {
+    store::list_live(connection, account_id).await
 }
 
 /// Live cards whose expiry month ends within `days` of `today` (and has not

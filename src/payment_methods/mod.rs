@@ -1,9 +1,10 @@
 //! Payment methods: saved cards, their charge priority and auto-charge flag,
-//! 3-D Secure confirmation, and the manual charges (Add Funds, retry).
+//! and 3-D Secure confirmation. This capability keeps the cards; it never
+//! charges them (every charge goes through `topup`'s one charge path).
 //!
 //! - `cards`: add (through the gateway's set-up), confirm, auto-charge, reorder, remove;
-//! - `funds`: Add Funds and retry — a top-up record, one gateway charge keyed by
-//!   the top-up, then the ledger credit in the transaction that marks it succeeded;
+//! - `auto_charge`: what the charge path reads of cards and the guarded
+//!   state changes a charge causes;
 //! - `store`: the SQL.
 //!
 //! Every change locks the account row first (`SELECT … FOR UPDATE`), so
@@ -13,7 +14,6 @@
 
 mod auto_charge;
 mod cards;
-mod funds;
 mod store;
 
 use std::sync::Arc;
@@ -27,13 +27,9 @@ use crate::topup::PendingChallenge;
 
 pub use auto_charge::{
     auto_charge_methods, cards_expiring_soon, disable_after_decline, find_method,
-    has_active_auto_charge_method, restore_after_success,
+    has_active_auto_charge_method, live_methods, restore_after_success,
 };
 pub use cards::NewCard;
-pub use funds::{FundsRequest, FundsResult};
-
-/// What Retry charges when the request names no amount.
-pub const DEFAULT_RETRY_AMOUNT_MINOR_UNITS: i64 = 3000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MethodStatus {

@@ -208,7 +208,38 @@ pub(super) async fn live_with_fingerprint(
     .await?)
 }
 
-/// Sets status, auto-charge and reason; clears the challenge unless still pending.
+/// A guarded state change: only a card whose status is one of `from` moves
+/// to `to` (auto-charge set when `Some`, the reason recorded). A removed card
+/// is never in `from` unless asked, so it can never come back. Returns true
+/// when the card changed.
+pub(super) async fn transition(
+    connection: &mut PgConnection,
+    payment_method_id: &str,
+    from: &[MethodStatus],
+    to: MethodStatus,
+    auto_charge: Option<bool>,
+    reason: &str,
+) -> Result<bool, BillingError> {
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    let changed = sqlx::query(
+        "UPDATE payment_methods \
+            SET status = $3, auto_charge = COALESCE($4, auto_charge), disabled_reason = $5, updated_at = now(), \
+                challenge_id = CASE WHEN $3 = 'PENDING_AUTHENTICATION' THEN challenge_id END, \
+                challenge_url = CASE WHEN $3 = 'PENDING_AUTHENTICATION' THEN challenge_url END \
+          WHERE payment_method_id = $1 AND status = ANY($2)",
+    )
+    .bind(payment_method_id)
+    .bind(&from)
+    .bind(to.as_str())
+    .bind(auto_charge)
+    .bind(reason)
+    .execute(connection)
+    .await?;
+    Ok(changed.rows_affected() == 1)
+}
+
+/// Sets status, auto-charge and reason; clears the challenge unless still
+/// pending. A removed card never changes again (guarded in SQL).
 pub(super) async fn update_state(
     connection: &mut PgConnection,
     payment_method_id: &str,
@@ -223,7 +254,7 @@ pub(super) async fn update_state(
                 challenge_url = CASE WHEN $2 = 'PENDING_AUTHENTICATION' THEN challenge_url END, \
                 priority = CASE WHEN $2 = 'REMOVED' THEN 0 ELSE priority END, \
                 removed_at = CASE WHEN $2 = 'REMOVED' THEN now() ELSE removed_at END \
-          WHERE payment_method_id = $1",
+          WHERE payment_method_id = $1 AND status <> 'REMOVED'",
     )
     .bind(payment_method_id)
     .bind(status.as_str())

@@ -1,14 +1,28 @@
 //! Top-ups: every charge that refills a balance — manual (Add Funds), retry
-//! of a payment method, and (later) automatic — with each gateway attempt.
+//! of a payment method, and automatic — with each gateway attempt.
 //!
-//! This module owns the `top_ups` and `top_up_attempts` records. The gateway
-//! idempotency key of an attempt is derived from the top-up id and the attempt
-//! number, and the ledger credit's key from the top-up id, so a retried request
+//! - `pipeline`: the ONE place where a card is charged and a result settled;
+//!   the three triggers differ only in their inputs (cards, on- or
+//!   off-session, amount rule). See `docs/ARCHITECTURE.md` for the lifecycle.
+//! - `funds`: the manual triggers' requests (Add Funds, Retry);
+//! - `crossing`: the per-account crossing state and when an automatic top-up starts;
+//! - `decide` / `runner`: the balance-event subscriber (alerts, then crossings);
+//! - `engine`: drives due top-ups, reconciles unknown outcomes, resumes capped chains;
+//! - `bounds`: refill bounds per currency; `settings`: the Low Balance Settings.
+//!
+//! This module owns the `top_ups`, `top_up_attempts` and `top_up_crossings`
+//! records. The gateway idempotency key of an attempt is derived from the
+//! top-up id and the attempt number, and the ledger credit's key from the
+//! top-up id in a namespace no client key can produce, so a retried request
 //! can neither charge twice nor credit twice.
 
+mod bounds;
 mod clock;
+mod crossing;
 mod decide;
 mod engine;
+mod funds;
+mod pipeline;
 mod runner;
 mod settings;
 mod store;
@@ -19,14 +33,18 @@ use uuid::Uuid;
 
 use crate::money::Currency;
 
+pub use bounds::{RefillBounds, parse_refill_bounds};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use decide::{PolicyDecider, refill_multiple};
+pub use crossing::refill_multiple;
+pub use decide::PolicyDecider;
 pub use engine::{TopUpEngine, engine_caller};
+pub use funds::{FundsRequest, FundsResult};
+pub use pipeline::TopUps;
 pub use runner::run_policy_decisions;
 pub use settings::{
     LowBalanceSettings, PolicyConfig, SettingsChange, apply_settings, get_settings,
 };
-pub use store::{NewTopUp, finish, get, insert, list, lock, owner, record_attempt};
+pub use store::{get, list, owner};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -44,6 +62,11 @@ pub enum TopUpStatus {
     RequiresAction,
     Unknown,
     CapReached,
+    /// An automatic top-up no longer wanted (`auto_refill_disabled`, `balance_restored`).
+    Canceled,
+    /// An outcome that could not be reconciled, or a charge that could not be
+    /// credited: an operator must look; the account's gate stays closed.
+    NeedsAttention,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +92,17 @@ macro_rules! text_enum {
 }
 
 text_enum!(Trigger { Automatic => "AUTOMATIC", Manual => "MANUAL", Retry => "RETRY" });
+
+impl Trigger {
+    /// For people: the ledger description and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Trigger::Automatic => "automatic",
+            Trigger::Manual => "manual",
+            Trigger::Retry => "retry",
+        }
+    }
+}
 text_enum!(TopUpStatus {
     Pending => "PENDING",
     Succeeded => "SUCCEEDED",
@@ -77,6 +111,8 @@ text_enum!(TopUpStatus {
     RequiresAction => "REQUIRES_ACTION",
     Unknown => "UNKNOWN",
     CapReached => "CAP_REACHED",
+    Canceled => "CANCELED",
+    NeedsAttention => "NEEDS_ATTENTION",
 });
 text_enum!(AttemptOutcome {
     Succeeded => "SUCCEEDED",
@@ -94,8 +130,18 @@ impl TopUpStatus {
                 | TopUpStatus::Failed
                 | TopUpStatus::RequiresAction
                 | TopUpStatus::CapReached
+                | TopUpStatus::Canceled
+                | TopUpStatus::NeedsAttention
         )
     }
+}
+
+/// Why an automatic top-up ended `CANCELED`.
+pub mod cancel_reason {
+    /// Auto refill was switched off before the top-up charged anything more.
+    pub const AUTO_REFILL_DISABLED: &str = "auto_refill_disabled";
+    /// Total balance was at or above the threshold when a round began.
+    pub const BALANCE_RESTORED: &str = "balance_restored";
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +153,10 @@ pub struct TopUpAttempt {
     pub hard_decline: bool,
     pub amount: Decimal,
     pub attempted_at: DateTime<Utc>,
+    /// Automatic top-ups: the round (over every card) it belongs to; manual: 0.
+    pub round: i32,
+    /// The 3-D Secure challenge the attempt was answered with, if any.
+    pub challenge: Option<PendingChallenge>,
 }
 
 /// An open 3-D Secure challenge.
@@ -133,6 +183,10 @@ pub struct TopUp {
     pub created_at: DateTime<Utc>,
     /// Automatic top-ups: rounds over every method that have failed so far.
     pub rounds: i32,
+    /// Automatic top-ups: the crossing they belong to (a crossing may chain several).
+    pub crossing_key: Option<String>,
+    /// Times the gateway was asked about an unknown outcome.
+    pub reconcile_tries: i32,
     pub attempts: Vec<TopUpAttempt>,
 }
 
@@ -152,7 +206,9 @@ pub fn parse_gateway_key(key: &str) -> Option<(&str, i32)> {
     top_up_id.starts_with("tu_").then_some((top_up_id, attempt))
 }
 
-/// The ledger idempotency key of a top-up's credit.
-pub fn ledger_key(top_up_id: &str) -> String {
-    format!("top-up:{top_up_id}")
+/// The ledger idempotency key of a top-up's credit: in the internal
+/// namespace (see [`crate::ids::IdempotencyKey::internal`]), which no client
+/// key can reach.
+pub fn ledger_key(top_up_id: &str) -> crate::ids::IdempotencyKey {
+    crate::ids::IdempotencyKey::internal("top-up", top_up_id)
 }

@@ -19,8 +19,9 @@ use crate::notifications::{self, Notice};
 /// Service-wide rules for the settings and the engine.
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
-    pub min_refill: Decimal,
-    pub max_refill: Decimal,
+    /// Smallest and largest refill amount per currency (also the largest
+    /// single automatic charge, and Retry's default when no refill is set).
+    pub refill_bounds: super::RefillBounds,
     pub default_max_top_ups_per_day: i32,
     pub default_max_amount_per_day: Option<Decimal>,
     /// Waits before the 2nd, 3rd … round when every method failed (the last repeats).
@@ -35,13 +36,15 @@ pub struct PolicyConfig {
     /// A manual top-up (Add Funds, retry) still open this long after its
     /// last change is reconciled by the engine (its caller went away).
     pub abandoned_after: chrono::Duration,
+    /// Times the gateway is asked about an unknown outcome before the
+    /// top-up becomes `NEEDS_ATTENTION`.
+    pub reconcile_max_tries: i32,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
-            min_refill: Decimal::new(3000, 2),
-            max_refill: Decimal::new(1_000_000, 2),
+            refill_bounds: super::RefillBounds::default(),
             default_max_top_ups_per_day: 10,
             default_max_amount_per_day: None,
             retry_backoff: vec![
@@ -53,6 +56,7 @@ impl Default for PolicyConfig {
             reconcile_after: chrono::Duration::seconds(30),
             lease: chrono::Duration::seconds(90),
             abandoned_after: chrono::Duration::minutes(10),
+            reconcile_max_tries: 20,
         }
     }
 }
@@ -161,15 +165,14 @@ pub async fn apply_settings(
     let current = load(&mut transaction, account_id.as_str(), config).await?;
     let money = |amount: Decimal| current.currency.display(amount);
     let refill_checked = change.auto_refill_enabled || !change.refill_amount.is_zero();
-    if refill_checked
-        && (change.refill_amount < config.min_refill || change.refill_amount > config.max_refill)
-    {
+    let (min_refill, max_refill) = config.refill_bounds.of(current.currency);
+    if refill_checked && (change.refill_amount < min_refill || change.refill_amount > max_refill) {
         return Err(BillingError::invalid(
             "refill_amount",
             format!(
                 "must be between {} and {}",
-                money(config.min_refill),
-                money(config.max_refill)
+                money(min_refill),
+                money(max_refill)
             ),
         ));
     }
@@ -259,18 +262,32 @@ pub async fn apply_settings(
         let key = format!("low_balance:{account_id}:apply:{stamp}");
         notifications::enqueue(&mut transaction, account_id.as_str(), &notice, &key).await?;
     }
-    let started = if settings.auto_refill_enabled && total < settings.threshold {
-        let key = format!("apply:{stamp}");
-        super::decide::start_automatic_top_up(
+    // The crossing state is shared with the event decider under this lock:
+    // switching auto refill off ends the open automatic top-ups and disarms
+    // the crossing; switching it on (or re-applying) starts a top-up only
+    // when it arms a new crossing.
+    let started = if settings.auto_refill_enabled {
+        match super::crossing::ensure_top_up(
             &mut transaction,
             &settings,
             total,
-            &key,
+            false,
             config,
             clock,
         )
         .await?
+        {
+            super::crossing::Ensured::Started(top_up_id) => Some(top_up_id),
+            _ => None,
+        }
     } else {
+        super::crossing::rearm(
+            &mut transaction,
+            account_id.as_str(),
+            super::cancel_reason::AUTO_REFILL_DISABLED,
+            clock,
+        )
+        .await?;
         None
     };
     transaction.commit().await?;

@@ -16,7 +16,8 @@ use crate::paging::Page;
 macro_rules! top_up_columns {
     () => {
         "top_up_id, top_up_seq, account_id, trigger, status, amount, currency, payment_method_id, \
-         transaction_id, failure_reason, next_attempt_at, challenge_id, challenge_url, created_at, rounds"
+         transaction_id, failure_reason, next_attempt_at, challenge_id, challenge_url, created_at, rounds, \
+         crossing_key, reconcile_tries"
     };
 }
 
@@ -37,8 +38,8 @@ const LIST_SQL: &str = concat!(
     "ORDER BY top_up_seq DESC LIMIT $3"
 );
 const INSERT_SQL: &str = concat!(
-    "INSERT INTO top_ups (top_up_id, account_id, trigger, status, amount, currency, payment_method_id, crossing_key) ",
-    "VALUES ($1, $2, $3, 'PENDING', $4, $5, $6, $7) RETURNING ",
+    "INSERT INTO top_ups (top_up_id, account_id, trigger, status, amount, currency, payment_method_id, crossing_key, ",
+    "created_at, updated_at) VALUES ($1, $2, $3, 'PENDING', $4, $5, $6, $7, $8, $8) RETURNING ",
     top_up_columns!()
 );
 
@@ -69,6 +70,8 @@ fn top_up_from_row(row: &PgRow) -> Result<(i64, TopUp), BillingError> {
         }),
         created_at: row.try_get("created_at")?,
         rounds: row.try_get("rounds")?,
+        crossing_key: row.try_get("crossing_key")?,
+        reconcile_tries: row.try_get("reconcile_tries")?,
         attempts: Vec::new(),
     };
     Ok((row.try_get("top_up_seq")?, top_up))
@@ -79,7 +82,8 @@ async fn with_attempts(
     mut top_up: TopUp,
 ) -> Result<TopUp, BillingError> {
     let rows = sqlx::query(
-        "SELECT attempt_number, payment_method_id, outcome, decline_code, hard_decline, amount, attempted_at \
+        "SELECT attempt_number, payment_method_id, outcome, decline_code, hard_decline, amount, attempted_at, \
+                round, challenge_id, challenge_url \
            FROM top_up_attempts WHERE top_up_id = $1 ORDER BY attempt_number",
     )
     .bind(&top_up.top_up_id)
@@ -89,7 +93,14 @@ async fn with_attempts(
         .iter()
         .map(|row| {
             let outcome: String = row.try_get("outcome")?;
+            let challenge_id: Option<String> = row.try_get("challenge_id")?;
+            let challenge_url: Option<String> = row.try_get("challenge_url")?;
             Ok(TopUpAttempt {
+                round: row.try_get("round")?,
+                challenge: challenge_id.map(|challenge_id| PendingChallenge {
+                    challenge_id,
+                    redirect_url: challenge_url.unwrap_or_default(),
+                }),
                 attempt_number: row.try_get("attempt_number")?,
                 payment_method_id: row.try_get("payment_method_id")?,
                 outcome: AttemptOutcome::parse(&outcome)
@@ -121,7 +132,7 @@ pub async fn get(
 }
 
 /// Locks a top-up row for a read-modify-write.
-pub async fn lock(
+pub(super) async fn lock(
     connection: &mut PgConnection,
     account_id: &AccountId,
     top_up_id: &str,
@@ -159,16 +170,17 @@ pub async fn list(
 }
 
 #[derive(Debug, Clone)]
-pub struct NewTopUp<'a> {
+pub(super) struct NewTopUp<'a> {
     pub account_id: &'a AccountId,
     pub trigger: Trigger,
     pub amount: Decimal,
     pub currency: crate::money::Currency,
     pub payment_method_id: Option<&'a str>,
     pub crossing_key: Option<&'a str>,
+    pub now: chrono::DateTime<chrono::Utc>,
 }
 
-pub async fn insert(
+pub(super) async fn insert(
     connection: &mut PgConnection,
     new: NewTopUp<'_>,
 ) -> Result<TopUp, BillingError> {
@@ -180,59 +192,56 @@ pub async fn insert(
         .bind(new.currency.code())
         .bind(new.payment_method_id)
         .bind(new.crossing_key)
+        .bind(new.now)
         .fetch_one(connection)
         .await?;
     Ok(top_up_from_row(&row)?.1)
 }
 
-/// Records (or, for an attempt whose outcome was unknown, updates) one attempt.
-#[allow(clippy::too_many_arguments)]
-pub async fn record_attempt(
+/// Records the outcome of one attempt (recorded `UNKNOWN` before its gateway call).
+pub(super) async fn settle_attempt(
     connection: &mut PgConnection,
     top_up_id: &str,
     attempt_number: i32,
-    payment_method_id: &str,
     outcome: AttemptOutcome,
     decline: Option<(&str, bool)>,
-    amount: Decimal,
     gateway_charge_id: Option<&str>,
+    challenge: Option<&PendingChallenge>,
 ) -> Result<(), BillingError> {
     let (decline_code, hard_decline) = decline.unwrap_or(("", false));
     sqlx::query(
-        "INSERT INTO top_up_attempts (top_up_id, attempt_number, payment_method_id, outcome, decline_code, \
-                                      hard_decline, amount, gateway_idempotency_key, gateway_charge_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-         ON CONFLICT (top_up_id, attempt_number) DO UPDATE \
-            SET outcome = EXCLUDED.outcome, decline_code = EXCLUDED.decline_code, \
-                hard_decline = EXCLUDED.hard_decline, gateway_charge_id = EXCLUDED.gateway_charge_id, \
-                attempted_at = now()",
+        "UPDATE top_up_attempts SET outcome = $3, decline_code = $4, hard_decline = $5, \
+                gateway_charge_id = COALESCE($6, gateway_charge_id), challenge_id = $7, challenge_url = $8 \
+          WHERE top_up_id = $1 AND attempt_number = $2",
     )
     .bind(top_up_id)
     .bind(attempt_number)
-    .bind(payment_method_id)
     .bind(outcome.as_str())
     .bind(decline_code)
     .bind(hard_decline)
-    .bind(amount)
-    .bind(super::gateway_key(top_up_id, attempt_number))
     .bind(gateway_charge_id)
+    .bind(challenge.map(|c| c.challenge_id.as_str()))
+    .bind(challenge.map(|c| c.redirect_url.as_str()))
     .execute(connection)
     .await?;
     Ok(())
 }
 
-/// Moves a top-up to `status`, with the ledger transaction, failure reason and challenge that go with it.
-pub async fn finish(
+/// Moves a top-up to `status`, with the ledger transaction, failure reason
+/// and challenge that go with it, and ends its lease.
+pub(super) async fn finish(
     connection: &mut PgConnection,
     top_up_id: &str,
     status: TopUpStatus,
     transaction_id: Option<Uuid>,
     failure_reason: &str,
     challenge: Option<&PendingChallenge>,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(), BillingError> {
     sqlx::query(
-        "UPDATE top_ups SET status = $2, transaction_id = $3, failure_reason = $4, \
-                challenge_id = $5, challenge_url = $6, updated_at = now() \
+        "UPDATE top_ups SET status = $2, transaction_id = COALESCE($3, transaction_id), failure_reason = $4, \
+                challenge_id = $5, challenge_url = $6, next_attempt_at = NULL, lease_until = NULL, \
+                lease_owner = NULL, updated_at = $7 \
           WHERE top_up_id = $1",
     )
     .bind(top_up_id)
@@ -241,6 +250,7 @@ pub async fn finish(
     .bind(failure_reason)
     .bind(challenge.map(|c| c.challenge_id.as_str()))
     .bind(challenge.map(|c| c.redirect_url.as_str()))
+    .bind(now)
     .execute(connection)
     .await?;
     Ok(())

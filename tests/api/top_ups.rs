@@ -4,6 +4,8 @@
 
 mod clocked;
 mod crossings;
+mod live_state;
+mod model;
 mod policy_api;
 
 use std::sync::Arc;

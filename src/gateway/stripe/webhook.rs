@@ -31,7 +31,7 @@ use crate::auth::{Caller, Role};
 use crate::error::BillingError;
 use crate::gateway::{Outcome, PaymentGateway};
 use crate::payment_methods::PaymentMethods;
-use crate::topup::{self, Clock, PolicyConfig, TopUpEngine, Trigger};
+use crate::topup::{self, Clock, PolicyConfig, TopUps};
 
 /// What the webhook needs: the signing secret and the domain it applies events to.
 #[derive(Clone)]
@@ -40,7 +40,7 @@ pub struct WebhookState {
     pub tolerance_secs: i64,
     pub pool: PgPool,
     pub payment_methods: PaymentMethods,
-    pub engine: Arc<TopUpEngine>,
+    pub top_ups: TopUps,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -54,20 +54,13 @@ impl WebhookState {
         clock: Arc<dyn Clock>,
         wake: Arc<Notify>,
     ) -> Self {
-        let engine = TopUpEngine {
-            pool: pool.clone(),
-            gateway: gateway.clone(),
-            clock: clock.clone(),
-            config: policy,
-            wake,
-            poll_interval: std::time::Duration::from_secs(1),
-        };
+        let top_ups = TopUps::new(pool.clone(), gateway.clone(), clock.clone(), policy, wake);
         Self {
             secret,
             tolerance_secs: signature::DEFAULT_TOLERANCE_SECS,
             payment_methods: PaymentMethods::new(pool.clone(), gateway),
             pool,
-            engine: Arc::new(engine),
+            top_ups,
             clock,
         }
     }
@@ -221,28 +214,11 @@ async fn apply(state: &WebhookState, event: &Event) -> Result<bool, BillingError
                 return Ok(false);
             };
             let charge = api::charge_of_intent(&intent);
-            let owner = topup::owner(&mut *state.pool.acquire().await?, top_up_id).await?;
-            match owner {
-                None => Ok(false),
-                Some((_, Trigger::Automatic)) => {
-                    state
-                        .engine
-                        .settle_reported(top_up_id, attempt_number, charge)
-                        .await
-                }
-                Some((account, _)) => {
-                    state
-                        .payment_methods
-                        .settle_reported(
-                            &webhook_caller(),
-                            &account,
-                            top_up_id,
-                            attempt_number,
-                            charge,
-                        )
-                        .await
-                }
-            }
+            // Manual, retry and automatic top-ups settle through the one charge path.
+            state
+                .top_ups
+                .settle_reported(top_up_id, attempt_number, charge)
+                .await
         }
         _ => Ok(false),
     }

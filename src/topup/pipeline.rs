@@ -1,0 +1,1185 @@
+//! The one charge path. Manual Add Funds, RetryPaymentMethod and automatic
+//! top-ups all run through the same steps; they differ only in their inputs
+//! (which cards, on- or off-session, the amount rule):
+//!
+//! 1. **begin** — one transaction under the account row lock: re-read the
+//!    top-up, the settings, the live total balance and the cards; end an
+//!    automatic top-up that is no longer wanted (`CANCELED`), apply the gate
+//!    (nothing is charged while another charge of the account has an unknown
+//!    outcome), compute the amount now, choose the card, and record the
+//!    attempt (`UNKNOWN`) with its gateway idempotency key before any call;
+//! 2. **charge** — the gateway call, with no transaction open;
+//! 3. **settle** — one transaction under the account row lock: the attempt's
+//!    outcome (only an attempt still `UNKNOWN` is settled, so a replay, a
+//!    webhook and a reconciliation settle it once), the card's state
+//!    (guarded transitions), and on success the ledger credit and the receipt.
+//!
+//! An attempt left `UNKNOWN` (a timeout, a crash) is reconciled by asking the
+//! gateway by its key, a bounded number of times; then `NEEDS_ATTENTION`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Datelike, Utc};
+use rust_decimal::Decimal;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::crossing::{self, Ensured};
+use super::settings::{self, PolicyConfig};
+use super::{
+    AttemptOutcome, Clock, PendingChallenge, TopUp, TopUpStatus, Trigger, cancel_reason,
+    gateway_key, ledger_key, store,
+};
+use crate::error::BillingError;
+use crate::gateway::{Charge, ChargeRequest, GatewayError, Outcome, PaymentGateway};
+use crate::ids::AccountId;
+use crate::ledger::{self, EntryKind, Posting};
+use crate::notifications::{self, CardLabel, Notice};
+use crate::payment_methods::{self, MethodStatus, PaymentMethod};
+use crate::telemetry::metrics;
+
+/// The top-up capability: the database, the card processor, the clock and
+/// the rules. Cheap to clone.
+#[derive(Clone)]
+pub struct TopUps {
+    pub(super) pool: PgPool,
+    pub(super) gateway: Arc<dyn PaymentGateway>,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) config: PolicyConfig,
+    /// Woken when a top-up was started or reopened (the engine drives it).
+    pub(super) wake: Arc<Notify>,
+}
+
+/// Who drives a top-up: the customer's request (present, on-session) or
+/// the engine (automatic top-ups, and manual ones whose caller went away).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Driver {
+    Caller,
+    Engine,
+}
+
+/// One driver's hold on a top-up (`top_ups.lease_owner`).
+#[derive(Debug, Clone)]
+pub(super) struct Lease {
+    pub top_up_id: String,
+    pub account: AccountId,
+    pub owner: Uuid,
+}
+
+/// One attempt, recorded before the gateway hears of it.
+#[derive(Debug, Clone)]
+struct Attempt {
+    number: i32,
+    card: PaymentMethod,
+    amount: Decimal,
+    currency: crate::money::Currency,
+    off_session: bool,
+    key: String,
+}
+
+enum Begin {
+    Charge(Attempt),
+    Reconcile(Attempt),
+    /// Nothing (more) to charge now.
+    Stop,
+}
+
+/// After settling an attempt: go on with the next card, or stop.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Continue,
+    Stop,
+}
+
+impl TopUps {
+    pub fn new(
+        pool: PgPool,
+        gateway: Arc<dyn PaymentGateway>,
+        clock: Arc<dyn Clock>,
+        config: PolicyConfig,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            pool,
+            gateway,
+            clock,
+            config,
+            wake,
+        }
+    }
+
+    /// Drives a top-up this driver holds the lease of until it needs nothing
+    /// more now (settled, waiting for a round, the customer or a reconciliation).
+    #[tracing::instrument(name = "top_up.drive", skip_all, fields(account_id = %lease.account, top_up_id = %lease.top_up_id, driver = ?driver))]
+    pub(super) async fn drive(&self, lease: &Lease, driver: Driver) -> Result<(), BillingError> {
+        loop {
+            let next = match self.begin(lease, driver).await? {
+                Begin::Stop => return Ok(()),
+                Begin::Charge(attempt) => {
+                    let charge = self.charge(lease, &attempt).await;
+                    self.settle(lease, attempt.number, charge, false).await?
+                }
+                Begin::Reconcile(attempt) => self.reconcile(lease, driver, attempt).await?,
+            };
+            if next == Next::Stop || !self.still_holds(lease).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Takes the lease of one top-up that is not settled; `None` when
+    /// another driver holds it or it is settled.
+    pub(super) async fn claim(
+        &self,
+        account: &AccountId,
+        top_up_id: &str,
+    ) -> Result<Option<Lease>, BillingError> {
+        let now = self.clock.now();
+        let owner = Uuid::new_v4();
+        let claimed = sqlx::query(
+            "UPDATE top_ups SET lease_until = $3, lease_owner = $4 \
+              WHERE account_id = $1 AND top_up_id = $2 AND status IN ('PENDING', 'UNKNOWN') \
+                AND (lease_until IS NULL OR lease_until <= $5)",
+        )
+        .bind(account.as_str())
+        .bind(top_up_id)
+        .bind(now + self.config.lease)
+        .bind(owner)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok((claimed.rows_affected() == 1).then(|| Lease {
+            top_up_id: top_up_id.to_owned(),
+            account: account.clone(),
+            owner,
+        }))
+    }
+
+    /// Ends a driver's hold; `next_attempt_at` when it should come back.
+    pub(super) async fn release(
+        &self,
+        lease: &Lease,
+        next_attempt_at: Option<DateTime<Utc>>,
+    ) -> Result<(), BillingError> {
+        sqlx::query(
+            "UPDATE top_ups SET lease_until = NULL, lease_owner = NULL, \
+                    next_attempt_at = COALESCE($3, next_attempt_at) \
+              WHERE top_up_id = $1 AND lease_owner = $2",
+        )
+        .bind(&lease.top_up_id)
+        .bind(lease.owner)
+        .bind(next_attempt_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn still_holds(&self, lease: &Lease) -> Result<bool, BillingError> {
+        let held: Option<bool> = sqlx::query_scalar(
+            "SELECT lease_owner = $2 AND status IN ('PENDING', 'UNKNOWN') FROM top_ups WHERE top_up_id = $1",
+        )
+        .bind(&lease.top_up_id)
+        .bind(lease.owner)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten();
+        Ok(held.unwrap_or(false))
+    }
+
+    /// Step 1: decide on the live state, under the account row lock.
+    async fn begin(&self, lease: &Lease, driver: Driver) -> Result<Begin, BillingError> {
+        let now = self.clock.now();
+        let account = &lease.account;
+        let mut transaction = self.pool.begin().await?;
+        let currency = lock_account(&mut transaction, account).await?;
+        let top_up = store::lock(&mut transaction, account, &lease.top_up_id).await?;
+        let holder: Option<Uuid> =
+            sqlx::query_scalar("SELECT lease_owner FROM top_ups WHERE top_up_id = $1")
+                .bind(&lease.top_up_id)
+                .fetch_one(&mut *transaction)
+                .await?;
+        if top_up.status.is_final() || holder != Some(lease.owner) {
+            return Ok(Begin::Stop);
+        }
+        // An attempt whose outcome is unknown is settled before anything else.
+        if let Some(pending) = top_up
+            .attempts
+            .iter()
+            .rev()
+            .find(|a| a.outcome == AttemptOutcome::Unknown)
+        {
+            if top_up.status == TopUpStatus::Unknown
+                && top_up.reconcile_tries > self.config.reconcile_max_tries
+            {
+                self.needs_attention(
+                    &mut transaction,
+                    &top_up,
+                    "reconcile_exhausted: the gateway never told the outcome of the charge",
+                )
+                .await?;
+                transaction.commit().await?;
+                return Ok(Begin::Stop);
+            }
+            let card =
+                payment_methods::find_method(&mut transaction, account, &pending.payment_method_id)
+                    .await?;
+            transaction.commit().await?;
+            return Ok(Begin::Reconcile(Attempt {
+                number: pending.attempt_number,
+                key: gateway_key(&top_up.top_up_id, pending.attempt_number),
+                off_session: top_up.trigger == Trigger::Automatic,
+                amount: pending.amount,
+                currency,
+                card,
+            }));
+        }
+        let number = top_up
+            .attempts
+            .iter()
+            .map(|a| a.attempt_number)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let chosen = match top_up.trigger {
+            Trigger::Automatic => {
+                self.choose_automatic(&mut transaction, &top_up, now)
+                    .await?
+            }
+            Trigger::Manual | Trigger::Retry => {
+                self.choose_manual(&mut transaction, &top_up, driver, now)
+                    .await?
+            }
+        };
+        let Some((card, amount)) = chosen else {
+            transaction.commit().await?;
+            return Ok(Begin::Stop);
+        };
+        let key = gateway_key(&top_up.top_up_id, number);
+        sqlx::query(
+            "INSERT INTO top_up_attempts (top_up_id, attempt_number, payment_method_id, outcome, amount, \
+                                          gateway_idempotency_key, round, attempted_at) \
+             VALUES ($1, $2, $3, 'UNKNOWN', $4, $5, $6, $7)",
+        )
+        .bind(&top_up.top_up_id)
+        .bind(number)
+        .bind(&card.payment_method_id)
+        .bind(amount)
+        .bind(&key)
+        .bind(top_up.rounds)
+        .bind(now)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query(
+            "UPDATE top_ups SET amount = $2, status = 'PENDING', lease_until = $3, updated_at = $4 \
+              WHERE top_up_id = $1",
+        )
+        .bind(&top_up.top_up_id)
+        .bind(amount)
+        .bind(now + self.config.lease)
+        .bind(now)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(Begin::Charge(Attempt {
+            number,
+            card,
+            amount,
+            currency,
+            off_session: top_up.trigger == Trigger::Automatic,
+            key,
+        }))
+    }
+
+    /// The card and amount of an automatic top-up's next attempt, decided on
+    /// the live state; `None` after ending or parking the top-up.
+    async fn choose_automatic(
+        &self,
+        connection: &mut PgConnection,
+        top_up: &TopUp,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(PaymentMethod, Decimal)>, BillingError> {
+        let account = AccountId::parse(&top_up.account_id)?;
+        let settings = settings::load(&mut *connection, account.as_str(), &self.config).await?;
+        if !settings.auto_refill_enabled {
+            self.cancel(connection, top_up, cancel_reason::AUTO_REFILL_DISABLED)
+                .await?;
+            return Ok(None);
+        }
+        let total = ledger::load_account(&mut *connection, account.as_str())
+            .await?
+            .total_balance();
+        if total >= settings.threshold {
+            self.cancel(connection, top_up, cancel_reason::BALANCE_RESTORED)
+                .await?;
+            crossing::rearm(
+                connection,
+                account.as_str(),
+                cancel_reason::BALANCE_RESTORED,
+                self.clock.as_ref(),
+            )
+            .await?;
+            return Ok(None);
+        }
+        if let Some(other) = gate_closed_by(&mut *connection, &account, &top_up.top_up_id).await? {
+            tracing::info!(account_id = %account, top_up_id = %top_up.top_up_id, %other, "automatic top-up waits: another charge's outcome is unknown");
+            sqlx::query(
+                "UPDATE top_ups SET lease_until = NULL, lease_owner = NULL, next_attempt_at = $2 WHERE top_up_id = $1",
+            )
+            .bind(&top_up.top_up_id)
+            .bind(now + self.config.reconcile_after)
+            .execute(connection)
+            .await?;
+            return Ok(None);
+        }
+        let (_, max) = self.config.refill_bounds.of(settings.currency);
+        let room = crossing::cap_room(
+            &mut *connection,
+            account.as_str(),
+            Some(&top_up.top_up_id),
+            now,
+        )
+        .await?;
+        let amount_room = settings.max_amount_per_day.map(|cap| cap - room.charged);
+        let refill = settings.refill_amount.min(max);
+        let Some(amount) = crossing::automatic_amount(
+            settings.threshold,
+            total,
+            settings.refill_amount,
+            max,
+            amount_room,
+        ) else {
+            let cap = format!(
+                "at most {} charged automatically per 24 hours",
+                settings
+                    .currency
+                    .display(settings.max_amount_per_day.unwrap_or_default())
+            );
+            sqlx::query(
+                "UPDATE top_ups SET status = 'CAP_REACHED', failure_reason = $2, lease_until = NULL, \
+                        lease_owner = NULL, updated_at = $3 WHERE top_up_id = $1",
+            )
+            .bind(&top_up.top_up_id)
+            .bind(&cap)
+            .bind(now)
+            .execute(&mut *connection)
+            .await?;
+            let crossing_id = top_up.crossing_key.clone().unwrap_or_default();
+            crossing::record_cap_reached(
+                connection,
+                &settings,
+                &crossing_id,
+                refill,
+                &cap,
+                total,
+                room.oldest,
+                self.clock.as_ref(),
+            )
+            .await?;
+            return Ok(None);
+        };
+        let card = self
+            .next_automatic_card(&mut *connection, &account, top_up, now)
+            .await?;
+        match card {
+            Some(card) => Ok(Some((card, amount))),
+            None => {
+                self.finish_round(connection, top_up).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The next card of this round: active auto-charge cards in priority
+    /// order, plus those this top-up soft-declined in an earlier round;
+    /// never a removed, auto-charge-off, expired or hard-declined card, nor
+    /// one already tried this round. Read fresh under the account lock.
+    async fn next_automatic_card(
+        &self,
+        connection: &mut PgConnection,
+        account: &AccountId,
+        top_up: &TopUp,
+        now: DateTime<Utc>,
+    ) -> Result<Option<PaymentMethod>, BillingError> {
+        let cards = payment_methods::auto_charge_methods(&mut *connection, account).await?;
+        let tried_this_round = |id: &str| {
+            top_up
+                .attempts
+                .iter()
+                .any(|a| a.payment_method_id == id && a.round == top_up.rounds)
+        };
+        let hard_declined_here = |id: &str| {
+            top_up
+                .attempts
+                .iter()
+                .any(|a| a.payment_method_id == id && a.hard_decline)
+        };
+        let soft_declined_here = |id: &str| {
+            top_up.attempts.iter().any(|a| {
+                a.payment_method_id == id
+                    && a.outcome == AttemptOutcome::Declined
+                    && !a.hard_decline
+            })
+        };
+        Ok(cards.into_iter().find(|card| {
+            let id = card.payment_method_id.as_str();
+            let usable = card.status == MethodStatus::Active || soft_declined_here(id);
+            usable && !is_expired(card, now) && !hard_declined_here(id) && !tried_this_round(id)
+        }))
+    }
+
+    /// The card and amount of a manual or retry top-up's one attempt.
+    async fn choose_manual(
+        &self,
+        connection: &mut PgConnection,
+        top_up: &TopUp,
+        driver: Driver,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(PaymentMethod, Decimal)>, BillingError> {
+        if !top_up.attempts.is_empty() {
+            // Its one attempt is settled; nothing more to charge.
+            return Ok(None);
+        }
+        if driver == Driver::Engine {
+            // The caller went away before any attempt was recorded: nothing
+            // was charged, and nobody is there to charge on-session.
+            self.finish(
+                connection,
+                top_up,
+                TopUpStatus::Failed,
+                "abandoned: the request was not completed and nothing was charged",
+                None,
+                None,
+            )
+            .await?;
+            tracing::warn!(account_id = %top_up.account_id, top_up_id = %top_up.top_up_id, "abandoned manual top-up closed; nothing was charged");
+            return Ok(None);
+        }
+        let account = AccountId::parse(&top_up.account_id)?;
+        let method_id = top_up.payment_method_id.clone().unwrap_or_default();
+        let card = payment_methods::find_method(&mut *connection, &account, &method_id).await?;
+        let refusal = match card.status {
+            MethodStatus::Active | MethodStatus::TemporarilyDisabled if is_expired(&card, now) => {
+                Some("expired_card")
+            }
+            MethodStatus::Active | MethodStatus::TemporarilyDisabled => None,
+            MethodStatus::Removed => Some("payment_method_removed"),
+            MethodStatus::Failed | MethodStatus::PendingAuthentication => {
+                Some("payment_method_not_active")
+            }
+        };
+        if let Some(reason) = refusal {
+            self.finish(connection, top_up, TopUpStatus::Failed, reason, None, None)
+                .await?;
+            return Ok(None);
+        }
+        if let Some(other) = gate_closed_by(&mut *connection, &account, &top_up.top_up_id).await? {
+            let reason = format!(
+                "another charge of the account ({other}) has an unknown outcome; try again once it is reconciled"
+            );
+            self.finish(connection, top_up, TopUpStatus::Failed, &reason, None, None)
+                .await?;
+            return Ok(None);
+        }
+        let _ = now;
+        Ok(Some((card, top_up.amount)))
+    }
+
+    /// Step 2: one gateway charge; transport failures are an unknown outcome.
+    async fn charge(&self, lease: &Lease, attempt: &Attempt) -> Charge {
+        let request = ChargeRequest {
+            token: attempt.card.gateway_token.clone(),
+            amount: attempt.amount,
+            currency: attempt.currency,
+            idempotency_key: attempt.key.clone(),
+            off_session: attempt.off_session,
+        };
+        let started = Instant::now();
+        // The span names the gateway, never the token or the card.
+        let result = self
+            .gateway
+            .charge(request)
+            .instrument(tracing::info_span!(
+                "gateway.charge",
+                gateway = self.gateway.name(),
+                off_session = attempt.off_session
+            ))
+            .await;
+        metrics::gateway_charge_observed(started.elapsed().as_secs_f64());
+        charge_or_unknown(&lease.top_up_id, result)
+    }
+
+    /// An attempt whose outcome is unknown: the gateway is asked by its key.
+    /// A charge it knows is settled; one it never saw is sent again with the
+    /// same key (the same attempt: it can never charge twice) while its
+    /// driver is the customer or the engine of an automatic top-up; a manual
+    /// attempt whose caller went away is closed once old enough.
+    async fn reconcile(
+        &self,
+        lease: &Lease,
+        driver: Driver,
+        attempt: Attempt,
+    ) -> Result<Next, BillingError> {
+        let found = self
+            .gateway
+            .find_charge(&attempt.key)
+            .instrument(tracing::info_span!(
+                "gateway.find_charge",
+                gateway = self.gateway.name()
+            ))
+            .await;
+        let now = self.clock.now();
+        let charge = match found {
+            Ok(Some(charge)) if charge.outcome != Outcome::Unknown => charge,
+            Ok(None) => {
+                let mut connection = self.pool.acquire().await?;
+                let top_up = store::get(&mut connection, &lease.account, &lease.top_up_id).await?;
+                drop(connection);
+                let manual = top_up.trigger != Trigger::Automatic;
+                if manual && driver == Driver::Engine {
+                    let attempted_at = top_up
+                        .attempts
+                        .iter()
+                        .find(|a| a.attempt_number == attempt.number)
+                        .map_or(now, |a| a.attempted_at);
+                    if attempted_at + self.config.abandoned_after > now {
+                        self.park_unknown(lease, attempted_at + self.config.abandoned_after)
+                            .await?;
+                        return Ok(Next::Stop);
+                    }
+                    return self.close_not_processed(lease, attempt.number).await;
+                }
+                self.charge(lease, &attempt).await
+            }
+            Ok(Some(_)) => {
+                self.park_unknown(lease, now + self.config.reconcile_after)
+                    .await?;
+                return Ok(Next::Stop);
+            }
+            Err(error) => {
+                tracing::warn!(top_up_id = %lease.top_up_id, %error, "reconciliation failed; will ask again");
+                self.park_unknown(lease, now + self.config.reconcile_after)
+                    .await?;
+                return Ok(Next::Stop);
+            }
+        };
+        self.settle(lease, attempt.number, charge, false).await
+    }
+
+    /// Leaves the top-up `UNKNOWN` until `at`, the gate closed.
+    async fn park_unknown(&self, lease: &Lease, at: DateTime<Utc>) -> Result<(), BillingError> {
+        sqlx::query(
+            "UPDATE top_ups SET status = 'UNKNOWN', next_attempt_at = $3, lease_until = NULL, \
+                    lease_owner = NULL, updated_at = $4 \
+              WHERE top_up_id = $1 AND lease_owner = $2 AND status IN ('PENDING', 'UNKNOWN')",
+        )
+        .bind(&lease.top_up_id)
+        .bind(lease.owner)
+        .bind(at)
+        .bind(self.clock.now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A manual attempt the processor never saw, long after its caller went
+    /// away: nothing was charged; the top-up is closed as `FAILED`.
+    async fn close_not_processed(&self, lease: &Lease, number: i32) -> Result<Next, BillingError> {
+        let mut transaction = self.pool.begin().await?;
+        lock_account(&mut transaction, &lease.account).await?;
+        let top_up = store::lock(&mut transaction, &lease.account, &lease.top_up_id).await?;
+        let still_unknown = top_up
+            .attempts
+            .iter()
+            .any(|a| a.attempt_number == number && a.outcome == AttemptOutcome::Unknown);
+        if still_unknown && !top_up.status.is_final() {
+            store::settle_attempt(
+                &mut transaction,
+                &top_up.top_up_id,
+                number,
+                AttemptOutcome::Declined,
+                Some(("not_processed", false)),
+                None,
+                None,
+            )
+            .await?;
+            self.finish(
+                &mut transaction,
+                &top_up,
+                TopUpStatus::Failed,
+                "abandoned: the request was not completed and nothing was charged",
+                None,
+                None,
+            )
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(Next::Stop)
+    }
+
+    /// Step 3: what the gateway answered for one attempt, and its
+    /// consequences. `reported`: the answer arrived on its own (a webhook)
+    /// for an attempt that may have been parked as `REQUIRES_ACTION`.
+    async fn settle(
+        &self,
+        lease: &Lease,
+        number: i32,
+        charge: Charge,
+        reported: bool,
+    ) -> Result<Next, BillingError> {
+        let outcome = self.settle_once(lease, number, &charge, reported).await;
+        match outcome {
+            Err(SettleError::CreditFailed(error)) => {
+                self.credit_failed(lease, number, &charge, &error).await?;
+                Ok(Next::Stop)
+            }
+            Err(SettleError::Other(error)) => Err(error),
+            Ok(next) => Ok(next),
+        }
+    }
+
+    async fn settle_once(
+        &self,
+        lease: &Lease,
+        number: i32,
+        charge: &Charge,
+        reported: bool,
+    ) -> Result<Next, SettleError> {
+        let now = self.clock.now();
+        let account = &lease.account;
+        let mut transaction = self.pool.begin().await?;
+        lock_account(&mut transaction, account).await?;
+        let top_up = store::lock(&mut transaction, account, &lease.top_up_id).await?;
+        let Some(attempt) = top_up.attempts.iter().find(|a| a.attempt_number == number) else {
+            return Ok(Next::Stop);
+        };
+        let open = attempt.outcome == AttemptOutcome::Unknown
+            || (reported && attempt.outcome == AttemptOutcome::RequiresAction);
+        if !open
+            || matches!(
+                top_up.status,
+                TopUpStatus::Succeeded | TopUpStatus::Canceled
+            )
+        {
+            // Settled already (a replay, a webhook or another replica was first).
+            return Ok(Next::Continue);
+        }
+        let card =
+            payment_methods::find_method(&mut transaction, account, &attempt.payment_method_id)
+                .await?;
+        let label = CardLabel {
+            brand: card.brand.clone(),
+            last4: card.last4.clone(),
+        };
+        let automatic = top_up.trigger == Trigger::Automatic;
+        let (attempt_outcome, decline, challenge) = match &charge.outcome {
+            Outcome::Succeeded => (AttemptOutcome::Succeeded, None, None),
+            Outcome::Declined { code, hard } => {
+                (AttemptOutcome::Declined, Some((code.as_str(), *hard)), None)
+            }
+            Outcome::RequiresAction { challenge } => (
+                AttemptOutcome::RequiresAction,
+                None,
+                Some(PendingChallenge {
+                    challenge_id: challenge.challenge_id.clone(),
+                    redirect_url: challenge.redirect_url.clone(),
+                }),
+            ),
+            Outcome::Unknown => (AttemptOutcome::Unknown, None, None),
+        };
+        store::settle_attempt(
+            &mut transaction,
+            &top_up.top_up_id,
+            number,
+            attempt_outcome,
+            decline,
+            charge.charge_id.as_deref(),
+            challenge.as_ref(),
+        )
+        .await?;
+
+        let next = match &charge.outcome {
+            Outcome::Succeeded => {
+                let posting = Posting {
+                    account_id: account.clone(),
+                    kind: EntryKind::TopUp,
+                    amount: attempt.amount,
+                    idempotency_key: ledger_key(&top_up.top_up_id),
+                    description: format!(
+                        "{} top-up, {} •••• {}",
+                        top_up.trigger.label(),
+                        card.brand,
+                        card.last4
+                    ),
+                    metadata: [
+                        ("top_up_id".to_owned(), top_up.top_up_id.clone()),
+                        (
+                            "payment_method_id".to_owned(),
+                            card.payment_method_id.clone(),
+                        ),
+                    ]
+                    .into(),
+                    allow_overdraft: false,
+                };
+                let caller = super::engine_caller();
+                let posted = ledger::post_in_transaction(&mut transaction, &caller, &posting)
+                    .await
+                    .map_err(SettleError::CreditFailed)?;
+                payment_methods::restore_after_success(
+                    &mut transaction,
+                    &card.payment_method_id,
+                    top_up.trigger == Trigger::Retry,
+                )
+                .await?;
+                sqlx::query("UPDATE top_ups SET amount = $2 WHERE top_up_id = $1")
+                    .bind(&top_up.top_up_id)
+                    .bind(attempt.amount)
+                    .execute(&mut *transaction)
+                    .await?;
+                self.finish(
+                    &mut transaction,
+                    &top_up,
+                    TopUpStatus::Succeeded,
+                    "",
+                    Some(posted.entry.transaction_id),
+                    None,
+                )
+                .await?;
+                let notice = Notice::TopUpReceipt {
+                    top_up_id: top_up.top_up_id.clone(),
+                    amount: attempt.amount,
+                    card: label,
+                    balance_after: posted.total_balance,
+                };
+                let key = format!("top_up_receipt:{}", top_up.top_up_id);
+                notifications::enqueue(&mut transaction, account.as_str(), &notice, &key).await?;
+                tracing::info!(account_id = %account, top_up_id = %top_up.top_up_id, amount = %attempt.amount, trigger = top_up.trigger.as_str(), "top-up succeeded");
+                if automatic {
+                    // The chain: still below the threshold (usage arrived, or a
+                    // bound or cap cut the amount) → the next top-up at once.
+                    let settings =
+                        settings::load(&mut transaction, account.as_str(), &self.config).await?;
+                    let ensured = crossing::ensure_top_up(
+                        &mut transaction,
+                        &settings,
+                        posted.total_balance,
+                        true,
+                        &self.config,
+                        self.clock.as_ref(),
+                    )
+                    .await?;
+                    if matches!(ensured, Ensured::Started(_)) {
+                        self.wake.notify_one();
+                    }
+                }
+                Next::Stop
+            }
+            Outcome::Declined { code, hard } => {
+                metrics::card_declined(code);
+                tracing::info!(account_id = %account, top_up_id = %top_up.top_up_id, decline_code = %code, hard, trigger = top_up.trigger.as_str(), "charge declined");
+                // A hard decline from any path, and any automatic decline, takes
+                // the card out of automatic charging, with the reason.
+                if (*hard || automatic)
+                    && payment_methods::disable_after_decline(
+                        &mut transaction,
+                        &card.payment_method_id,
+                        code,
+                    )
+                    .await?
+                {
+                    let notice = Notice::PaymentMethodDisabled {
+                        card: label,
+                        reason: code.clone(),
+                    };
+                    let key = format!(
+                        "payment_method_disabled:{}:{}:{number}",
+                        card.payment_method_id, top_up.top_up_id
+                    );
+                    notifications::enqueue(&mut transaction, account.as_str(), &notice, &key)
+                        .await?;
+                }
+                if automatic {
+                    if top_up.status != TopUpStatus::Pending {
+                        // Reported late for a parked top-up: its round goes on.
+                        sqlx::query(
+                            "UPDATE top_ups SET status = 'PENDING', next_attempt_at = $2, updated_at = $2 \
+                              WHERE top_up_id = $1",
+                        )
+                        .bind(&top_up.top_up_id)
+                        .bind(now)
+                        .execute(&mut *transaction)
+                        .await?;
+                        self.wake.notify_one();
+                    }
+                    Next::Continue
+                } else {
+                    self.finish(
+                        &mut transaction,
+                        &top_up,
+                        TopUpStatus::Failed,
+                        code,
+                        None,
+                        None,
+                    )
+                    .await?;
+                    Next::Stop
+                }
+            }
+            Outcome::RequiresAction { .. } if automatic && !reported => {
+                // Counts as this card not charging in this round: the next card is tried.
+                Next::Continue
+            }
+            Outcome::RequiresAction { .. } => {
+                self.finish(
+                    &mut transaction,
+                    &top_up,
+                    TopUpStatus::RequiresAction,
+                    "authentication_required",
+                    None,
+                    challenge.as_ref(),
+                )
+                .await?;
+                Next::Stop
+            }
+            Outcome::Unknown => {
+                sqlx::query(
+                    "UPDATE top_ups SET status = 'UNKNOWN', failure_reason = 'gateway_timeout', next_attempt_at = $2, \
+                            lease_until = NULL, lease_owner = NULL, updated_at = $3 WHERE top_up_id = $1",
+                )
+                .bind(&top_up.top_up_id)
+                .bind(now + self.config.reconcile_after)
+                .bind(now)
+                .execute(&mut *transaction)
+                .await?;
+                Next::Stop
+            }
+        };
+        transaction.commit().await?;
+        Ok(next)
+    }
+
+    /// A charge succeeded and its credit could not be posted: never a silent
+    /// loop — an ERROR, a metric, and `NEEDS_ATTENTION` (the gate stays closed).
+    async fn credit_failed(
+        &self,
+        lease: &Lease,
+        number: i32,
+        charge: &Charge,
+        error: &BillingError,
+    ) -> Result<(), BillingError> {
+        tracing::error!(account_id = %lease.account, top_up_id = %lease.top_up_id, attempt = number, charge_id = ?charge.charge_id, %error, "charge succeeded but could not be credited");
+        let mut transaction = self.pool.begin().await?;
+        lock_account(&mut transaction, &lease.account).await?;
+        let top_up = store::lock(&mut transaction, &lease.account, &lease.top_up_id).await?;
+        store::settle_attempt(
+            &mut transaction,
+            &top_up.top_up_id,
+            number,
+            AttemptOutcome::Succeeded,
+            None,
+            charge.charge_id.as_deref(),
+            None,
+        )
+        .await?;
+        self.needs_attention(
+            &mut transaction,
+            &top_up,
+            "credit_failed: the card was charged and the ledger credit could not be posted",
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn needs_attention(
+        &self,
+        connection: &mut PgConnection,
+        top_up: &TopUp,
+        reason: &str,
+    ) -> Result<(), BillingError> {
+        tracing::error!(account_id = %top_up.account_id, top_up_id = %top_up.top_up_id, reason, "top-up needs attention: the account's charges stay blocked until an operator resolves it");
+        self.finish(
+            connection,
+            top_up,
+            TopUpStatus::NeedsAttention,
+            reason,
+            None,
+            None,
+        )
+        .await
+    }
+
+    /// Ends an automatic top-up that is no longer wanted; nothing is charged.
+    async fn cancel(
+        &self,
+        connection: &mut PgConnection,
+        top_up: &TopUp,
+        reason: &str,
+    ) -> Result<(), BillingError> {
+        tracing::info!(account_id = %top_up.account_id, top_up_id = %top_up.top_up_id, reason, "automatic top-up canceled");
+        self.finish(
+            connection,
+            top_up,
+            TopUpStatus::Canceled,
+            reason,
+            None,
+            None,
+        )
+        .await
+    }
+
+    /// Every card of the round failed or asked for the customer: wait for
+    /// the customer (`REQUIRES_ACTION`, told once) when a card asked, else
+    /// schedule the next round with back-off, or give up after the last.
+    async fn finish_round(
+        &self,
+        connection: &mut PgConnection,
+        top_up: &TopUp,
+    ) -> Result<(), BillingError> {
+        let now = self.clock.now();
+        let account_id = top_up.account_id.as_str();
+        let this_round = |a: &&super::TopUpAttempt| a.round == top_up.rounds;
+        let asked = top_up
+            .attempts
+            .iter()
+            .filter(this_round)
+            .find(|a| a.outcome == AttemptOutcome::RequiresAction);
+        if let Some(asked) = asked {
+            let challenge = asked.challenge.clone();
+            self.finish(
+                connection,
+                top_up,
+                TopUpStatus::RequiresAction,
+                "authentication_required",
+                None,
+                challenge.as_ref(),
+            )
+            .await?;
+            let card = payment_methods::find_method(
+                &mut *connection,
+                &AccountId::parse(account_id)?,
+                &asked.payment_method_id,
+            )
+            .await?;
+            let notice = Notice::AuthenticationRequired {
+                top_up_id: top_up.top_up_id.clone(),
+                amount: asked.amount,
+                card: CardLabel {
+                    brand: card.brand,
+                    last4: card.last4,
+                },
+            };
+            let key = format!("authentication_required:{}", top_up.top_up_id);
+            notifications::enqueue(&mut *connection, account_id, &notice, &key).await?;
+            return Ok(());
+        }
+        let rounds = top_up.rounds + 1;
+        let reason = if top_up.attempts.is_empty() {
+            "no active payment method with auto-charge"
+        } else {
+            "every payment method failed"
+        };
+        let last_round = rounds >= self.config.max_rounds;
+        let next = (!last_round).then(|| {
+            let index =
+                (rounds as usize - 1).min(self.config.retry_backoff.len().saturating_sub(1));
+            now + self
+                .config
+                .retry_backoff
+                .get(index)
+                .copied()
+                .unwrap_or(chrono::Duration::hours(24))
+        });
+        let status = if last_round {
+            TopUpStatus::Failed
+        } else {
+            TopUpStatus::RetryScheduled
+        };
+        sqlx::query(
+            "UPDATE top_ups SET rounds = $2, status = $3, failure_reason = $4, next_attempt_at = $5, \
+                    lease_until = NULL, lease_owner = NULL, updated_at = $6 WHERE top_up_id = $1",
+        )
+        .bind(&top_up.top_up_id)
+        .bind(rounds)
+        .bind(status.as_str())
+        .bind(reason)
+        .bind(next)
+        .bind(now)
+        .execute(&mut *connection)
+        .await?;
+        metrics::top_up_finished(status.as_str());
+        if last_round || rounds == 1 {
+            let notice = Notice::TopUpFailed {
+                top_up_id: top_up.top_up_id.clone(),
+                amount: top_up.amount,
+                reason: reason.to_owned(),
+                next_attempt_at: next,
+            };
+            let key = format!(
+                "top_up_failed:{}:{}",
+                top_up.top_up_id,
+                if last_round {
+                    "final".to_owned()
+                } else {
+                    rounds.to_string()
+                }
+            );
+            notifications::enqueue(&mut *connection, account_id, &notice, &key).await?;
+        }
+        tracing::info!(account_id, top_up_id = %top_up.top_up_id, rounds, status = status.as_str(), "top-up round failed");
+        Ok(())
+    }
+
+    /// Moves a top-up to `status` and ends its lease.
+    async fn finish(
+        &self,
+        connection: &mut PgConnection,
+        top_up: &TopUp,
+        status: TopUpStatus,
+        reason: &str,
+        transaction_id: Option<Uuid>,
+        challenge: Option<&PendingChallenge>,
+    ) -> Result<(), BillingError> {
+        store::finish(
+            connection,
+            &top_up.top_up_id,
+            status,
+            transaction_id,
+            reason,
+            challenge,
+            self.clock.now(),
+        )
+        .await?;
+        metrics::top_up_finished(status.as_str());
+        Ok(())
+    }
+
+    /// A charge result that arrived on its own (a processor's webhook) for
+    /// attempt `attempt_number` of a top-up (any trigger) left `UNKNOWN` or
+    /// `REQUIRES_ACTION`: settled through the same step as a synchronous
+    /// answer, so the ledger is credited exactly once. Returns false when
+    /// there was nothing to settle.
+    pub async fn settle_reported(
+        &self,
+        top_up_id: &str,
+        attempt_number: i32,
+        charge: Charge,
+    ) -> Result<bool, BillingError> {
+        if charge.outcome == Outcome::Unknown {
+            return Ok(false);
+        }
+        let Some((account, _)) = store::owner(&mut *self.pool.acquire().await?, top_up_id).await?
+        else {
+            return Ok(false);
+        };
+        let lease = Lease {
+            top_up_id: top_up_id.to_owned(),
+            account,
+            owner: Uuid::new_v4(),
+        };
+        let before =
+            store::get(&mut *self.pool.acquire().await?, &lease.account, top_up_id).await?;
+        let open = before.attempts.iter().any(|a| {
+            a.attempt_number == attempt_number
+                && matches!(
+                    a.outcome,
+                    AttemptOutcome::Unknown | AttemptOutcome::RequiresAction
+                )
+        });
+        if !open {
+            return Ok(false);
+        }
+        self.settle(&lease, attempt_number, charge, true).await?;
+        Ok(true)
+    }
+}
+
+enum SettleError {
+    CreditFailed(BillingError),
+    Other(BillingError),
+}
+
+impl<E: Into<BillingError>> From<E> for SettleError {
+    fn from(error: E) -> Self {
+        SettleError::Other(error.into())
+    }
+}
+
+/// Locks the account row (every top-up decision and settlement holds it)
+/// and returns its currency.
+async fn lock_account(
+    connection: &mut PgConnection,
+    account: &AccountId,
+) -> Result<crate::money::Currency, BillingError> {
+    let currency: String =
+        sqlx::query_scalar("SELECT currency FROM accounts WHERE account_id = $1 FOR UPDATE")
+            .bind(account.as_str())
+            .fetch_optional(connection)
+            .await?
+            .ok_or(BillingError::NotFound("account"))?;
+    ledger::currency_from_column(&currency)
+}
+
+/// The per-account gate: another top-up of the account whose charge may
+/// have moved money without being settled (`UNKNOWN`, `NEEDS_ATTENTION`, or
+/// an attempt in flight). Nothing else is charged while it is closed.
+pub(super) async fn gate_closed_by(
+    connection: &mut PgConnection,
+    account: &AccountId,
+    except_top_up_id: &str,
+) -> Result<Option<String>, BillingError> {
+    Ok(sqlx::query_scalar(
+        "SELECT t.top_up_id FROM top_ups t \
+          WHERE t.account_id = $1 AND t.top_up_id <> $2 \
+            AND (t.status IN ('UNKNOWN', 'NEEDS_ATTENTION') \
+                 OR (t.status = 'PENDING' AND EXISTS (SELECT 1 FROM top_up_attempts a \
+                      WHERE a.top_up_id = t.top_up_id AND a.outcome = 'UNKNOWN'))) \
+          LIMIT 1",
+    )
+    .bind(account.as_str())
+    .bind(except_top_up_id)
+    .fetch_optional(connection)
+    .await?)
+}
+
+/// A card whose expiry month has passed is never charged.
+fn is_expired(card: &PaymentMethod, now: DateTime<Utc>) -> bool {
+    let today = now.date_naive();
+    let current = today.year() * 12 + today.month() as i32;
+    card.exp_year * 12 + card.exp_month < current
+}
+
+fn charge_or_unknown(top_up_id: &str, result: Result<Charge, GatewayError>) -> Charge {
+    match result {
+        Ok(charge) => charge,
+        Err(GatewayError::UnknownToken) => Charge {
+            charge_id: None,
+            outcome: Outcome::Declined {
+                code: "card_not_found".into(),
+                hard: true,
+            },
+        },
+        Err(GatewayError::Rejected(reason)) => {
+            tracing::warn!(top_up_id, %reason, "gateway refused the charge");
+            Charge {
+                charge_id: None,
+                outcome: Outcome::Declined {
+                    code: "gateway_rejected".into(),
+                    hard: true,
+                },
+            }
+        }
+        Err(GatewayError::Unexpected(error)) => {
+            tracing::warn!(top_up_id, error = %error, "gateway call failed; outcome unknown");
+            Charge {
+                charge_id: None,
+                outcome: Outcome::Unknown,
+            }
+        }
+    }
+}
+
+/// How long a replayed request waits for the driver of the same top-up.
+pub(super) const REPLAY_WAIT: Duration = Duration::from_secs(20);

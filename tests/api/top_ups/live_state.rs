@@ -1,0 +1,527 @@
+//! Auto top-up decided on the account's live state (issue 12): each rule a
+//! test, on a clock the test moves; races with two replicas.
+
+use billing::proto::{self, AttemptOutcome, PaymentMethodStatus, TopUpStatus};
+use chrono::Duration;
+
+use super::*;
+use crate::payment_methods::{add_card, add_funds, client, confirm, funds, list, status};
+
+const EXPIRED_CARD: &str = "4000000000000069";
+const AUTHENTICATES_ON_SETUP: &str = "4000002500003155";
+
+async fn set_auto_charge(s: &Scenario, card: &str, enabled: bool) {
+    client(&s.app)
+        .set_auto_charge(authed(
+            &s.admin,
+            proto::SetAutoChargeRequest {
+                account_id: ACCT.into(),
+                payment_method_id: card.into(),
+                enabled,
+            },
+        ))
+        .await
+        .expect("set auto-charge");
+}
+
+async fn remove(s: &Scenario, card: &str) {
+    client(&s.app)
+        .remove_payment_method(authed(
+            &s.admin,
+            proto::RemovePaymentMethodRequest {
+                account_id: ACCT.into(),
+                payment_method_id: card.into(),
+            },
+        ))
+        .await
+        .expect("remove");
+}
+
+async fn get_method(s: &Scenario, card: &str) -> proto::PaymentMethod {
+    client(&s.app)
+        .get_payment_method(authed(
+            &s.admin,
+            proto::GetPaymentMethodRequest {
+                account_id: ACCT.into(),
+                payment_method_id: card.into(),
+            },
+        ))
+        .await
+        .expect("get payment method")
+        .into_inner()
+        .payment_method
+        .unwrap()
+}
+
+/// Sandbox charges of one card (any outcome), by its saved token.
+async fn charges_of(s: &Scenario, card: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sandbox_charges c JOIN payment_methods p ON p.gateway_token = c.token \
+          WHERE p.payment_method_id = $1",
+    )
+    .bind(card)
+    .fetch_one(&s.app.pool)
+    .await
+    .unwrap()
+}
+
+async fn automatic_attempts(s: &Scenario) -> usize {
+    top_ups(&s.app, &s.admin)
+        .await
+        .iter()
+        .filter(|t| t.trigger == proto::TopUpTrigger::Automatic as i32)
+        .map(|t| t.attempts.len())
+        .sum()
+}
+
+async fn count_notifications(s: &Scenario, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM notifications WHERE account_id = $1 AND kind = $2")
+        .bind(ACCT)
+        .bind(kind)
+        .fetch_one(&s.app.pool)
+        .await
+        .unwrap()
+}
+
+/// Card 0341 (soft decline, auto-charge on) then 4242 (auto-charge off):
+/// the first round fails and a retry is scheduled.
+async fn retry_scheduled_with_a_spare_card() -> (Scenario, String, String) {
+    let (s, cards) = scenario("50.00", &[DECLINES]).await;
+    let spare = add_active_card(&s.app, &s.admin, ACCT, VISA).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "45.00", "usage-1").await;
+    wait_for_top_up(&s, TopUpStatus::RetryScheduled).await;
+    (s, cards[0].clone(), spare)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_round_after_auto_refill_was_switched_off_charges_nothing() {
+    let (s, _, spare) = retry_scheduled_with_a_spare_card().await;
+    set_auto_charge(&s, &spare, true).await;
+    let mut off = settings("10.00", "30.00");
+    off.auto_refill_enabled = false;
+    apply(&s, off).await;
+
+    s.clock.advance(Duration::hours(2));
+    settle_briefly().await;
+    let top_up = top_ups(&s.app, &s.admin).await.remove(0);
+    assert_eq!(status_of(&top_up), TopUpStatus::Canceled);
+    assert_eq!(top_up.failure_reason, "auto_refill_disabled");
+    assert_eq!(
+        top_up.attempts.len(),
+        1,
+        "no attempt after auto refill went off"
+    );
+    assert_eq!(charges_of(&s, &spare).await, 0);
+    assert_eq!(balance(&s.app).await, "5.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_that_finds_the_balance_restored_charges_nothing_and_ends_the_top_up() {
+    let (s, _, spare) = retry_scheduled_with_a_spare_card().await;
+    set_auto_charge(&s, &spare, true).await;
+    let added = add_funds(&s.app, &s.admin, funds("100.00", &spare, "by-hand"))
+        .await
+        .expect("add funds");
+    assert_eq!(added.balance, "105.00");
+
+    s.clock.advance(Duration::hours(2));
+    eventually("the automatic top-up ends as not needed", || async {
+        let listed = top_ups(&s.app, &s.admin).await;
+        listed.iter().any(|t| {
+            t.trigger == proto::TopUpTrigger::Automatic as i32
+                && status_of(t) == TopUpStatus::Canceled
+        })
+    })
+    .await;
+    settle_briefly().await;
+    let automatic = top_ups(&s.app, &s.admin)
+        .await
+        .into_iter()
+        .find(|t| t.trigger == proto::TopUpTrigger::Automatic as i32)
+        .unwrap();
+    assert_eq!(automatic.failure_reason, "balance_restored");
+    assert_eq!(automatic.attempts.len(), 1);
+    assert_eq!(charges_of(&s, &spare).await, 1, "only the manual 100.00");
+    assert_eq!(balance(&s.app).await, "105.00");
+    s.app.stop().await;
+}
+
+/// Debit 11 (crossing at 39), then at once 39 (to 0): the account ends at
+/// or above the threshold however the charge and the debits interleave.
+async fn drains_below_the_threshold_then_is_refilled_above_it(replicas: usize) {
+    let (s, _) = scenario("50.00", &[VISA]).await;
+    let mut others = Vec::new();
+    for _ in 1..replicas {
+        others.push(replica(&s).await);
+    }
+    apply(&s, settings("40.00", "30.00")).await;
+    debit(&s.app, "11.00", "usage-1").await;
+    debit(others.last().unwrap_or(&s.app), "39.00", "usage-2").await;
+    eventually("the balance is refilled to the threshold", || async {
+        let total: rust_decimal::Decimal = balance(&s.app).await.parse().unwrap();
+        total >= rust_decimal::Decimal::from(40)
+    })
+    .await;
+    settle_briefly().await;
+    let listed = top_ups(&s.app, &s.admin).await;
+    assert!(
+        listed
+            .iter()
+            .all(|t| matches!(status_of(t), TopUpStatus::Succeeded | TopUpStatus::Canceled)),
+        "{listed:?}"
+    );
+    let balance: rust_decimal::Decimal = balance(&s.app).await.parse().unwrap();
+    assert!(
+        balance >= rust_decimal::Decimal::from(40) && balance < rust_decimal::Decimal::from(70),
+        "{balance}"
+    );
+    for other in others {
+        other.stop().await;
+    }
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_amount_is_computed_when_charging_and_a_top_up_that_leaves_the_account_below_is_followed_at_once()
+ {
+    drains_below_the_threshold_then_is_refilled_above_it(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_drained_below_the_threshold_is_refilled_with_two_replicas() {
+    drains_below_the_threshold_then_is_refilled_above_it(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_round_charges_what_the_live_balance_needs_after_usage_during_the_back_off() {
+    let (s, _) = scenario("50.00", &[DECLINES]).await;
+    apply(&s, settings("40.00", "30.00")).await;
+    debit(&s.app, "11.00", "usage-1").await;
+    wait_for_top_up(&s, TopUpStatus::RetryScheduled).await;
+    let visa = add_active_card(&s.app, &s.admin, ACCT, VISA).await;
+    set_auto_charge(&s, &visa, true).await;
+    debit(&s.app, "39.00", "usage-2").await;
+    s.clock.advance(Duration::hours(1));
+    let top_up = wait_for_top_up(&s, TopUpStatus::Succeeded).await;
+    assert_eq!(top_up.amount, "60.00", "two refills lift 0.00 to 40.00");
+    assert_eq!(balance(&s.app).await, "60.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_that_needs_authentication_falls_through_to_the_next_card() {
+    let (s, cards) = scenario("20.00", &[OFF_SESSION_3DS, VISA]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "usage-1").await;
+    let top_up = wait_for_top_up(&s, TopUpStatus::Succeeded).await;
+    let outcomes: Vec<(String, i32)> = top_up
+        .attempts
+        .iter()
+        .map(|a| (a.payment_method_id.clone(), a.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            (cards[0].clone(), AttemptOutcome::RequiresAction as i32),
+            (cards[1].clone(), AttemptOutcome::Succeeded as i32),
+        ]
+    );
+    assert_eq!(balance(&s.app).await, "35.00");
+    assert_eq!(count_notifications(&s, "authentication_required").await, 0);
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_when_no_card_succeeded_does_the_top_up_wait_for_the_customer_who_is_told_once() {
+    let (s, _) = scenario("20.00", &[OFF_SESSION_3DS]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "usage-1").await;
+    let top_up = wait_for_top_up(&s, TopUpStatus::RequiresAction).await;
+    assert_eq!(top_up.attempts.len(), 1);
+    // Re-applying the same settings while the crossing is handled starts nothing.
+    apply(&s, settings("10.00", "30.00")).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    settle_briefly().await;
+    assert_eq!(top_ups(&s.app, &s.admin).await.len(), 1);
+    assert_eq!(count_notifications(&s, "authentication_required").await, 1);
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_applying_settings_while_below_starts_one_top_up_and_one_email() {
+    let (s, _) = scenario("5.00", &[OFF_SESSION_3DS]).await;
+    let mut started = Vec::new();
+    for _ in 0..3 {
+        let applied = apply(&s, settings("10.00", "30.00")).await;
+        started.push(applied.started_top_up_id.clone());
+        settle_briefly().await;
+    }
+    assert!(!started[0].is_empty(), "the first Apply arms a crossing");
+    assert!(
+        started[1..].iter().all(String::is_empty),
+        "later ones start nothing: {started:?}"
+    );
+    wait_for_top_up(&s, TopUpStatus::RequiresAction).await;
+    assert_eq!(top_ups(&s.app, &s.admin).await.len(), 1);
+    assert_eq!(count_notifications(&s, "authentication_required").await, 1);
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_without_an_amount_charges_the_accounts_refill_amount() {
+    let (s, cards) = scenario("100.00", &[VISA]).await;
+    apply(&s, settings("10.00", "50.00")).await;
+    let retried = client(&s.app)
+        .retry_payment_method(authed(
+            &s.admin,
+            proto::RetryPaymentMethodRequest {
+                account_id: ACCT.into(),
+                payment_method_id: cards[0].clone(),
+                idempotency_key: "retry-1".into(),
+                amount: String::new(),
+            },
+        ))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(retried.top_up.unwrap().amount, "50.00");
+    assert_eq!(balance(&s.app).await, "150.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_without_an_amount_or_settings_charges_the_currencys_smallest_refill() {
+    let (s, cards) = scenario("0", &[VISA]).await;
+    let retried = client(&s.app)
+        .retry_payment_method(authed(
+            &s.admin,
+            proto::RetryPaymentMethodRequest {
+                account_id: ACCT.into(),
+                payment_method_id: cards[0].clone(),
+                idempotency_key: "retry-1".into(),
+                amount: String::new(),
+            },
+        ))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(retried.top_up.unwrap().amount, "30.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_card_to_become_active_gets_auto_charge_even_when_an_earlier_one_failed_3ds() {
+    let (s, _) = scenario("0", &[]).await;
+    let pending = add_card(&s.app, &s.admin, ACCT, AUTHENTICATES_ON_SETUP)
+        .await
+        .payment_method
+        .unwrap();
+    assert_eq!(status(&pending), PaymentMethodStatus::PendingAuthentication);
+    let visa = add_active_card(&s.app, &s.admin, ACCT, VISA).await;
+    let failed = confirm(&s.app, &s.admin, ACCT, &pending.payment_method_id, false)
+        .await
+        .expect("a failed challenge is an answer");
+    assert_eq!(status(&failed), PaymentMethodStatus::Failed);
+    let methods = list(&s.app, &s.admin, ACCT).await;
+    let visa = methods
+        .iter()
+        .find(|m| m.payment_method_id == visa)
+        .expect("the visa is listed");
+    assert!(visa.auto_charge, "the first ACTIVE card has auto-charge on");
+    assert!(visa.primary);
+    apply(&s, settings("10.00", "30.00")).await;
+    let added = add_funds(&s.app, &s.admin, funds("30.00", "", "add-1"))
+        .await
+        .expect("Add Funds charges the primary card");
+    assert_eq!(added.balance, "30.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_decline_on_add_funds_takes_the_card_out_of_automatic_charging() {
+    let (s, cards) = scenario("50.00", &[EXPIRED_CARD]).await;
+    let declined = add_funds(&s.app, &s.admin, funds("30.00", &cards[0], "add-1"))
+        .await
+        .expect("a decline is an answer");
+    assert_eq!(
+        top_up_status_of(declined.top_up.as_ref().unwrap()),
+        TopUpStatus::Failed
+    );
+    let card = get_method(&s, &cards[0]).await;
+    assert_eq!(status(&card), PaymentMethodStatus::TemporarilyDisabled);
+    assert_eq!(card.disabled_reason, "expired_card");
+    assert!(!card.primary);
+    let refused = policy(&s.app)
+        .apply_low_balance_settings(authed(&s.admin, settings("10.00", "30.00")))
+        .await
+        .expect_err("no card may be charged automatically");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+
+    let visa = add_active_card(&s.app, &s.admin, ACCT, VISA).await;
+    set_auto_charge(&s, &visa, true).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "45.00", "usage-1").await;
+    let top_up = wait_for_top_up(&s, TopUpStatus::Succeeded).await;
+    assert!(
+        top_up.attempts.iter().all(|a| a.payment_method_id == visa),
+        "the hard-declined card is never charged automatically"
+    );
+    assert_eq!(charges_of(&s, &cards[0]).await, 1);
+    s.app.stop().await;
+}
+
+fn top_up_status_of(top_up: &proto::TopUp) -> TopUpStatus {
+    status_of(top_up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_manual_charge_has_an_unknown_outcome_nothing_else_is_charged_for_the_account() {
+    let (s, cards) = scenario("50.00", &[TIMES_OUT, VISA]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    let unknown = add_funds(&s.app, &s.admin, funds("100.00", &cards[0], "add-1"))
+        .await
+        .expect("an unknown outcome is an answer");
+    assert_eq!(
+        status_of(unknown.top_up.as_ref().unwrap()),
+        TopUpStatus::Unknown
+    );
+    debit(&s.app, "45.00", "usage-1").await;
+    settle_briefly().await;
+    settle_briefly().await;
+    assert_eq!(automatic_attempts(&s).await, 0, "the gate is closed");
+    assert_eq!(charges_of(&s, &cards[1]).await, 0);
+
+    // Reconciled: the processor did charge 100.00; it is credited once and
+    // the automatic top-up is no longer needed.
+    s.clock.advance(Duration::minutes(1));
+    eventually("the manual charge is reconciled and credited", || async {
+        balance(&s.app).await == "105.00"
+    })
+    .await;
+    settle_briefly().await;
+    assert_eq!(charges_of(&s, &cards[1]).await, 0);
+    assert_eq!(balance(&s.app).await, "105.00");
+    let listed = top_ups(&s.app, &s.admin).await;
+    assert!(
+        listed
+            .iter()
+            .filter(|t| t.trigger == proto::TopUpTrigger::Automatic as i32)
+            .all(|t| status_of(t) == TopUpStatus::Canceled),
+        "{listed:?}"
+    );
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_card_or_one_whose_auto_charge_was_switched_off_is_never_charged_automatically() {
+    let (s, cards) = scenario("50.00", &[DECLINES, DECLINES_OFF_SESSION, VISA]).await;
+    set_auto_charge(&s, &cards[2], false).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "45.00", "usage-1").await;
+    let first = wait_for_top_up(&s, TopUpStatus::RetryScheduled).await;
+    assert_eq!(first.attempts.len(), 2);
+    remove(&s, &cards[1]).await;
+    set_auto_charge(&s, &cards[0], false).await;
+    set_auto_charge(&s, &cards[2], true).await;
+    set_auto_charge(&s, &cards[2], false).await;
+
+    s.clock.advance(Duration::hours(1));
+    eventually("the second round ends", || async {
+        top_ups(&s.app, &s.admin).await.first().is_some_and(|t| {
+            t.attempts.len() == 2
+                && status_of(t) == TopUpStatus::RetryScheduled
+                && t.next_attempt_at != first.next_attempt_at
+        })
+    })
+    .await;
+    assert_eq!(
+        charges_of(&s, &cards[1]).await,
+        1,
+        "the removed card is not charged again"
+    );
+    assert_eq!(charges_of(&s, &cards[0]).await, 1);
+    assert_eq!(charges_of(&s, &cards[2]).await, 0);
+    let removed = get_method(&s, &cards[1]).await;
+    assert_eq!(
+        status(&removed),
+        PaymentMethodStatus::Removed,
+        "a removed card never comes back"
+    );
+    assert!(
+        list(&s.app, &s.admin, ACCT)
+            .await
+            .iter()
+            .all(|m| m.payment_method_id != cards[1])
+    );
+    // The same card can be added again.
+    add_card(&s.app, &s.admin, ACCT, DECLINES_OFF_SESSION).await;
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_card_is_never_charged_automatically() {
+    let (s, cards) = scenario("50.00", &[VISA]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    // Past the end of the card's expiry month (December next year).
+    s.clock.advance(Duration::days(800));
+    debit(&s.app, "45.00", "usage-1").await;
+    let top_up = wait_for_top_up(&s, TopUpStatus::RetryScheduled).await;
+    assert!(top_up.attempts.is_empty());
+    assert_eq!(
+        top_up.failure_reason,
+        "no active payment method with auto-charge"
+    );
+    assert_eq!(charges_of(&s, &cards[0]).await, 0);
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_key_shaped_like_a_top_up_credit_key_cannot_block_the_credit() {
+    let (s, _) = scenario("20.00", &[DECLINES]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "usage-1").await;
+    let top_up = wait_for_top_up(&s, TopUpStatus::RetryScheduled).await;
+    // A service that tries to take the credit's key.
+    for key in [
+        format!("top-up:{}", top_up.top_up_id),
+        format!("top-up {}", top_up.top_up_id),
+    ] {
+        let _ = s
+            .app
+            .balances()
+            .debit(authed(
+                &s.app.service_token(),
+                proto::DebitRequest {
+                    account_id: ACCT.into(),
+                    amount: "1.00".into(),
+                    idempotency_key: key,
+                    ..Default::default()
+                },
+            ))
+            .await;
+    }
+    let visa = add_active_card(&s.app, &s.admin, ACCT, VISA).await;
+    set_auto_charge(&s, &visa, true).await;
+    s.clock.advance(Duration::hours(1));
+    let settled = wait_for_top_up(&s, TopUpStatus::Succeeded).await;
+    assert_eq!(settled.top_up_id, top_up.top_up_id);
+    assert_eq!(balance(&s.app).await, "34.00", "5.00 - 1.00 + 30.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_and_a_late_event_never_both_start_a_top_up_for_one_crossing_with_two_replicas() {
+    let (s, _) = scenario("20.00", &[DECLINES]).await;
+    let other = replica(&s).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&other, "15.00", "usage-1").await;
+    // Apply again at once on the first replica while the second decides the event.
+    apply(&s, settings("10.00", "30.00")).await;
+    wait_for_top_up(&s, TopUpStatus::RetryScheduled).await;
+    settle_briefly().await;
+    assert_eq!(top_ups(&s.app, &s.admin).await.len(), 1);
+    other.stop().await;
+    s.app.stop().await;
+}
