@@ -134,10 +134,9 @@ impl PaymentMethods {
                 ));
             }
         };
-        let is_first = store::list_live(&mut transaction, &new.account_id)
-            .await?
-            .iter()
-            .all(|m| m.status == MethodStatus::Failed);
+        // The first card to become ACTIVE on an account with no other ACTIVE
+        // card is auto-charged (a card waiting for 3-D Secure decides when confirmed).
+        let is_first = store::no_active_card(&mut transaction, &new.account_id, None).await?;
         let payment_method_id = new_method_id();
         store::insert(
             &mut transaction,
@@ -149,6 +148,7 @@ impl PaymentMethods {
                 holder_name: new.holder_name(),
                 address: &new.billing_address,
                 gateway: self.gateway.name(),
+                // A card waiting for 3-D Secure shows the intention; confirming decides.
                 auto_charge: is_first && status != MethodStatus::Failed,
                 disabled_reason: &disabled_reason,
                 challenge: challenge.as_ref(),
@@ -266,7 +266,14 @@ impl PaymentMethods {
     ) -> Result<PaymentMethod, BillingError> {
         let payment_method_id = method.payment_method_id.as_str();
         let (status, auto_charge, reason) = match outcome {
-            Outcome::Succeeded => (MethodStatus::Active, method.auto_charge, String::new()),
+            // Auto-charge is decided when the card becomes ACTIVE: on only
+            // when no other card of the account is ACTIVE.
+            Outcome::Succeeded => {
+                let first_active =
+                    store::no_active_card(&mut *connection, account_id, Some(payment_method_id))
+                        .await?;
+                (MethodStatus::Active, first_active, String::new())
+            }
             Outcome::Declined { code, .. } => (MethodStatus::Failed, false, code),
             Outcome::RequiresAction { .. } | Outcome::Unknown => {
                 return Err(BillingError::Unavailable(

@@ -208,6 +208,23 @@ pub(super) async fn live_with_fingerprint(
     .await?)
 }
 
+/// True when no card of the account but `except` is `ACTIVE` (the first card
+/// to become ACTIVE is the one auto-charged).
+pub(super) async fn no_active_card(
+    connection: &mut PgConnection,
+    account_id: &AccountId,
+    except: Option<&str>,
+) -> Result<bool, BillingError> {
+    let active: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM payment_methods WHERE account_id = $1 AND status = 'ACTIVE'                            AND payment_method_id IS DISTINCT FROM $2)",
+    )
+    .bind(account_id.as_str())
+    .bind(except)
+    .fetch_one(connection)
+    .await?;
+    Ok(!active)
+}
+
 /// A guarded state change: only a card whose status is one of `from` moves
 /// to `to` (auto-charge set when `Some`, the reason recorded). A removed card
 /// is never in `from` unless asked, so it can never come back. Returns true

@@ -236,6 +236,38 @@ impl TopUps {
                 card,
             }));
         }
+        if top_up.trigger != Trigger::Automatic
+            && driver == Driver::Engine
+            && top_up.attempts.is_empty()
+        {
+            // The caller went away with no attempt recorded: the gateway is
+            // asked by the one attempt's key (credited if it was charged,
+            // closed if it never was); nothing is charged now.
+            let method_id = top_up.payment_method_id.clone().unwrap_or_default();
+            let card = payment_methods::find_method(&mut transaction, account, &method_id).await?;
+            let key = gateway_key(&top_up.top_up_id, 1);
+            sqlx::query(
+                "INSERT INTO top_up_attempts (top_up_id, attempt_number, payment_method_id, outcome, amount, \
+                                              gateway_idempotency_key, round, attempted_at) \
+                 VALUES ($1, 1, $2, 'UNKNOWN', $3, $4, 0, $5)",
+            )
+            .bind(&top_up.top_up_id)
+            .bind(&card.payment_method_id)
+            .bind(top_up.amount)
+            .bind(&key)
+            .bind(top_up.created_at)
+            .execute(&mut *transaction)
+            .await?;
+            transaction.commit().await?;
+            return Ok(Begin::Reconcile(Attempt {
+                number: 1,
+                card,
+                amount: top_up.amount,
+                currency,
+                off_session: false,
+                key,
+            }));
+        }
         let number = top_up
             .attempts
             .iter()
@@ -443,18 +475,7 @@ impl TopUps {
             return Ok(None);
         }
         if driver == Driver::Engine {
-            // The caller went away before any attempt was recorded: nothing
-            // was charged, and nobody is there to charge on-session.
-            self.finish(
-                connection,
-                top_up,
-                TopUpStatus::Failed,
-                "abandoned: the request was not completed and nothing was charged",
-                None,
-                None,
-            )
-            .await?;
-            tracing::warn!(account_id = %top_up.account_id, top_up_id = %top_up.top_up_id, "abandoned manual top-up closed; nothing was charged");
+            // Only the customer's own request charges on-session (see `begin`).
             return Ok(None);
         }
         let account = AccountId::parse(&top_up.account_id)?;

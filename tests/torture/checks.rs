@@ -10,7 +10,7 @@ use sqlx::PgPool;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use crate::driver::authed;
+use crate::driver::{SettingsChange, authed};
 use crate::harness::Sink;
 
 #[derive(Default)]
@@ -86,6 +86,7 @@ pub async fn run_all(
     service_token: &str,
     sink: &Sink,
     kill_times: &[std::time::SystemTime],
+    settings_changes: &[SettingsChange],
 ) -> Report {
     let mut report = Report {
         entries: sqlx::query_scalar("SELECT COUNT(*) FROM ledger_entries")
@@ -125,7 +126,7 @@ pub async fn run_all(
             pool,
             "SELECT c.idempotency_key FROM sandbox_charges c WHERE c.outcome = 'succeeded' AND NOT EXISTS ( \
                SELECT 1 FROM top_up_attempts a JOIN top_ups t ON t.top_up_id = a.top_up_id \
-                 JOIN ledger_entries e ON e.account_id = t.account_id AND e.idempotency_key = 'top-up:' || a.top_up_id \
+                 JOIN ledger_entries e ON e.account_id = t.account_id AND e.idempotency_key = 'top-up ' || a.top_up_id \
                 WHERE a.gateway_idempotency_key = c.idempotency_key)",
         )
         .await,
@@ -136,7 +137,7 @@ pub async fn run_all(
             pool,
             "SELECT e.idempotency_key FROM ledger_entries e WHERE e.kind = 'top_up' AND NOT EXISTS ( \
                SELECT 1 FROM top_up_attempts a JOIN sandbox_charges c ON c.idempotency_key = a.gateway_idempotency_key \
-                WHERE c.outcome = 'succeeded' AND e.idempotency_key = 'top-up:' || a.top_up_id)",
+                WHERE c.outcome = 'succeeded' AND e.idempotency_key = 'top-up ' || a.top_up_id)",
         )
         .await,
     );
@@ -159,17 +160,18 @@ pub async fn run_all(
         .await,
     );
     report.check(
-        "at most one top-up per crossing",
+        "at most one open automatic top-up per account",
         strings(
             pool,
-            "SELECT account_id || '/' || crossing_key FROM top_ups WHERE crossing_key IS NOT NULL \
-              GROUP BY account_id, crossing_key HAVING COUNT(*) > 1 \
-             UNION ALL \
-             SELECT t.top_up_id FROM top_ups t WHERE t.crossing_key LIKE 'crossing:%' AND NOT EXISTS ( \
-               SELECT 1 FROM balance_events v WHERE v.account_id = t.account_id \
-                  AND v.cursor = substr(t.crossing_key, 10)::bigint AND v.amount < 0)",
+            "SELECT account_id FROM top_ups WHERE trigger = 'AUTOMATIC' \
+                AND status IN ('PENDING', 'RETRY_SCHEDULED', 'UNKNOWN') \
+              GROUP BY account_id HAVING COUNT(*) > 1",
         )
         .await,
+    );
+    report.check(
+        "no automatic charge while auto refill is off",
+        charged_while_auto_refill_off(pool, settings_changes).await,
     );
     report.check(
         "automatic top-ups of an account never overlap",
@@ -293,4 +295,40 @@ pub async fn run_all(
         offenders,
     );
     report
+}
+
+/// Automatic attempts made at a moment when auto refill was known to be off:
+/// after an "off" Apply was answered, with no other Apply of the account in
+/// flight or answered since (an attempt begun before the Apply committed
+/// is mid-charge, which the rule allows).
+async fn charged_while_auto_refill_off(pool: &PgPool, changes: &[SettingsChange]) -> Vec<String> {
+    let attempts: Vec<(String, String, i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT t.account_id, a.top_up_id, a.attempt_number, a.attempted_at FROM top_up_attempts a \
+           JOIN top_ups t ON t.top_up_id = a.top_up_id WHERE t.trigger = 'AUTOMATIC'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut offenders = Vec::new();
+    for (account, top_up_id, number, attempted_at) in attempts {
+        let at: std::time::SystemTime = attempted_at.into();
+        let known_off = changes.iter().any(|off| {
+            off.account == account
+                && !off.auto_refill
+                && off.answered.is_some_and(|answered| answered < at)
+                && changes.iter().all(|other| {
+                    std::ptr::eq(other, off)
+                        || other.account != account
+                        || !other.applied
+                        || other.sent > at
+                        || other.answered.is_some_and(|answered| answered < off.sent)
+                })
+        });
+        if known_off {
+            offenders.push(format!(
+                "{account}: {top_up_id} attempt {number} at {attempted_at}"
+            ));
+        }
+    }
+    offenders
 }

@@ -33,6 +33,20 @@ pub struct Tally {
     pub postings: HashMap<(String, String), String>,
     /// Add Funds requests whose outcome was still unknown.
     pub unsettled_funds: Vec<(String, proto::AddFundsRequest)>,
+    /// Every settings change: account, auto refill on, when sent, when
+    /// answered, whether it took effect (for "no automatic charge while auto
+    /// refill is off").
+    pub settings_changes: Vec<SettingsChange>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SettingsChange {
+    pub account: String,
+    pub auto_refill: bool,
+    pub sent: std::time::SystemTime,
+    /// `None` when the outcome is unknown (it may have taken effect).
+    pub answered: Option<std::time::SystemTime>,
+    pub applied: bool,
 }
 
 pub struct Driver {
@@ -229,8 +243,10 @@ impl Driver {
             ..Default::default()
         };
         let token = self.admin_tokens[account].clone();
+        let auto_refill = request.auto_refill_enabled;
+        let sent = std::time::SystemTime::now();
         // FAILED_PRECONDITION (no active auto-charge card right now) is a fine answer.
-        let _ = self
+        let answer = self
             .until_definitive(rng, |channel| {
                 let request = request.clone();
                 let token = token.clone();
@@ -241,6 +257,20 @@ impl Driver {
                 }
             })
             .await;
+        let definitive = answer
+            .as_ref()
+            .map_or_else(|status| !transient(status), |_| true);
+        self.tally
+            .lock()
+            .unwrap()
+            .settings_changes
+            .push(SettingsChange {
+                account: account.to_owned(),
+                auto_refill,
+                sent,
+                answered: definitive.then(std::time::SystemTime::now),
+                applied: answer.is_ok() || !definitive,
+            });
     }
 
     async fn add_card(&self, rng: &mut StdRng, account: &str, worker: u64, n: u64) {

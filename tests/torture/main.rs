@@ -236,12 +236,14 @@ async fn torture_nothing_lost_nothing_charged_twice() {
         }
     }
     let outcome = checks::wait_until_quiet(&pool, Duration::from_secs(120)).await;
+    let settings_changes = driver.tally.lock().unwrap().settings_changes.clone();
     let report = checks::run_all(
         &pool,
         &channels[1],
         &driver.service_token,
         &sink,
         &kill_times,
+        &settings_changes,
     )
     .await;
 

@@ -63,16 +63,17 @@ const CASES: &[Case] = &[
         added: Pm::Active,
         funded: Some((Tu::Failed, "processing_error", false)),
     },
-    Case {
-        number: TIMES_OUT,
-        added: Pm::Active,
-        funded: Some((Tu::Unknown, "", false)),
-    },
     // On-session (Add Funds) it succeeds; off-session it needs the customer (see below).
     Case {
         number: OFF_SESSION_3DS,
         added: Pm::Active,
         funded: Some((Tu::Succeeded, "", false)),
+    },
+    // Last: while its outcome is unknown, nothing else is charged for the account.
+    Case {
+        number: TIMES_OUT,
+        added: Pm::Active,
+        funded: Some((Tu::Unknown, "", false)),
     },
 ];
 

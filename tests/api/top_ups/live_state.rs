@@ -331,11 +331,12 @@ async fn the_first_card_to_become_active_gets_auto_charge_even_when_an_earlier_o
         .expect("the visa is listed");
     assert!(visa.auto_charge, "the first ACTIVE card has auto-charge on");
     assert!(visa.primary);
-    apply(&s, settings("10.00", "30.00")).await;
     let added = add_funds(&s.app, &s.admin, funds("30.00", "", "add-1"))
         .await
         .expect("Add Funds charges the primary card");
     assert_eq!(added.balance, "30.00");
+    let applied = apply(&s, settings("10.00", "30.00")).await;
+    assert!(applied.settings.unwrap().auto_refill_enabled);
     s.app.stop().await;
 }
 

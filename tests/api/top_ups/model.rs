@@ -226,15 +226,15 @@ impl Runner {
             visa_serial: 0,
         };
         for (step, op) in ops.iter().enumerate() {
-            let before = model.balance;
             self.apply(&mut model, op)
                 .await
                 .map_err(|e| format!("step {step} {op:?}: {e}"))?;
+            let after_op = model.balance;
             self.quiesce(&account)
                 .await
                 .map_err(|e| format!("step {step} {op:?}: {e}"))?;
             let observed = self.observe(&account).await;
-            self.check(&mut model, &observed, before, op)
+            self.check(&mut model, &observed, after_op, op)
                 .await
                 .map_err(|e| format!("step {step} {op:?}: {e}"))?;
         }
