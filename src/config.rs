@@ -166,6 +166,14 @@ pub struct PolicyArgs {
     /// charges stay blocked until an operator resolves it).
     #[arg(long, env = "BILLING_TOP_UP_RECONCILE_MAX_TRIES", default_value_t = 20)]
     pub top_up_reconcile_max_tries: i32,
+    /// Seconds a top-up waits for the customer's 3-D Secure (ConfirmTopUp)
+    /// before it ends FAILED with authentication_expired.
+    #[arg(
+        long,
+        env = "BILLING_TOP_UP_ACTION_EXPIRY_SECS",
+        default_value_t = 86_400
+    )]
+    pub top_up_action_expiry_secs: u32,
     /// Default cap on automatic top-ups per rolling 24 hours (per account, changeable in the settings).
     #[arg(long, env = "BILLING_MAX_TOP_UPS_PER_DAY", default_value_t = 10)]
     pub max_top_ups_per_day: i32,
@@ -227,6 +235,9 @@ impl PolicyArgs {
                 self.top_up_abandoned_secs.max(1),
             )),
             reconcile_max_tries: self.top_up_reconcile_max_tries.max(1),
+            action_expiry: chrono::Duration::seconds(i64::from(
+                self.top_up_action_expiry_secs.max(1),
+            )),
         })
     }
 }

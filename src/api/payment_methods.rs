@@ -76,18 +76,7 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
         let id = required_id("payment_method_id", &message.payment_method_id)?;
-        let authenticated =
-            match proto::AuthenticationResult::try_from(message.authentication_result) {
-                Ok(proto::AuthenticationResult::Passed) => true,
-                Ok(proto::AuthenticationResult::Failed) => false,
-                _ => {
-                    return Err(BillingError::invalid(
-                        "authentication_result",
-                        "must be AUTHENTICATION_RESULT_PASSED or AUTHENTICATION_RESULT_FAILED",
-                    )
-                    .into());
-                }
-            };
+        let authenticated = authentication_result(message.authentication_result)?;
         let method = self
             .methods
             .confirm_card(&caller, &account_id, &id, authenticated)
@@ -226,6 +215,35 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
             payment_method: result.payment_method.as_ref().map(method_to_proto),
             top_up: Some(top_up_to_proto(&result.top_up)),
         }))
+    }
+
+    async fn confirm_top_up(
+        &self,
+        request: Request<proto::ConfirmTopUpRequest>,
+    ) -> Result<Response<proto::ConfirmTopUpResponse>, Status> {
+        let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
+        let message = request.into_inner();
+        let top_up_id = required_id("top_up_id", &message.top_up_id)?;
+        let authenticated = authentication_result(message.authentication_result)?;
+        let result = self
+            .top_ups
+            .confirm_top_up(&caller, &account_id, &top_up_id, authenticated)
+            .await?;
+        Ok(Response::new(proto::ConfirmTopUpResponse {
+            balance: result.top_up.currency.format(result.balance),
+            top_up: Some(top_up_to_proto(&result.top_up)),
+        }))
+    }
+}
+
+fn authentication_result(value: i32) -> Result<bool, BillingError> {
+    match proto::AuthenticationResult::try_from(value) {
+        Ok(proto::AuthenticationResult::Passed) => Ok(true),
+        Ok(proto::AuthenticationResult::Failed) => Ok(false),
+        _ => Err(BillingError::invalid(
+            "authentication_result",
+            "must be AUTHENTICATION_RESULT_PASSED or AUTHENTICATION_RESULT_FAILED",
+        )),
     }
 }
 

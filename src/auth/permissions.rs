@@ -48,6 +48,7 @@ const TABLE: &[(&str, Access)] = &[
         Access::Manage,
     ),
     ("/billing.v1.PaymentMethods/AddFunds", Access::Manage),
+    ("/billing.v1.PaymentMethods/ConfirmTopUp", Access::Manage),
     (
         "/billing.v1.PaymentMethods/RetryPaymentMethod",
         Access::Manage,

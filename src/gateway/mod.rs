@@ -8,6 +8,8 @@
 //!   idempotency key: the same key never charges twice.
 //! - [`PaymentGateway::find_charge`] looks a charge up by that key, to
 //!   reconcile a call whose outcome was unknown (a timeout).
+//! - [`PaymentGateway::confirm_charge`] completes a charge that asked for
+//!   3-D Secure (a top-up waiting for the customer).
 //! - [`PaymentGateway::detach`] forgets a saved card.
 //!
 //! The gateway knows cards and charges, nothing of accounts' balances or the ledger.
@@ -132,6 +134,18 @@ pub trait PaymentGateway: Send + Sync + 'static {
 
     /// The charge made with `idempotency_key`, if the processor has one.
     async fn find_charge(&self, idempotency_key: &str) -> Result<Option<Charge>, GatewayError>;
+
+    /// Completes the 3-D Secure challenge of the charge made with
+    /// `idempotency_key` (it answered `RequiresAction`) and returns its
+    /// outcome. The sandbox applies `authenticated`; a real processor's
+    /// customer authenticates in the browser, so there `authenticated` is a
+    /// hint and the charge's real state is read. Confirming a charge that is
+    /// no longer waiting returns its state. `Rejected` when there is no such charge.
+    async fn confirm_charge(
+        &self,
+        idempotency_key: &str,
+        authenticated: bool,
+    ) -> Result<Charge, GatewayError>;
 
     async fn detach(&self, token: &str) -> Result<(), GatewayError>;
 }

@@ -401,6 +401,36 @@ impl PaymentGateway for SandboxGateway {
         row.as_ref().map(charge_from_row).transpose()
     }
 
+    async fn confirm_charge(
+        &self,
+        idempotency_key: &str,
+        authenticated: bool,
+    ) -> Result<Charge, GatewayError> {
+        // Passed: the card's own behaviour decides (one that authenticates and
+        // then has no funds is declined); failed: declined as such.
+        let updated = sqlx::query(
+            "UPDATE sandbox_charges c \
+                SET outcome = CASE WHEN NOT $2 THEN 'declined' \
+                                   WHEN s.behaviour = 'authenticates_then_insufficient_funds' THEN 'declined' \
+                                   ELSE 'succeeded' END, \
+                    decline_code = CASE WHEN NOT $2 THEN 'authentication_failed' \
+                                        WHEN s.behaviour = 'authenticates_then_insufficient_funds' THEN 'insufficient_funds' \
+                                        ELSE '' END, \
+                    challenge_id = NULL \
+               FROM sandbox_cards s \
+              WHERE s.token = c.token AND c.idempotency_key = $1 AND c.outcome = 'requires_action'",
+        )
+        .bind(idempotency_key)
+        .bind(authenticated)
+        .execute(&self.pool)
+        .await
+        .context("confirming a sandbox charge")?;
+        let _ = updated;
+        self.find_charge(idempotency_key)
+            .await?
+            .ok_or_else(|| GatewayError::Rejected("no charge was made with this key".into()))
+    }
+
     async fn detach(&self, token: &str) -> Result<(), GatewayError> {
         sqlx::query(
             "UPDATE sandbox_cards SET detached_at = COALESCE(detached_at, now()) WHERE token = $1",

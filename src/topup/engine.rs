@@ -5,6 +5,7 @@
 //!   top-up whose outcome is `UNKNOWN` (reconciled by idempotency key), and
 //!   manual ones whose caller went away;
 //! - resumes crossings a cap stopped, once the rolling window allows;
+//! - ends top-ups that waited for 3-D Secure too long (`authentication_expired`);
 //! - once an hour, queues card-expiry reminders.
 
 use std::time::Duration;
@@ -46,6 +47,9 @@ impl TopUpEngine {
             }
             if let Err(error) = self.resume_capped_crossings().await {
                 tracing::warn!(%error, "resuming capped crossings failed");
+            }
+            if let Err(error) = self.top_ups.expire_waiting().await {
+                tracing::warn!(%error, "expiring top-ups waiting for authentication failed");
             }
             let now = self.top_ups.clock.now();
             if last_reminder_check.is_none_or(|at| now - at > chrono::Duration::hours(1)) {

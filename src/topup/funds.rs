@@ -208,7 +208,7 @@ impl TopUps {
         Ok(top_up.top_up_id)
     }
 
-    async fn result(
+    pub(super) async fn result(
         &self,
         account: &AccountId,
         top_up_id: &str,

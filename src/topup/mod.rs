@@ -18,6 +18,7 @@
 
 mod bounds;
 mod clock;
+mod confirm;
 mod crossing;
 mod decide;
 mod engine;

@@ -87,9 +87,22 @@ enum Begin {
     Stop,
 }
 
+/// How a gateway answer arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// The answer to this driver's own call.
+    Direct,
+    /// On its own (a processor's webhook), possibly for an attempt parked as
+    /// `REQUIRES_ACTION`.
+    Reported,
+    /// The customer completed the challenge (ConfirmTopUp): a decline ends
+    /// the top-up, whatever its trigger.
+    Confirmed,
+}
+
 /// After settling an attempt: go on with the next card, or stop.
 #[derive(Debug, PartialEq, Eq)]
-enum Next {
+pub(super) enum Next {
     Continue,
     Stop,
 }
@@ -120,7 +133,8 @@ impl TopUps {
                 Begin::Stop => return Ok(()),
                 Begin::Charge(attempt) => {
                     let charge = self.charge(lease, &attempt).await;
-                    self.settle(lease, attempt.number, charge, false).await?
+                    self.settle(lease, attempt.number, charge, Answer::Direct)
+                        .await?
                 }
                 Begin::Reconcile(attempt) => self.reconcile(lease, driver, attempt).await?,
             };
@@ -586,7 +600,8 @@ impl TopUps {
                 return Ok(Next::Stop);
             }
         };
-        self.settle(lease, attempt.number, charge, false).await
+        self.settle(lease, attempt.number, charge, Answer::Direct)
+            .await
     }
 
     /// Leaves the top-up `UNKNOWN` until `at`, the gate closed.
@@ -643,14 +658,14 @@ impl TopUps {
     /// Step 3: what the gateway answered for one attempt, and its
     /// consequences. `reported`: the answer arrived on its own (a webhook)
     /// for an attempt that may have been parked as `REQUIRES_ACTION`.
-    async fn settle(
+    pub(super) async fn settle(
         &self,
         lease: &Lease,
         number: i32,
         charge: Charge,
-        reported: bool,
+        answer: Answer,
     ) -> Result<Next, BillingError> {
-        let outcome = self.settle_once(lease, number, &charge, reported).await;
+        let outcome = self.settle_once(lease, number, &charge, answer).await;
         match outcome {
             Err(SettleError::CreditFailed(error)) => {
                 self.credit_failed(lease, number, &charge, &error).await?;
@@ -666,8 +681,9 @@ impl TopUps {
         lease: &Lease,
         number: i32,
         charge: &Charge,
-        reported: bool,
+        answer: Answer,
     ) -> Result<Next, SettleError> {
+        let reported = answer != Answer::Direct;
         let now = self.clock.now();
         let account = &lease.account;
         let mut transaction = self.pool.begin().await?;
@@ -801,8 +817,10 @@ impl TopUps {
                 metrics::card_declined(code);
                 tracing::info!(account_id = %account, top_up_id = %top_up.top_up_id, decline_code = %code, hard, trigger = top_up.trigger.as_str(), "charge declined");
                 // A hard decline from any path, and any automatic decline, takes
-                // the card out of automatic charging, with the reason.
-                if (*hard || automatic)
+                // the card out of automatic charging, with the reason (a failed
+                // challenge is the customer's answer, not the card's).
+                let confirmed = answer == Answer::Confirmed;
+                if (*hard || (automatic && !confirmed))
                     && payment_methods::disable_after_decline(
                         &mut transaction,
                         &card.payment_method_id,
@@ -821,7 +839,7 @@ impl TopUps {
                     notifications::enqueue(&mut transaction, account.as_str(), &notice, &key)
                         .await?;
                 }
-                if automatic {
+                if automatic && !confirmed {
                     if top_up.status != TopUpStatus::Pending {
                         // Reported late for a parked top-up: its round goes on.
                         sqlx::query(
@@ -1112,7 +1130,8 @@ impl TopUps {
         if !open {
             return Ok(false);
         }
-        self.settle(&lease, attempt_number, charge, true).await?;
+        self.settle(&lease, attempt_number, charge, Answer::Reported)
+            .await?;
         Ok(true)
     }
 }

@@ -39,6 +39,9 @@ pub struct PolicyConfig {
     /// Times the gateway is asked about an unknown outcome before the
     /// top-up becomes `NEEDS_ATTENTION`.
     pub reconcile_max_tries: i32,
+    /// A top-up waiting for the customer's 3-D Secure (`REQUIRES_ACTION`)
+    /// this long ends `FAILED` with `authentication_expired`.
+    pub action_expiry: chrono::Duration,
 }
 
 impl Default for PolicyConfig {
@@ -57,6 +60,7 @@ impl Default for PolicyConfig {
             lease: chrono::Duration::seconds(90),
             abandoned_after: chrono::Duration::minutes(10),
             reconcile_max_tries: 20,
+            action_expiry: chrono::Duration::hours(24),
         }
     }
 }

@@ -211,7 +211,8 @@ pub(super) async fn settle_attempt(
     let (decline_code, hard_decline) = decline.unwrap_or(("", false));
     sqlx::query(
         "UPDATE top_up_attempts SET outcome = $3, decline_code = $4, hard_decline = $5, \
-                gateway_charge_id = COALESCE($6, gateway_charge_id), challenge_id = $7, challenge_url = $8 \
+                gateway_charge_id = COALESCE($6, gateway_charge_id), \
+                challenge_id = COALESCE($7, challenge_id), challenge_url = COALESCE($8, challenge_url) \
           WHERE top_up_id = $1 AND attempt_number = $2",
     )
     .bind(top_up_id)

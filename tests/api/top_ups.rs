@@ -3,6 +3,7 @@
 //! and exactly one top-up per crossing with three replicas.
 
 mod clocked;
+mod confirm;
 mod crossings;
 mod live_state;
 mod model;

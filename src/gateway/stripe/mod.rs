@@ -431,6 +431,18 @@ impl PaymentGateway for StripeGateway {
             .map(api::charge_of_intent))
     }
 
+    async fn confirm_charge(
+        &self,
+        idempotency_key: &str,
+        _authenticated: bool,
+    ) -> Result<Charge, GatewayError> {
+        // The customer completed (or abandoned) the challenge in the browser
+        // with Stripe.js `handleNextAction`: the PaymentIntent's own state is the answer.
+        self.find_charge(idempotency_key).await?.ok_or_else(|| {
+            GatewayError::Rejected("stripe has no payment intent for this top-up".into())
+        })
+    }
+
     async fn detach(&self, token: &str) -> Result<(), GatewayError> {
         if !is_stripe_id(token, "pm_") {
             return Err(GatewayError::UnknownToken);

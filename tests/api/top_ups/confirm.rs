@@ -1,0 +1,194 @@
+//! 3-D Secure at charge time: ConfirmTopUp finishes a manual, retry or
+//! automatic top-up that waits for the customer; it expires after a while.
+
+use billing::proto::{self, TopUpStatus};
+use chrono::Duration;
+
+use super::*;
+use crate::payment_methods::{add_funds, client, funds};
+
+const ALWAYS_3DS: &str = "4000002760003184";
+
+async fn confirm_top_up(
+    app: &TestApp,
+    token: &str,
+    account: &str,
+    top_up_id: &str,
+    passed: bool,
+) -> Result<proto::ConfirmTopUpResponse, tonic::Status> {
+    let result = if passed {
+        proto::AuthenticationResult::Passed
+    } else {
+        proto::AuthenticationResult::Failed
+    };
+    client(app)
+        .confirm_top_up(authed(
+            token,
+            proto::ConfirmTopUpRequest {
+                account_id: account.into(),
+                top_up_id: top_up_id.into(),
+                authentication_result: result as i32,
+            },
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn count(app: &TestApp, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&app.pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_funds_with_a_card_that_always_asks_for_3ds_is_credited_once_when_confirmed() {
+    let (s, cards) = scenario("0", &[ALWAYS_3DS]).await;
+    let waiting = add_funds(&s.app, &s.admin, funds("25.00", &cards[0], "add-1"))
+        .await
+        .unwrap();
+    let top_up = waiting.top_up.unwrap();
+    assert_eq!(status_of(&top_up), TopUpStatus::RequiresAction);
+    let action = waiting.next_action.expect("a 3-D Secure challenge");
+    assert!(!action.challenge_id.is_empty());
+    assert_eq!(waiting.balance, "0.00");
+
+    let confirmed = confirm_top_up(&s.app, &s.admin, ACCT, &top_up.top_up_id, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(confirmed.top_up.as_ref().unwrap()),
+        TopUpStatus::Succeeded
+    );
+    assert_eq!(confirmed.balance, "25.00");
+
+    // Again: the same answer, nothing charged or credited twice.
+    let again = confirm_top_up(&s.app, &s.admin, ACCT, &top_up.top_up_id, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(again.top_up.as_ref().unwrap()),
+        TopUpStatus::Succeeded
+    );
+    assert_eq!(again.balance, "25.00");
+    assert_eq!(sandbox_charges(&s.app).await, 1);
+    assert_eq!(ledger_top_ups(&s.app).await, 1);
+    assert_eq!(balance(&s.app).await, "25.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_challenge_ends_the_top_up_failed_and_credits_nothing() {
+    let (s, cards) = scenario("0", &[ALWAYS_3DS]).await;
+    let waiting = add_funds(&s.app, &s.admin, funds("25.00", &cards[0], "add-1"))
+        .await
+        .unwrap();
+    let top_up_id = waiting.top_up.unwrap().top_up_id;
+    let failed = confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, false)
+        .await
+        .unwrap();
+    let top_up = failed.top_up.unwrap();
+    assert_eq!(status_of(&top_up), TopUpStatus::Failed);
+    assert_eq!(top_up.failure_reason, "authentication_failed");
+    assert_eq!(balance(&s.app).await, "0.00");
+    assert_eq!(ledger_top_ups(&s.app).await, 0);
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automatic_top_up_waiting_for_the_customer_is_completed_by_confirm_top_up() {
+    let (s, _) = scenario("20.00", &[OFF_SESSION_3DS]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "usage-1").await;
+    let waiting = wait_for_top_up(&s, TopUpStatus::RequiresAction).await;
+    let confirmed = confirm_top_up(&s.app, &s.admin, ACCT, &waiting.top_up_id, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(confirmed.top_up.as_ref().unwrap()),
+        TopUpStatus::Succeeded
+    );
+    assert_eq!(confirmed.balance, "35.00");
+    confirm_top_up(&s.app, &s.admin, ACCT, &waiting.top_up_id, true)
+        .await
+        .unwrap();
+    settle_briefly().await;
+    assert_eq!(balance(&s.app).await, "35.00");
+    assert_eq!(ledger_top_ups(&s.app).await, 1);
+    assert_eq!(
+        count(
+            &s.app,
+            "SELECT COUNT(*) FROM notifications WHERE kind = 'top_up_receipt'"
+        )
+        .await,
+        1,
+        "one receipt"
+    );
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirming_another_accounts_or_a_settled_top_up_is_refused() {
+    let (s, cards) = scenario("0", &[VISA]).await;
+    s.app.account_with_balance("other", "0").await;
+    let other_admin = s.app.token("admin", Some("other"));
+    let settled = add_funds(&s.app, &s.admin, funds("30.00", &cards[0], "add-1"))
+        .await
+        .unwrap()
+        .top_up
+        .unwrap();
+    let not_found = confirm_top_up(&s.app, &other_admin, "other", &settled.top_up_id, true)
+        .await
+        .unwrap_err();
+    assert_eq!(not_found.code(), tonic::Code::NotFound);
+    let not_waiting = confirm_top_up(&s.app, &s.admin, ACCT, &settled.top_up_id, true)
+        .await
+        .unwrap_err();
+    assert_eq!(not_waiting.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        not_waiting.message().contains("SUCCEEDED"),
+        "{}",
+        not_waiting.message()
+    );
+    let unspecified = client(&s.app)
+        .confirm_top_up(authed(
+            &s.admin,
+            proto::ConfirmTopUpRequest {
+                account_id: ACCT.into(),
+                top_up_id: settled.top_up_id.clone(),
+                authentication_result: 0,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(unspecified.code(), tonic::Code::InvalidArgument);
+    assert!(unspecified.message().contains("authentication_result"));
+    assert_eq!(balance(&s.app).await, "30.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_waiting_for_authentication_expires_and_the_crossing_is_freed() {
+    let (s, _) = scenario("20.00", &[OFF_SESSION_3DS]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "usage-1").await;
+    let waiting = wait_for_top_up(&s, TopUpStatus::RequiresAction).await;
+    s.clock.advance(Duration::hours(25));
+    eventually("the waiting top-up expires", || async {
+        top_ups(&s.app, &s.admin)
+            .await
+            .iter()
+            .any(|t| t.top_up_id == waiting.top_up_id && status_of(t) == TopUpStatus::Failed)
+    })
+    .await;
+    let listed = top_ups(&s.app, &s.admin).await;
+    let expired = listed
+        .iter()
+        .find(|t| t.top_up_id == waiting.top_up_id)
+        .unwrap();
+    assert_eq!(expired.failure_reason, "authentication_expired");
+    // The crossing is free again: the next top-up of the still-low account starts.
+    assert!(
+        listed.iter().any(|t| t.top_up_id != waiting.top_up_id),
+        "{listed:?}"
+    );
+    assert_eq!(balance(&s.app).await, "5.00");
+    s.app.stop().await;
+}
