@@ -2,6 +2,7 @@
 //! objects shaped as Stripe documents them; its webhook handler with signed
 //! events; and the service end to end over gRPC with the gateway set to stripe.
 
+mod confirm;
 mod gateway;
 mod grpc;
 mod webhook;
