@@ -6,15 +6,12 @@
 use uuid::Uuid;
 
 use super::pipeline::{Answer, Lease, TopUps};
-use super::{
-    AttemptOutcome, TopUpStatus, Trigger, cancel_reason, crossing, gateway_key, settings, store,
-};
+use super::{AttemptOutcome, TopUpStatus, Trigger, gateway_key, store};
 use crate::audit;
 use crate::auth::Caller;
 use crate::error::BillingError;
 use crate::gateway::{GatewayError, Outcome};
 use crate::ids::AccountId;
-use crate::ledger;
 
 impl TopUps {
     /// Completes the challenge of a `REQUIRES_ACTION` top-up of `account`
@@ -134,35 +131,7 @@ impl TopUps {
             if Trigger::parse(trigger) != Some(Trigger::Automatic) {
                 continue;
             }
-            let mut transaction = self.pool.begin().await?;
-            sqlx::query("SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE")
-                .bind(account_id)
-                .execute(&mut *transaction)
-                .await?;
-            let settings = settings::load(&mut transaction, account_id, &self.config).await?;
-            crossing::rearm(
-                &mut transaction,
-                account_id,
-                cancel_reason::BALANCE_RESTORED,
-                self.clock.as_ref(),
-            )
-            .await?;
-            let total = ledger::load_account(&mut transaction, account_id)
-                .await?
-                .total_balance();
-            let ensured = crossing::ensure_top_up(
-                &mut transaction,
-                &settings,
-                total,
-                false,
-                &self.config,
-                self.clock.as_ref(),
-            )
-            .await?;
-            transaction.commit().await?;
-            if matches!(ensured, crossing::Ensured::Started(_)) {
-                self.wake.notify_one();
-            }
+            self.recheck_crossing(account_id, true).await?;
         }
         Ok(expired.len())
     }

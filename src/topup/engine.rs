@@ -15,9 +15,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::crossing::{self, Ensured};
 use super::pipeline::{Driver, Lease, TopUps};
-use super::settings;
 use crate::auth::{Caller, Role};
 use crate::error::BillingError;
 use crate::ids::AccountId;
@@ -139,38 +137,8 @@ impl TopUpEngine {
         .await?;
         let mut started = 0;
         for account_id in due {
-            let mut transaction = self.pool().begin().await?;
-            sqlx::query("SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE")
-                .bind(&account_id)
-                .execute(&mut *transaction)
-                .await?;
-            let settings =
-                settings::load(&mut transaction, &account_id, &self.top_ups.config).await?;
-            let total = crate::ledger::load_account(&mut transaction, &account_id)
-                .await?
-                .total_balance();
-            let ensured = crossing::ensure_top_up(
-                &mut transaction,
-                &settings,
-                total,
-                false,
-                &self.top_ups.config,
-                self.top_ups.clock.as_ref(),
-            )
-            .await?;
-            if !settings.auto_refill_enabled {
-                crossing::rearm(
-                    &mut transaction,
-                    &account_id,
-                    super::cancel_reason::AUTO_REFILL_DISABLED,
-                    self.top_ups.clock.as_ref(),
-                )
-                .await?;
-            }
-            transaction.commit().await?;
-            if matches!(ensured, Ensured::Started(_)) {
+            if self.top_ups.recheck_crossing(&account_id, false).await? {
                 started += 1;
-                self.top_ups.wake.notify_one();
             }
         }
         Ok(started)

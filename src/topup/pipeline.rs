@@ -124,6 +124,46 @@ impl TopUps {
         }
     }
 
+    /// Decides again, on the live state of `account_id`, whether an automatic
+    /// top-up starts now (a cap window passed, a waiting top-up expired);
+    /// `rearm` first frees the account's crossing. Wakes the engine when one
+    /// starts; returns true then.
+    pub(super) async fn recheck_crossing(
+        &self,
+        account_id: &str,
+        rearm: bool,
+    ) -> Result<bool, BillingError> {
+        let mut transaction = self.pool.begin().await?;
+        lock_account(&mut transaction, &AccountId::parse(account_id)?).await?;
+        let settings = settings::load(&mut transaction, account_id, &self.config).await?;
+        if rearm || !settings.auto_refill_enabled {
+            let reason = if settings.auto_refill_enabled {
+                cancel_reason::BALANCE_RESTORED
+            } else {
+                cancel_reason::AUTO_REFILL_DISABLED
+            };
+            crossing::rearm(&mut transaction, account_id, reason, self.clock.as_ref()).await?;
+        }
+        let total = ledger::load_account(&mut transaction, account_id)
+            .await?
+            .total_balance();
+        let ensured = crossing::ensure_top_up(
+            &mut transaction,
+            &settings,
+            total,
+            false,
+            &self.config,
+            self.clock.as_ref(),
+        )
+        .await?;
+        transaction.commit().await?;
+        let started = matches!(ensured, Ensured::Started(_));
+        if started {
+            self.wake.notify_one();
+        }
+        Ok(started)
+    }
+
     /// Drives a top-up this driver holds the lease of until it needs nothing
     /// more now (settled, waiting for a round, the customer or a reconciliation).
     #[tracing::instrument(name = "top_up.drive", skip_all, fields(account_id = %lease.account, top_up_id = %lease.top_up_id, driver = ?driver))]

@@ -65,6 +65,22 @@ async fn charges_of(s: &Scenario, card: &str) -> i64 {
     .unwrap()
 }
 
+async fn retry_without_amount(s: &Scenario, card: &str) -> proto::RetryPaymentMethodResponse {
+    client(&s.app)
+        .retry_payment_method(authed(
+            &s.admin,
+            proto::RetryPaymentMethodRequest {
+                account_id: ACCT.into(),
+                payment_method_id: card.into(),
+                idempotency_key: "retry-1".into(),
+                amount: String::new(),
+            },
+        ))
+        .await
+        .expect("retry")
+        .into_inner()
+}
+
 async fn automatic_attempts(s: &Scenario) -> usize {
     top_ups(&s.app, &s.admin)
         .await
@@ -273,19 +289,7 @@ async fn re_applying_settings_while_below_starts_one_top_up_and_one_email() {
 async fn retry_without_an_amount_charges_the_accounts_refill_amount() {
     let (s, cards) = scenario("100.00", &[VISA]).await;
     apply(&s, settings("10.00", "50.00")).await;
-    let retried = client(&s.app)
-        .retry_payment_method(authed(
-            &s.admin,
-            proto::RetryPaymentMethodRequest {
-                account_id: ACCT.into(),
-                payment_method_id: cards[0].clone(),
-                idempotency_key: "retry-1".into(),
-                amount: String::new(),
-            },
-        ))
-        .await
-        .expect("retry")
-        .into_inner();
+    let retried = retry_without_amount(&s, &cards[0]).await;
     assert_eq!(retried.top_up.unwrap().amount, "50.00");
     assert_eq!(balance(&s.app).await, "150.00");
     s.app.stop().await;
@@ -294,19 +298,7 @@ async fn retry_without_an_amount_charges_the_accounts_refill_amount() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_without_an_amount_or_settings_charges_the_currencys_smallest_refill() {
     let (s, cards) = scenario("0", &[VISA]).await;
-    let retried = client(&s.app)
-        .retry_payment_method(authed(
-            &s.admin,
-            proto::RetryPaymentMethodRequest {
-                account_id: ACCT.into(),
-                payment_method_id: cards[0].clone(),
-                idempotency_key: "retry-1".into(),
-                amount: String::new(),
-            },
-        ))
-        .await
-        .expect("retry")
-        .into_inner();
+    let retried = retry_without_amount(&s, &cards[0]).await;
     assert_eq!(retried.top_up.unwrap().amount, "30.00");
     s.app.stop().await;
 }
