@@ -142,8 +142,13 @@ impl PaymentMethods {
                     GatewayError::UnknownToken | GatewayError::Rejected(_)
                 ) {
                     // A refusal changes nothing: the key is free again.
-                    self.release_key(&new.account_id, key, &request_fingerprint, &payment_method_id)
-                        .await?;
+                    self.release_key(
+                        &new.account_id,
+                        key,
+                        &request_fingerprint,
+                        &payment_method_id,
+                    )
+                    .await?;
                 }
                 return Err(gateway_error("gateway_token", error));
             }

@@ -454,11 +454,7 @@ async fn notification_rpcs_for_every_role_on_own_and_other_accounts() {
 }
 
 /// Sends a test notification as the admin of `account` with `key`.
-async fn send_test(
-    app: &crate::helpers::TestApp,
-    account: &str,
-    key: &str,
-) -> proto::Notification {
+async fn send_test(app: &crate::helpers::TestApp, account: &str, key: &str) -> proto::Notification {
     notifications(app)
         .send_test_notification(authed(
             &app.token("admin", Some(account)),
@@ -536,6 +532,9 @@ async fn a_dedupe_key_is_scoped_by_account_and_never_returns_or_preempts_another
         .unwrap();
     transaction.commit().await.unwrap();
     assert_ne!(a.notification_id, b.notification_id);
-    assert_eq!((a.account_id.as_str(), b.account_id.as_str()), ("org", "org:emea"));
+    assert_eq!(
+        (a.account_id.as_str(), b.account_id.as_str()),
+        ("org", "org:emea")
+    );
     app.stop().await;
 }

@@ -427,21 +427,23 @@ async fn debit_and_alert_meanwhile(
 /// account's row lock open across the gateway call; a slow processor then
 /// delayed the account's debits and every account's alerts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_gateway_call_delays_neither_a_debit_on_the_account_nor_an_alert_on_another()
-{
+async fn a_stalled_gateway_call_delays_neither_a_debit_on_the_account_nor_an_alert_on_another() {
     let (app, token) = app_with_a_stalling_gateway().await;
 
     let mut adder = client(&app);
     let request = authed(&token, add_card_request(ACCT, card(STALLS), "slow-add"));
     let adding = tokio::spawn(async move { adder.add_card(request).await });
-    crate::helpers::eventually("AddCard reserved its key and called the gateway", || async {
-        count_where(
-            &app,
-            "SELECT COUNT(*) FROM idempotency_keys WHERE idempotency_key = 'slow-add'",
-        )
-        .await
-            == 1
-    })
+    crate::helpers::eventually(
+        "AddCard reserved its key and called the gateway",
+        || async {
+            count_where(
+                &app,
+                "SELECT COUNT(*) FROM idempotency_keys WHERE idempotency_key = 'slow-add'",
+            )
+            .await
+                == 1
+        },
+    )
     .await;
     let (debit_took, alert_took) = debit_and_alert_meanwhile(&app, "during-add").await;
     assert!(
@@ -476,21 +478,27 @@ async fn a_stalled_gateway_call_delays_neither_a_debit_on_the_account_nor_an_ale
         },
     );
     let removing = tokio::spawn(async move { remover.remove_payment_method(request).await });
-    crate::helpers::eventually("the removal committed and the detach is at the gateway", || async {
-        count_where(
-            &app,
-            "SELECT COUNT(*) FROM payment_methods WHERE status = 'REMOVED'",
-        )
-        .await
-            == 1
-    })
+    crate::helpers::eventually(
+        "the removal committed and the detach is at the gateway",
+        || async {
+            count_where(
+                &app,
+                "SELECT COUNT(*) FROM payment_methods WHERE status = 'REMOVED'",
+            )
+            .await
+                == 1
+        },
+    )
     .await;
     let (debit_took, alert_took) = debit_and_alert_meanwhile(&app, "during-remove").await;
     assert!(
         !removing.is_finished(),
         "the detach was still stalled while the debit and the alert went through"
     );
-    assert!(debit_took < PROMPT, "a debit waited {debit_took:?} for a detach");
+    assert!(
+        debit_took < PROMPT,
+        "a debit waited {debit_took:?} for a detach"
+    );
     assert!(
         alert_took < PROMPT,
         "another account's alert waited {alert_took:?} for a detach"
