@@ -102,7 +102,8 @@ impl Notifications for NotificationsApi {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let key = IdempotencyKey::parse(&request.get_ref().idempotency_key)?;
         let mut transaction = self.pool.begin().await.map_err(BillingError::from)?;
-        let dedupe_key = format!("test:{}:{}", account_id, key.as_str());
+        // Scoped by the account (and the kind) in the outbox itself; the key is the client's.
+        let dedupe_key = notifications::dedupe_key(&["test", key.as_str()]);
         let queued = notifications::enqueue(
             &mut transaction,
             account_id.as_str(),

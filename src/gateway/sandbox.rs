@@ -4,6 +4,8 @@
 //! token, brand, last 4, expiry, fingerprint and the behaviour label — never
 //! a number or a CVC.
 
+use std::time::Duration;
+
 use anyhow::Context;
 use async_trait::async_trait;
 use chrono::Datelike;
@@ -30,6 +32,8 @@ pub enum Behaviour {
     TimesOut,
     AuthenticatesOffSession,
     DeclinesOffSession,
+    /// A slow processor: set-up and detach take [`SandboxGateway::with_stall`]'s time.
+    Stalls,
 }
 
 const TEST_CARDS: &[(&str, Behaviour)] = &[
@@ -48,6 +52,7 @@ const TEST_CARDS: &[(&str, Behaviour)] = &[
     ("4000000000009904", Behaviour::TimesOut),
     ("4000003800000446", Behaviour::AuthenticatesOffSession),
     ("4000000000004954", Behaviour::DeclinesOffSession),
+    ("4000000000003014", Behaviour::Stalls),
 ];
 
 /// Client-side tokens the sandbox accepts instead of a raw card, and the card each stands for.
@@ -83,6 +88,7 @@ impl Behaviour {
             Behaviour::TimesOut => "times_out",
             Behaviour::AuthenticatesOffSession => "authenticates_off_session",
             Behaviour::DeclinesOffSession => "declines_off_session",
+            Behaviour::Stalls => "stalls",
         }
     }
 
@@ -123,7 +129,7 @@ impl Behaviour {
     }
 }
 
-const ALL_BEHAVIOURS: [Behaviour; 12] = [
+const ALL_BEHAVIOURS: [Behaviour; 13] = [
     Behaviour::Succeeds,
     Behaviour::AlwaysAuthenticates,
     Behaviour::AuthenticatesOnSetup,
@@ -136,6 +142,7 @@ const ALL_BEHAVIOURS: [Behaviour; 12] = [
     Behaviour::TimesOut,
     Behaviour::AuthenticatesOffSession,
     Behaviour::DeclinesOffSession,
+    Behaviour::Stalls,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,14 +173,27 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
+/// How long the stalling test card's set-up and detach take by default.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(5);
+
 #[derive(Clone)]
 pub struct SandboxGateway {
     pool: PgPool,
+    stall: Duration,
 }
 
 impl SandboxGateway {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            stall: DEFAULT_STALL,
+        }
+    }
+
+    /// The time the stalling test card (4000 0000 0000 3014) takes to be set
+    /// up or detached: a slow processor, for tests.
+    pub fn with_stall(self, stall: Duration) -> Self {
+        Self { stall, ..self }
     }
 
     /// A card that a test token stands for, expiring in three years.
@@ -257,6 +277,9 @@ impl PaymentGateway for SandboxGateway {
             CardSource::Token(token) => Self::card_for_token(&token)?,
         };
         let behaviour = Behaviour::of(&card.number);
+        if behaviour == Behaviour::Stalls {
+            tokio::time::sleep(self.stall).await;
+        }
         let state = behaviour.setup_outcome();
         let token = new_id("tok_sbx");
         let challenge_id = (state == SetupState::RequiresAction).then(|| new_id("chl_sbx"));
@@ -320,9 +343,20 @@ impl PaymentGateway for SandboxGateway {
         .await
         .context("confirming a sandbox card")?;
         if updated.rows_affected() == 0 {
-            return Err(GatewayError::Rejected(
-                "the card has no open authentication challenge".into(),
-            ));
+            // The same confirmation again (a replay, or one racing it) gets
+            // the same answer, as a processor's set-up state would give.
+            let settled: Option<String> = sqlx::query_scalar(
+                "SELECT setup_status FROM sandbox_cards WHERE token = $1 AND detached_at IS NULL",
+            )
+            .bind(token)
+            .fetch_optional(&self.pool)
+            .await
+            .context("reading a sandbox card")?;
+            if settled.as_deref() != Some(new_state.as_str()) {
+                return Err(GatewayError::Rejected(
+                    "the card has no open authentication challenge".into(),
+                ));
+            }
         }
         Ok(if authenticated {
             Outcome::Succeeded
@@ -432,6 +466,15 @@ impl PaymentGateway for SandboxGateway {
     }
 
     async fn detach(&self, token: &str) -> Result<(), GatewayError> {
+        let behaviour: Option<String> =
+            sqlx::query_scalar("SELECT behaviour FROM sandbox_cards WHERE token = $1")
+                .bind(token)
+                .fetch_optional(&self.pool)
+                .await
+                .context("reading a sandbox card")?;
+        if behaviour.as_deref().map(Behaviour::parse) == Some(Behaviour::Stalls) {
+            tokio::time::sleep(self.stall).await;
+        }
         sqlx::query(
             "UPDATE sandbox_cards SET detached_at = COALESCE(detached_at, now()) WHERE token = $1",
         )

@@ -12,6 +12,11 @@
 //! that is gone (timed out) before its debit is applied withdraws it; if the
 //! transaction fails, every accepted debit of the batch gets the error.
 //!
+//! The stored keys are read optimistically with the lock; an acceptance is
+//! verified by the write (a key stored meanwhile is noticed and the batch
+//! redone), and a refusal is never answered from that read: the keys are
+//! read again under the lock before any debit is refused.
+//!
 //! With no contention a batch holds one debit, and the cost is that of a plain
 //! debit in four round trips (BEGIN, lock with the key lookup, write, COMMIT). The row lock
 //! still serializes against other replicas and other writers (credits, top-ups).
@@ -189,13 +194,97 @@ async fn apply_batch(
     // Popped from the back: entries are written in sequence order with increasing ids.
     let mut entry_ids: Vec<i64> = row.try_get("entry_ids")?;
     entry_ids.sort_unstable_by(|a, b| b.cmp(a));
-    let stored = match read {
+    let mut stored = match read {
         Read::Optimistic => parse_stored_keys(row.try_get("stored_keys")?)?,
         Read::AfterLock => lookup(&mut transaction, account_id, &keys).await?,
     };
+    let mut fresh = read == Read::AfterLock;
+    let mut decided = decide(&account, batch, &stored, entry_ids.clone(), now)?;
+    if !fresh && decided.refused {
+        // No refusal is answered from an optimistic read: the transaction the
+        // lock waited for may have stored one of these keys (a retry of a
+        // debit that has already taken effect). Read the keys again, now
+        // that the lock is held, and decide again.
+        stored = lookup(&mut transaction, account_id, &keys).await?;
+        fresh = true;
+        decided = decide(&account, batch, &stored, entry_ids, now)?;
+    }
+    let Decided {
+        mut results,
+        accepted,
+        balance,
+        version,
+        ..
+    } = decided;
 
+    if !accepted.is_empty() {
+        let keys_stored = super::batch_write::write(
+            &mut transaction,
+            &account,
+            batch,
+            &accepted,
+            balance,
+            version,
+            now,
+        )
+        .await?;
+        if keys_stored != accepted.len() as i64 {
+            // Only an optimistic read can miss a key: the lock's snapshot predates it.
+            transaction.rollback().await?;
+            if fresh {
+                return Err(BillingError::Unexpected(anyhow::anyhow!(
+                    "an idempotency key of the batch was stored without the account's lock"
+                )));
+            }
+            return Ok(None);
+        }
+        transaction.commit().await?;
+        for _ in &accepted {
+            crate::telemetry::metrics::debit_posted();
+        }
+    } else {
+        transaction.rollback().await?;
+    }
+    for Accepted { index, result } in accepted {
+        results[index] = Some(Ok(result));
+    }
+    // Duplicates of an in-batch key were answered with a clone above.
+    Ok(Some(
+        results
+            .into_iter()
+            .map(|result| {
+                result.unwrap_or_else(|| {
+                    Err(BillingError::Unexpected(anyhow::anyhow!(
+                        "a debit of the batch was left unanswered"
+                    )))
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// What each debit of the batch gets, decided against the locked account.
+struct Decided {
+    results: Vec<Option<Result<PostingResult, BillingError>>>,
+    accepted: Vec<Accepted>,
+    balance: Decimal,
+    version: i64,
+    /// Some debit was refused for its amount (funds or the balance limit).
+    refused: bool,
+}
+
+/// Checks each debit on its own, in arrival order: cancelled, a stored key,
+/// a key earlier in the batch, then the funds left by the debits before it.
+fn decide(
+    account: &Account,
+    batch: &[Waiting],
+    stored: &StoredKeys,
+    mut entry_ids: Vec<i64>,
+    now: DateTime<Utc>,
+) -> Result<Decided, BillingError> {
     let mut balance = account.balance;
     let mut version = account.version;
+    let mut refused = false;
     let mut results: Vec<Option<Result<PostingResult, BillingError>>> =
         batch.iter().map(|_| None).collect();
     let mut accepted: Vec<Accepted> = Vec::new();
@@ -229,65 +318,30 @@ async fn apply_batch(
             });
             continue;
         }
-        match next_balance(&account, balance, &waiting.posting) {
-            Err(refused) => results[index] = Some(Err(refused)),
+        match next_balance(account, balance, &waiting.posting) {
+            Err(refusal) => {
+                refused = true;
+                results[index] = Some(Err(refusal));
+            }
             Ok(new_balance) => {
                 balance = new_balance;
                 version += 1;
                 let entry_id = entry_ids.pop().ok_or_else(|| {
                     BillingError::Unexpected(anyhow::anyhow!("too few entry ids for the batch"))
                 })?;
-                let result = posting_result(&account, waiting, entry_id, balance, version, now);
+                let result = posting_result(account, waiting, entry_id, balance, version, now);
                 in_batch.insert(key, (&waiting.fingerprint, accepted.len()));
                 accepted.push(Accepted { index, result });
             }
         }
     }
-
-    if !accepted.is_empty() {
-        let keys_stored = super::batch_write::write(
-            &mut transaction,
-            &account,
-            batch,
-            &accepted,
-            balance,
-            version,
-            now,
-        )
-        .await?;
-        if keys_stored != accepted.len() as i64 {
-            // Only an optimistic read can miss a key: the lock's snapshot predates it.
-            transaction.rollback().await?;
-            if read == Read::AfterLock {
-                return Err(BillingError::Unexpected(anyhow::anyhow!(
-                    "an idempotency key of the batch was stored without the account's lock"
-                )));
-            }
-            return Ok(None);
-        }
-        transaction.commit().await?;
-        for _ in &accepted {
-            crate::telemetry::metrics::debit_posted();
-        }
-    } else {
-        transaction.rollback().await?;
-    }
-    for Accepted { index, result } in accepted {
-        results[index] = Some(Ok(result));
-    }
-    // Duplicates of an in-batch key were answered with a clone above.
-    Ok(Some(
-        results
-            .into_iter()
-            .map(|result| {
-                result.unwrap_or_else(|| {
-                    Err(BillingError::Unexpected(anyhow::anyhow!(
-                        "a debit of the batch was left unanswered"
-                    )))
-                })
-            })
-            .collect(),
-    ))
+    Ok(Decided {
+        results,
+        accepted,
+        balance,
+        version,
+        refused,
+    })
 }
 
 type StoredKeys = HashMap<String, (String, String, serde_json::Value)>;

@@ -7,7 +7,10 @@
 -- The key subquery reads the statement's snapshot: when the lock had to wait
 -- for another transaction, a key that one stored may be missing here. The
 -- write inserts keys with ON CONFLICT DO NOTHING and counts them, so such a
--- batch is noticed, rolled back and redone with a fresh read (batch_lookup.sql).
+-- batch is noticed, rolled back and redone with a fresh read (`lookup` in
+-- batch.rs). A refusal is never answered from this read: a batch that would
+-- refuse a debit reads its keys again first (the key may belong to a retry
+-- that the transaction the lock waited for has just committed).
 WITH locked AS (
     SELECT a.account_id, a.currency, a.display_name, a.billing_email, a.balance, a.credit_limit,
            a.version, a.created_at, now() AS now

@@ -70,6 +70,28 @@ pub(crate) async fn remember_response(
     Ok(())
 }
 
+/// Forgets a key stored for this request (a reservation whose request was
+/// refused and changed nothing); the caller holds the account's row lock.
+pub(crate) async fn forget_response(
+    connection: &mut PgConnection,
+    account_id: &str,
+    key: &str,
+    operation: &str,
+    fingerprint: &str,
+) -> Result<(), BillingError> {
+    sqlx::query(
+        "DELETE FROM idempotency_keys \
+          WHERE account_id = $1 AND idempotency_key = $2 AND operation = $3 AND request_hash = $4",
+    )
+    .bind(account_id)
+    .bind(key)
+    .bind(operation)
+    .bind(fingerprint)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     value: serde_json::Value,
 ) -> Result<T, BillingError> {

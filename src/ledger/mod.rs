@@ -25,7 +25,7 @@ pub use accounts::{NewAccount, create_account, get_account, load_account};
 pub use batch::DebitBatcher;
 pub use history::{EntryFilter, list_entries};
 pub use idempotency::request_fingerprint;
-pub(crate) use idempotency::{previous_response, remember_response};
+pub(crate) use idempotency::{forget_response, previous_response, remember_response};
 pub use postings::{Posting, PostingResult, post, post_in_transaction};
 pub use verify::{LedgerMismatch, LedgerReport, verify_ledger};
 

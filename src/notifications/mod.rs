@@ -20,7 +20,9 @@ pub use mailer::{
     FileMailer, MailError, Mailer, OutgoingEmail, SmtpMailer, SmtpSecurity, SmtpSettings,
 };
 pub use messages::{CardLabel, Notice};
-pub use outbox::{Notification, NotificationStatus, enqueue, get_notification, list_notifications};
+pub use outbox::{
+    Notification, NotificationStatus, dedupe_key, enqueue, get_notification, list_notifications,
+};
 pub use sender::{SenderSettings, run_sender, send_due};
 pub use settings::{NotificationSettings, get_settings, update_settings};
 

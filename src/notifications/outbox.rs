@@ -50,6 +50,11 @@ pub struct Notification {
 /// Writes one outbox row for `notice` inside the caller's transaction, unless
 /// the kind is switched off or nobody would receive it. The same
 /// `dedupe_key` twice yields the first row again, never a second message.
+///
+/// The key is scoped by `account_id` and the notice's kind at the source:
+/// the unique constraint and the lookup both match them, so the same text
+/// on another account is another key and another account's row is never
+/// returned. Keys built from parts should come from [`dedupe_key`].
 pub async fn enqueue(
     connection: &mut PgConnection,
     account_id: &str,
@@ -79,7 +84,7 @@ pub async fn enqueue(
     let (subject, body) = notice.render(&account);
     let inserted = sqlx::query(
         "INSERT INTO notifications (notification_id, account_id, kind, dedupe_key, recipients, subject, body_text) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (dedupe_key) DO NOTHING \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (account_id, kind, dedupe_key) DO NOTHING \
          RETURNING seq, notification_id, account_id, kind, dedupe_key, recipients, subject, body_text, status, \
                    attempts, last_error, created_at, sent_at, next_attempt_at",
     )
@@ -101,14 +106,36 @@ pub async fn enqueue(
             sqlx::query(
                 "SELECT seq, notification_id, account_id, kind, dedupe_key, recipients, subject, body_text, status, \
                         attempts, last_error, created_at, sent_at, next_attempt_at \
-                   FROM notifications WHERE dedupe_key = $1",
+                   FROM notifications WHERE account_id = $1 AND kind = $2 AND dedupe_key = $3",
             )
+            .bind(account_id)
+            .bind(kind.as_str())
             .bind(dedupe_key)
             .fetch_one(&mut *connection)
             .await?
         }
     };
     from_row(&row).map(Some)
+}
+
+/// A dedupe key built from parts, unambiguous: each part is escaped (`%` as
+/// `%25`, `:` as `%3A`) and the parts are joined with `:`, so different
+/// lists of parts always give different keys, whatever the parts contain.
+pub fn dedupe_key(parts: &[&str]) -> String {
+    let mut key = String::new();
+    for (index, part) in parts.iter().enumerate() {
+        if index > 0 {
+            key.push(':');
+        }
+        for c in part.chars() {
+            match c {
+                '%' => key.push_str("%25"),
+                ':' => key.push_str("%3A"),
+                c => key.push(c),
+            }
+        }
+    }
+    key
 }
 
 pub async fn list_notifications(
@@ -131,15 +158,18 @@ pub async fn list_notifications(
     rows.iter().map(from_row).collect()
 }
 
+/// One notification of the account; another account's is `NOT_FOUND`.
 pub async fn get_notification(
     pool: &PgPool,
+    account_id: &AccountId,
     notification_id: Uuid,
 ) -> Result<Notification, BillingError> {
     let row = sqlx::query(
         "SELECT seq, notification_id, account_id, kind, dedupe_key, recipients, subject, body_text, status, \
                 attempts, last_error, created_at, sent_at, next_attempt_at \
-           FROM notifications WHERE notification_id = $1",
+           FROM notifications WHERE account_id = $1 AND notification_id = $2",
     )
+    .bind(account_id.as_str())
     .bind(notification_id)
     .fetch_optional(pool)
     .await?
@@ -168,4 +198,25 @@ pub(super) fn from_row(row: &PgRow) -> Result<Notification, BillingError> {
         sent_at: row.try_get("sent_at")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dedupe_key;
+
+    #[test]
+    fn dedupe_keys_from_different_parts_never_collide() {
+        let cases: [&[&str]; 6] = [
+            &["test", "org", "emea:hello"],
+            &["test", "org:emea", "hello"],
+            &["test", "org%3Aemea", "hello"],
+            &["test", "org:emea:hello"],
+            &["test:org", "emea:hello"],
+            &["test", "org", "emea", "hello"],
+        ];
+        let keys: std::collections::HashSet<String> =
+            cases.iter().map(|parts| dedupe_key(parts)).collect();
+        assert_eq!(keys.len(), cases.len(), "{keys:?}");
+        assert_eq!(dedupe_key(&["test", "a:b%c"]), "test:a%3Ab%25c");
+    }
 }

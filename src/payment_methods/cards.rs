@@ -1,4 +1,11 @@
 //! Saved cards: add (with 3-D Secure), confirm, auto-charge, order, remove.
+//!
+//! No transaction is open while the gateway is called. AddCard reserves its
+//! idempotency key (with the id the card will get) under the account lock,
+//! sets the card up at the gateway, then saves it under the lock; a replay
+//! of the same request returns the saved card, or drives an unfinished one
+//! to its end. ConfirmCard reads, asks the gateway, then settles under the
+//! lock. RemovePaymentMethod removes under the lock, then detaches.
 
 use std::collections::HashSet;
 
@@ -7,9 +14,9 @@ use super::{BillingAddress, MethodStatus, PaymentMethod, PaymentMethods, gateway
 use crate::audit;
 use crate::auth::Caller;
 use crate::error::BillingError;
-use crate::gateway::{CardSource, Outcome};
+use crate::gateway::{CardSource, GatewayError, Outcome};
 use crate::ids::{AccountId, IdempotencyKey};
-use crate::ledger::{previous_response, remember_response, request_fingerprint};
+use crate::ledger::{forget_response, previous_response, remember_response, request_fingerprint};
 use crate::topup::PendingChallenge;
 
 const ADD_CARD: &str = "add_card";
@@ -81,11 +88,14 @@ impl PaymentMethods {
             ));
         }
         let request_fingerprint = new.fingerprint();
-        let mut transaction = self.pool.begin().await?;
-        store::lock_account(&mut transaction, &new.account_id).await?;
         let key = new.idempotency_key.as_str();
         let account = new.account_id.as_str();
-        if let Some(previous) = previous_response(
+
+        // 1. Under the account lock: the key's earlier result, or the key
+        //    reserved for this request with the id its card will get.
+        let mut transaction = self.pool.begin().await?;
+        store::lock_account(&mut transaction, &new.account_id).await?;
+        let payment_method_id = match previous_response(
             &mut transaction,
             account,
             key,
@@ -94,28 +104,55 @@ impl PaymentMethods {
         )
         .await?
         {
-            let id = previous["payment_method_id"].as_str().unwrap_or_default();
-            let method = store::find(&mut transaction, &new.account_id, id).await?;
-            transaction.commit().await?;
-            return Ok(method);
-        }
-
-        let setup = self
-            .gateway
-            .setup_card(account, new.source.clone())
-            .await
-            .map_err(|e| gateway_error("gateway_token", e))?;
-        if let Some(existing) =
-            store::live_with_fingerprint(&mut transaction, &new.account_id, &setup.card.fingerprint)
-                .await?
-        {
-            if let Err(error) = self.gateway.detach(&setup.card.token).await {
-                tracing::warn!(%error, account_id = account, "detaching a duplicate card failed");
+            Some(previous) => {
+                let id = previous["payment_method_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                if let Some(method) = find_saved(&mut transaction, &new.account_id, &id).await? {
+                    transaction.commit().await?;
+                    return Ok(method);
+                }
+                // Reserved by a call that has not finished (or never will):
+                // this replay drives the same request to its end.
+                id
             }
-            return Err(BillingError::AlreadyExists(format!(
-                "this card is already saved on the account as {existing}"
-            )));
-        }
+            None => {
+                let id = new_method_id();
+                remember_response(
+                    &mut transaction,
+                    account,
+                    key,
+                    ADD_CARD,
+                    &request_fingerprint,
+                    serde_json::json!({ "payment_method_id": id }),
+                )
+                .await?;
+                id
+            }
+        };
+        transaction.commit().await?;
+
+        // 2. The set-up at the gateway, with no transaction open.
+        let setup = match self.gateway.setup_card(account, new.source.clone()).await {
+            Ok(setup) => setup,
+            Err(error) => {
+                if matches!(
+                    error,
+                    GatewayError::UnknownToken | GatewayError::Rejected(_)
+                ) {
+                    // A refusal changes nothing: the key is free again.
+                    self.release_key(
+                        &new.account_id,
+                        key,
+                        &request_fingerprint,
+                        &payment_method_id,
+                    )
+                    .await?;
+                }
+                return Err(gateway_error("gateway_token", error));
+            }
+        };
         let (status, disabled_reason, challenge) = match setup.outcome {
             Outcome::Succeeded => (MethodStatus::Active, String::new(), None),
             Outcome::RequiresAction { challenge } => (
@@ -134,10 +171,41 @@ impl PaymentMethods {
                 ));
             }
         };
+
+        // 3. Under the account lock again: save the card (once per key).
+        let mut transaction = self.pool.begin().await?;
+        store::lock_account(&mut transaction, &new.account_id).await?;
+        if let Some(method) =
+            find_saved(&mut transaction, &new.account_id, &payment_method_id).await?
+        {
+            // A concurrent replay of the same request saved it first.
+            transaction.commit().await?;
+            if method.gateway_token != setup.card.token {
+                self.detach_quietly(account, &setup.card.token).await;
+            }
+            return Ok(method);
+        }
+        if let Some(existing) =
+            store::live_with_fingerprint(&mut transaction, &new.account_id, &setup.card.fingerprint)
+                .await?
+        {
+            forget_response(
+                &mut transaction,
+                account,
+                key,
+                ADD_CARD,
+                &request_fingerprint,
+            )
+            .await?;
+            transaction.commit().await?;
+            self.detach_quietly(account, &setup.card.token).await;
+            return Err(BillingError::AlreadyExists(format!(
+                "this card is already saved on the account as {existing}"
+            )));
+        }
         // The first card to become ACTIVE on an account with no other ACTIVE
         // card is auto-charged (a card waiting for 3-D Secure decides when confirmed).
         let is_first = store::no_active_card(&mut transaction, &new.account_id, None).await?;
-        let payment_method_id = new_method_id();
         store::insert(
             &mut transaction,
             NewMethod {
@@ -153,15 +221,6 @@ impl PaymentMethods {
                 disabled_reason: &disabled_reason,
                 challenge: challenge.as_ref(),
             },
-        )
-        .await?;
-        remember_response(
-            &mut transaction,
-            account,
-            key,
-            ADD_CARD,
-            &request_fingerprint,
-            serde_json::json!({ "payment_method_id": payment_method_id }),
         )
         .await?;
         audit::record(
@@ -189,8 +248,47 @@ impl PaymentMethods {
         Ok(method)
     }
 
+    /// Frees a key reserved by [`Self::add_card`] whose card was never saved.
+    async fn release_key(
+        &self,
+        account_id: &AccountId,
+        key: &str,
+        request_fingerprint: &str,
+        payment_method_id: &str,
+    ) -> Result<(), BillingError> {
+        let mut transaction = self.pool.begin().await?;
+        store::lock_account(&mut transaction, account_id).await?;
+        if find_saved(&mut transaction, account_id, payment_method_id)
+            .await?
+            .is_none()
+        {
+            forget_response(
+                &mut transaction,
+                account_id.as_str(),
+                key,
+                ADD_CARD,
+                request_fingerprint,
+            )
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Detaches a card set up but not saved (a duplicate, or a replay's
+    /// second set-up); no transaction is open.
+    async fn detach_quietly(&self, account: &str, token: &str) {
+        if let Err(error) = self.gateway.detach(token).await {
+            tracing::warn!(%error, account_id = account, "detaching a card that was not saved failed");
+        }
+    }
+
     /// Completes the 3-D Secure challenge: `ACTIVE` when passed, `FAILED` otherwise.
     /// Confirming again with the same result returns the method unchanged.
+    ///
+    /// Two steps around the gateway call, none open across it: read the
+    /// method, ask the gateway, then settle under the account lock — unless a
+    /// concurrent confirmation (or the processor's webhook) settled it first.
     pub async fn confirm_card(
         &self,
         caller: &Caller,
@@ -198,24 +296,25 @@ impl PaymentMethods {
         payment_method_id: &str,
         authenticated: bool,
     ) -> Result<PaymentMethod, BillingError> {
-        let mut transaction = self.pool.begin().await?;
-        store::lock_account(&mut transaction, account_id).await?;
-        let method = store::find_live(&mut transaction, account_id, payment_method_id).await?;
-        match (method.status, authenticated) {
-            (MethodStatus::PendingAuthentication, _) => {}
-            (MethodStatus::Active, true) | (MethodStatus::Failed, false) => return Ok(method),
-            _ => {
-                return Err(BillingError::FailedPrecondition(format!(
-                    "the payment method is {}, not waiting for authentication",
-                    method.status.as_str()
-                )));
-            }
+        let method = {
+            let mut connection = self.pool.acquire().await?;
+            store::find_live(&mut connection, account_id, payment_method_id).await?
+        };
+        if let Some(settled) = settled_confirmation(&method, authenticated)? {
+            return Ok(settled);
         }
         let outcome = self
             .gateway
             .confirm_setup(&method.gateway_token, authenticated)
-            .await
-            .map_err(|e| gateway_error("payment_method_id", e))?;
+            .await;
+        let mut transaction = self.pool.begin().await?;
+        store::lock_account(&mut transaction, account_id).await?;
+        let method = store::find_live(&mut transaction, account_id, payment_method_id).await?;
+        if let Some(settled) = settled_confirmation(&method, authenticated)? {
+            transaction.commit().await?;
+            return Ok(settled);
+        }
+        let outcome = outcome.map_err(|e| gateway_error("payment_method_id", e))?;
         let method = self
             .apply_authentication(&mut transaction, caller, account_id, &method, outcome)
             .await?;
@@ -392,8 +491,14 @@ impl PaymentMethods {
         Ok(methods)
     }
 
-    /// Detaches the card at the gateway and keeps it for history as `REMOVED`;
-    /// the others close ranks. Removing it again returns it unchanged.
+    /// Keeps the card for history as `REMOVED` (the others close ranks),
+    /// then detaches it at the gateway. Removing it again returns it
+    /// unchanged and detaches it again (a detach is idempotent), which
+    /// completes a removal whose detach did not get through.
+    ///
+    /// The removal commits first, under the account lock; the gateway is
+    /// called with no transaction open, so a slow processor delays nothing
+    /// else on the account, and no charge starts on a card being removed.
     pub async fn remove(
         &self,
         caller: &Caller,
@@ -403,37 +508,79 @@ impl PaymentMethods {
         let mut transaction = self.pool.begin().await?;
         store::lock_account(&mut transaction, account_id).await?;
         let method = store::find(&mut transaction, account_id, payment_method_id).await?;
-        if method.status == MethodStatus::Removed {
-            return Ok(method);
+        let method = if method.status == MethodStatus::Removed {
+            transaction.commit().await?;
+            method
+        } else {
+            store::update_state(
+                &mut transaction,
+                payment_method_id,
+                MethodStatus::Removed,
+                false,
+                "",
+            )
+            .await?;
+            let remaining: Vec<String> = store::list_live(&mut transaction, account_id)
+                .await?
+                .into_iter()
+                .map(|m| m.payment_method_id)
+                .collect();
+            store::set_priorities(&mut transaction, &remaining).await?;
+            audit::record(
+                &mut transaction,
+                caller,
+                "remove_payment_method",
+                Some(account_id.as_str()),
+                serde_json::json!({ "payment_method_id": payment_method_id }),
+            )
+            .await?;
+            let method = store::find(&mut transaction, account_id, payment_method_id).await?;
+            transaction.commit().await?;
+            method
+        };
+        match self.gateway.detach(&method.gateway_token).await {
+            Ok(()) => {}
+            // The gateway does not know the card (any more): it is detached.
+            Err(GatewayError::UnknownToken) => {
+                tracing::info!(account_id = %account_id, payment_method_id, "removed card unknown to the gateway");
+            }
+            Err(error) => {
+                tracing::warn!(account_id = %account_id, payment_method_id, %error, "card removed, but the gateway did not detach it");
+                return Err(BillingError::Unavailable(
+                    "the card is removed, but the payment gateway did not confirm the detach; retry RemovePaymentMethod".into(),
+                ));
+            }
         }
-        self.gateway
-            .detach(&method.gateway_token)
-            .await
-            .map_err(|e| gateway_error("payment_method_id", e))?;
-        store::update_state(
-            &mut transaction,
-            payment_method_id,
-            MethodStatus::Removed,
-            false,
-            "",
-        )
-        .await?;
-        let remaining: Vec<String> = store::list_live(&mut transaction, account_id)
-            .await?
-            .into_iter()
-            .map(|m| m.payment_method_id)
-            .collect();
-        store::set_priorities(&mut transaction, &remaining).await?;
-        audit::record(
-            &mut transaction,
-            caller,
-            "remove_payment_method",
-            Some(account_id.as_str()),
-            serde_json::json!({ "payment_method_id": payment_method_id }),
-        )
-        .await?;
-        let method = store::find(&mut transaction, account_id, payment_method_id).await?;
-        transaction.commit().await?;
         Ok(method)
+    }
+}
+
+/// A saved card, or `None` when no card has this id on the account.
+async fn find_saved(
+    connection: &mut sqlx::PgConnection,
+    account_id: &AccountId,
+    payment_method_id: &str,
+) -> Result<Option<PaymentMethod>, BillingError> {
+    match store::find(connection, account_id, payment_method_id).await {
+        Ok(method) => Ok(Some(method)),
+        Err(BillingError::NotFound(_)) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// What ConfirmCard answers for a card no longer waiting for
+/// authentication: itself when it reached the asked state, else why not.
+/// `None`: it still waits.
+fn settled_confirmation(
+    method: &PaymentMethod,
+    authenticated: bool,
+) -> Result<Option<PaymentMethod>, BillingError> {
+    match (method.status, authenticated) {
+        (MethodStatus::PendingAuthentication, _) => Ok(None),
+        (MethodStatus::Active, true) | (MethodStatus::Failed, false) => Ok(Some(method.clone())),
+        _ => Err(BillingError::FailedPrecondition(format!(
+            "the payment method is {}, not waiting for authentication",
+            method.status.as_str()
+        ))),
     }
 }

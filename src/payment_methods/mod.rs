@@ -8,9 +8,9 @@
 //! - `store`: the SQL.
 //!
 //! Every change locks the account row first (`SELECT … FOR UPDATE`), so
-//! idempotency checks, duplicate detection and priorities never race. The
-//! lock is held across the gateway's set-up call: per-account changes are
-//! rare and serialising them is the point.
+//! idempotency checks, duplicate detection and priorities never race. No
+//! transaction is open during a gateway call: set-up, confirmation and
+//! detach run between two short transactions (see `cards`).
 
 mod auto_charge;
 mod cards;

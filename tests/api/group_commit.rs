@@ -258,3 +258,98 @@ async fn a_key_stored_while_the_batch_waited_for_the_lock_is_still_honoured() {
     );
     app.stop().await;
 }
+
+/// How many backends of this test's database wait for a lock.
+async fn waiting_for_locks(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+          WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Issue 13: the same `Debit{8.00, K}` sent to two replicas while a third
+/// writer holds the row: one commits it (balance 2.00), and the other, whose
+/// key read predates that commit, must answer with that debit — never
+/// "insufficient funds" from its stale read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_refusal_is_answered_from_an_optimistic_key_read_a_retry_on_another_replica_gets_the_committed_debit()
+ {
+    let app = spawn_app().await;
+    app.account_with_balance("hot", "10.00").await;
+    let options = (*app.pool.connect_options()).clone();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let replica = spawn_app_on(pool, ServerSettings::default()).await;
+    let token = app.service_token();
+
+    for round in 0..3 {
+        let key = format!("retried-{round}");
+        if round > 0 {
+            app.balances()
+                .credit(authed(
+                    &token,
+                    proto::CreditRequest {
+                        account_id: "hot".into(),
+                        amount: "8.00".into(),
+                        kind: proto::TransactionKind::Adjustment as i32,
+                        idempotency_key: format!("refill-{round}"),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .unwrap();
+        }
+        // A third writer holds the account's row lock.
+        let mut holder = app.pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM accounts WHERE account_id = 'hot' FOR UPDATE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for server in [&app, &replica] {
+            let mut client = server.balances();
+            let token = token.clone();
+            let key = key.clone();
+            tasks.push(tokio::spawn(async move {
+                client.debit(authed(&token, debit("8.00", &key))).await
+            }));
+        }
+        crate::helpers::eventually("both replicas' batches wait for the row lock", || async {
+            waiting_for_locks(&app.pool).await >= 2
+        })
+        .await;
+        holder.commit().await.unwrap();
+
+        let mut transaction_ids = Vec::new();
+        for task in tasks {
+            let answer = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+                .await
+                .expect("each replica answers the debit within 10 s")
+                .unwrap()
+                .unwrap_or_else(|status| {
+                    panic!("round {round}: a retry of a committed debit was refused: {status:?}")
+                })
+                .into_inner();
+            assert_eq!(answer.balance, "2.00", "round {round}");
+            transaction_ids.push(answer.transaction.unwrap().transaction_id);
+        }
+        assert_eq!(
+            transaction_ids[0], transaction_ids[1],
+            "round {round}: one debit, one result"
+        );
+    }
+    let debits: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE kind = 'usage'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(debits, 3, "each key took effect once");
+    replica.stop().await;
+    app.stop().await;
+}

@@ -452,3 +452,89 @@ async fn notification_rpcs_for_every_role_on_own_and_other_accounts() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     app.stop().await;
 }
+
+/// Sends a test notification as the admin of `account` with `key`.
+async fn send_test(app: &crate::helpers::TestApp, account: &str, key: &str) -> proto::Notification {
+    notifications(app)
+        .send_test_notification(authed(
+            &app.token("admin", Some(account)),
+            proto::SendTestNotificationRequest {
+                account_id: account.into(),
+                idempotency_key: key.into(),
+            },
+        ))
+        .await
+        .unwrap_or_else(|status| panic!("test notification of {account} with {key}: {status:?}"))
+        .into_inner()
+        .notification
+        .unwrap()
+}
+
+async fn set_recipients(app: &crate::helpers::TestApp, account: &str, recipients: &[&str]) {
+    notifications(app)
+        .update_notification_settings(authed(
+            &app.token("admin", Some(account)),
+            proto::UpdateNotificationSettingsRequest {
+                account_id: account.into(),
+                recipients: recipients.iter().map(|r| r.to_string()).collect(),
+                enabled_kinds: vec![],
+            },
+        ))
+        .await
+        .unwrap();
+}
+
+/// Issue 13: `test:{account}:{key}` made account `org` with key `emea:hello`
+/// and account `org:emea` with key `hello` the same dedupe key.
+#[tokio::test]
+async fn a_dedupe_key_is_scoped_by_account_and_never_returns_or_preempts_another_accounts_notification()
+ {
+    let app = crate::helpers::spawn_app().await;
+    app.account_with_balance("org", "0").await;
+    app.account_with_balance("org:emea", "0").await;
+    set_recipients(&app, "org:emea", &["private@emea.example"]).await;
+
+    // Another account's notification is never returned for a key built like its own.
+    let emea = send_test(&app, "org:emea", "hello").await;
+    let org = send_test(&app, "org", "emea:hello").await;
+    assert_ne!(org.notification_id, emea.notification_id);
+    assert_eq!(org.account_id, "org");
+    assert_eq!(org.recipients, vec!["org@example.com"]);
+    assert_eq!(org.subject, "Test notification for account org");
+
+    // Nor can one account pre-empt another's future key.
+    let org_first = send_test(&app, "org", "emea:later").await;
+    let emea_later = send_test(&app, "org:emea", "later").await;
+    assert_ne!(org_first.notification_id, emea_later.notification_id);
+    assert_eq!(emea_later.account_id, "org:emea");
+    assert_eq!(emea_later.recipients, vec!["private@emea.example"]);
+
+    // The same request again is still the same notification, on each account.
+    assert_eq!(
+        send_test(&app, "org:emea", "hello").await.notification_id,
+        emea.notification_id
+    );
+    assert_eq!(
+        send_test(&app, "org", "emea:hello").await.notification_id,
+        org.notification_id
+    );
+    assert_eq!(count_rows(&app.pool, "notifications").await, 4);
+
+    // The outbox itself: the same key on two accounts is two messages.
+    let mut transaction = app.pool.begin().await.unwrap();
+    let a = enqueue(&mut transaction, "org", &Notice::Test, "shared")
+        .await
+        .unwrap()
+        .unwrap();
+    let b = enqueue(&mut transaction, "org:emea", &Notice::Test, "shared")
+        .await
+        .unwrap()
+        .unwrap();
+    transaction.commit().await.unwrap();
+    assert_ne!(a.notification_id, b.notification_id);
+    assert_eq!(
+        (a.account_id.as_str(), b.account_id.as_str()),
+        ("org", "org:emea")
+    );
+    app.stop().await;
+}

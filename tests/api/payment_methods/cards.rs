@@ -311,3 +311,336 @@ async fn get_returns_a_method_and_removed_ones_for_history() {
     assert_eq!(detached, 1, "removed cards are detached at the gateway");
     app.stop().await;
 }
+
+/// The sandbox card whose set-up and detach stall (a slow processor).
+const STALLS: &str = "4000000000003014";
+const STALL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Far less than the stall: what a debit or an alert may take meanwhile.
+const PROMPT: std::time::Duration = std::time::Duration::from_millis(2500);
+
+/// A server with the engines running and a sandbox gateway stalling `STALL`;
+/// `ACCT` holds 100.00, `OTHER` 25.00 with a low-balance alert at 20.00.
+async fn app_with_a_stalling_gateway() -> (crate::helpers::TestApp, String) {
+    let (pool, _) = crate::helpers::fresh_database().await;
+    let gateway = billing::gateway::SandboxGateway::new(pool.clone()).with_stall(STALL);
+    let app = crate::helpers::spawn_app_on(
+        pool,
+        billing::server::ServerSettings {
+            engines: true,
+            engine_poll: std::time::Duration::from_millis(50),
+            gateway: Some(std::sync::Arc::new(gateway)),
+            ..Default::default()
+        },
+    )
+    .await;
+    app.account_with_balance(ACCT, "100.00").await;
+    app.account_with_balance(OTHER, "25.00").await;
+    proto::balance_policy_client::BalancePolicyClient::new(app.channel.clone())
+        .apply_low_balance_settings(authed(
+            &app.token("admin", Some(OTHER)),
+            proto::ApplyLowBalanceSettingsRequest {
+                account_id: OTHER.into(),
+                auto_refill_enabled: false,
+                threshold: "10.00".into(),
+                refill_amount: "30.00".into(),
+                notification_enabled: true,
+                notification_threshold: "20.00".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let token = app.token("admin", Some(ACCT));
+    (app, token)
+}
+
+async fn low_balance_alerts(app: &crate::helpers::TestApp) -> usize {
+    proto::notifications_client::NotificationsClient::new(app.channel.clone())
+        .list_notifications(authed(
+            &app.token("admin", Some(OTHER)),
+            proto::ListNotificationsRequest {
+                account_id: OTHER.into(),
+                page_size: 100,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .notifications
+        .iter()
+        .filter(|n| n.kind == proto::NotificationKind::LowBalance as i32)
+        .count()
+}
+
+/// While a gateway call is stalled: a debit on the card's account, and a
+/// low-balance alert on another account (25.00 → 15.00, below 20.00).
+/// Returns how long each took.
+async fn debit_and_alert_meanwhile(
+    app: &crate::helpers::TestApp,
+    round: &str,
+) -> (std::time::Duration, std::time::Duration) {
+    let service = app.service_token();
+    let debit = |account: &str, amount: &str| proto::DebitRequest {
+        account_id: account.into(),
+        amount: amount.into(),
+        idempotency_key: format!("{round}-{account}"),
+        description: "usage".into(),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    app.balances()
+        .debit(authed(&service, debit(ACCT, "1.00")))
+        .await
+        .expect("a debit on the account whose card is at the gateway");
+    let debit_took = started.elapsed();
+
+    let alerts_before = low_balance_alerts(app).await;
+    let started = std::time::Instant::now();
+    app.balances()
+        .debit(authed(&service, debit(OTHER, "10.00")))
+        .await
+        .expect("a debit on the other account");
+    crate::helpers::eventually("the other account's low-balance alert", || async {
+        low_balance_alerts(app).await > alerts_before
+    })
+    .await;
+    let alert_took = started.elapsed();
+    // Back above the alert threshold for the next round.
+    app.balances()
+        .credit(authed(
+            &service,
+            proto::CreditRequest {
+                account_id: OTHER.into(),
+                amount: "10.00".into(),
+                kind: proto::TransactionKind::Adjustment as i32,
+                idempotency_key: format!("{round}-refill"),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    (debit_took, alert_took)
+}
+
+/// Issue 13: AddCard and RemovePaymentMethod kept a transaction and the
+/// account's row lock open across the gateway call; a slow processor then
+/// delayed the account's debits and every account's alerts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_gateway_call_delays_neither_a_debit_on_the_account_nor_an_alert_on_another() {
+    let (app, token) = app_with_a_stalling_gateway().await;
+
+    let mut adder = client(&app);
+    let request = authed(&token, add_card_request(ACCT, card(STALLS), "slow-add"));
+    let adding = tokio::spawn(async move { adder.add_card(request).await });
+    crate::helpers::eventually(
+        "AddCard reserved its key and called the gateway",
+        || async {
+            count_where(
+                &app,
+                "SELECT COUNT(*) FROM idempotency_keys WHERE idempotency_key = 'slow-add'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    let (debit_took, alert_took) = debit_and_alert_meanwhile(&app, "during-add").await;
+    assert!(
+        !adding.is_finished(),
+        "the set-up was still stalled while the debit and the alert went through"
+    );
+    assert!(
+        debit_took < PROMPT,
+        "a debit waited {debit_took:?} for a card set-up"
+    );
+    assert!(
+        alert_took < PROMPT,
+        "another account's alert waited {alert_took:?} for a card set-up"
+    );
+    let added = tokio::time::timeout(2 * STALL, adding)
+        .await
+        .expect("AddCard answers once the stall ends")
+        .unwrap()
+        .expect("the stalled card is added")
+        .into_inner()
+        .payment_method
+        .unwrap();
+    assert_eq!(status(&added), PaymentMethodStatus::Active);
+    assert!(added.primary);
+
+    let mut remover = client(&app);
+    let request = authed(
+        &token,
+        proto::RemovePaymentMethodRequest {
+            account_id: ACCT.into(),
+            payment_method_id: added.payment_method_id.clone(),
+        },
+    );
+    let removing = tokio::spawn(async move { remover.remove_payment_method(request).await });
+    crate::helpers::eventually(
+        "the removal committed and the detach is at the gateway",
+        || async {
+            count_where(
+                &app,
+                "SELECT COUNT(*) FROM payment_methods WHERE status = 'REMOVED'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    let (debit_took, alert_took) = debit_and_alert_meanwhile(&app, "during-remove").await;
+    assert!(
+        !removing.is_finished(),
+        "the detach was still stalled while the debit and the alert went through"
+    );
+    assert!(
+        debit_took < PROMPT,
+        "a debit waited {debit_took:?} for a detach"
+    );
+    assert!(
+        alert_took < PROMPT,
+        "another account's alert waited {alert_took:?} for a detach"
+    );
+    let removed = tokio::time::timeout(2 * STALL, removing)
+        .await
+        .expect("RemovePaymentMethod answers once the stall ends")
+        .unwrap()
+        .expect("the card is removed")
+        .into_inner()
+        .payment_method
+        .unwrap();
+    assert_eq!(status(&removed), PaymentMethodStatus::Removed);
+    assert_eq!(
+        count_where(
+            &app,
+            "SELECT COUNT(*) FROM sandbox_cards WHERE detached_at IS NOT NULL"
+        )
+        .await,
+        1,
+        "detached at the gateway"
+    );
+    app.stop().await;
+}
+
+/// Two-phase AddCard: replays racing through the gateway call save one card
+/// (the extra set-ups are detached), and every replay answers with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_card_replayed_concurrently_saves_one_card_and_detaches_the_extra_set_ups() {
+    let (app, token) = app_with_accounts().await;
+    let request = add_card_request(ACCT, card(VISA), "racing");
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut client = client(&app);
+        let request = authed(&token, request.clone());
+        tasks.push(tokio::spawn(async move { client.add_card(request).await }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        let method = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("each AddCard answers within 10 s")
+            .unwrap()
+            .expect("every replay succeeds")
+            .into_inner()
+            .payment_method
+            .unwrap();
+        ids.push(method.payment_method_id);
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one card for one key: {ids:?}");
+    assert_eq!(count_rows(&app.pool, "payment_methods").await, 1);
+    assert_eq!(
+        count_where(
+            &app,
+            "SELECT COUNT(*) FROM sandbox_cards WHERE detached_at IS NULL"
+        )
+        .await,
+        1,
+        "only the saved card stays attached at the gateway"
+    );
+    app.stop().await;
+}
+
+/// A set-up the gateway refused changes nothing: not even the key, which
+/// the corrected request may use.
+#[tokio::test]
+async fn a_card_refused_by_the_gateway_leaves_its_idempotency_key_unused() {
+    let (app, token) = app_with_accounts().await;
+    let refused = client(&app)
+        .add_card(authed(
+            &token,
+            proto::AddCardRequest {
+                account_id: ACCT.into(),
+                source: Some(proto::add_card_request::Source::GatewayToken(
+                    "tok_nonsense".into(),
+                )),
+                billing_address: None,
+                idempotency_key: "typo".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(
+        count_where(
+            &app,
+            "SELECT COUNT(*) FROM idempotency_keys WHERE idempotency_key = 'typo'"
+        )
+        .await,
+        0
+    );
+    let method = client(&app)
+        .add_card(authed(&token, add_card_request(ACCT, card(VISA), "typo")))
+        .await
+        .expect("the key is free again")
+        .into_inner()
+        .payment_method
+        .unwrap();
+    assert_eq!(status(&method), PaymentMethodStatus::Active);
+    app.stop().await;
+}
+
+/// Two-phase ConfirmCard: confirmations racing through the gateway call
+/// all answer with the card made `ACTIVE` once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_confirmations_of_a_card_all_answer_with_it_active() {
+    let (app, token) = app_with_accounts().await;
+    let added = add_card(&app, &token, ACCT, SETUP_3DS).await;
+    let id = added.payment_method.unwrap().payment_method_id;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let (app_channel, token, id) = (app.channel.clone(), token.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            proto::payment_methods_client::PaymentMethodsClient::new(app_channel)
+                .confirm_card(authed(
+                    &token,
+                    proto::ConfirmCardRequest {
+                        account_id: ACCT.into(),
+                        payment_method_id: id,
+                        authentication_result: proto::AuthenticationResult::Passed as i32,
+                    },
+                ))
+                .await
+        }));
+    }
+    for task in tasks {
+        let method = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("each ConfirmCard answers within 10 s")
+            .unwrap()
+            .expect("every confirmation succeeds")
+            .into_inner()
+            .payment_method
+            .unwrap();
+        assert_eq!(status(&method), PaymentMethodStatus::Active);
+    }
+    let audits = count_where(
+        &app,
+        "SELECT COUNT(*) FROM audit_log WHERE action = 'confirm_card'",
+    )
+    .await;
+    assert_eq!(audits, 1, "settled once");
+    app.stop().await;
+}
