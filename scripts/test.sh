@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: finds (or starts) Postgres,
 # installs the CLI tools the tests drive (grpcurl, buf), then runs the
-# format, lint and test checks. Usage: ./scripts/test.sh [cargo test args]
+# format, lint and test checks and the README's walk-through.
+# Usage: ./scripts/test.sh [cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,10 +57,39 @@ if [[ -z "${TEST_DATABASE_URL:-}" ]]; then
   fi
 fi
 log "test databases on $TEST_DATABASE_URL"
-# Databases left by earlier runs (each test makes one) are dropped first.
-if command -v psql >/dev/null; then
-  psql "$TEST_DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'billing\_test\_%' OR datname LIKE 'billing\_cli\_%'" 2>/dev/null \
-    | xargs -r -P 6 -I{} psql "$TEST_DATABASE_URL" -qc 'DROP DATABASE IF EXISTS "{}" WITH (FORCE)' >/dev/null 2>&1 || true
+
+# Every test database of this run is named billing_test_<run>_… or
+# billing_cli_<run>_… (tests/api/helpers.rs, tests/cli/process.rs), where
+# <run> starts with the time the run began. Each test drops its own when it
+# ends; what is left (a crash, a killed run, databases shared by replicas) is
+# dropped when this script exits. Other runs' databases on the same server
+# are never touched, except leftovers more than a day old (and only when
+# nobody is connected to them: no FORCE).
+export BILLING_TEST_RUN="${BILLING_TEST_RUN:-$(date +%s)_$$}"
+[[ "$BILLING_TEST_RUN" =~ ^[0-9]{10}[0-9a-z_]*$ ]] || { echo "BILLING_TEST_RUN must be <unix seconds>[_suffix]" >&2; exit 1; }
+have_psql=false; command -v psql >/dev/null && have_psql=true
+
+drop_databases() { # WITH (FORCE) or empty, then names on stdin
+  xargs -r -P 4 -I{} psql "$TEST_DATABASE_URL" -qXc "DROP DATABASE IF EXISTS \"{}\" $1" >/dev/null 2>&1 || true
+}
+drop_this_run() {
+  psql "$TEST_DATABASE_URL" -AXtc "SELECT datname FROM pg_database WHERE datname ~ '^billing_(test|cli)_${BILLING_TEST_RUN}_'" 2>/dev/null \
+    | drop_databases "WITH (FORCE)"
+}
+if $have_psql; then
+  trap drop_this_run EXIT
+  # Day-old leftovers: the time is in the name; older names (a uuid only) go
+  # by the age of the database's directory. Never FORCE: in use = kept.
+  psql "$TEST_DATABASE_URL" -AXtc "
+    SELECT datname FROM pg_database
+    WHERE datname ~ '^billing_(test|cli)_[0-9]{10}_'
+      AND substring(datname from '^billing_(?:test|cli)_([0-9]{10})_')::bigint
+          < extract(epoch FROM now()) - 86400" 2>/dev/null | drop_databases ""
+  psql "$TEST_DATABASE_URL" -AXtc "
+    SELECT d.datname FROM pg_database d JOIN pg_stat_database s ON s.datid = d.oid
+    WHERE d.datname ~ '^billing_(test|cli)_[0-9a-f]{32}$' AND s.numbackends = 0
+      AND (pg_stat_file('base/' || d.oid)).modification < now() - interval '1 day'" 2>/dev/null \
+    | drop_databases ""
 fi
 
 log "cargo fmt --check"
@@ -70,5 +100,12 @@ log "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 log "helm chart: lint and render"
 python3 helm/billing/tests/test_chart.py
-log "cargo test"
-cargo test --locked "$@"
+
+# Every test binary runs even when one fails; the README's walk-through is
+# checked against the binary the tests built. The exit status is the worst.
+status=0
+log "cargo test (run $BILLING_TEST_RUN)"
+cargo test --locked --no-fail-fast "$@" || status=$?
+log "README walk-through (scripts/readme-check.sh)"
+./scripts/readme-check.sh || status=$?
+exit $status

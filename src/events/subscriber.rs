@@ -138,7 +138,14 @@ impl Subscriber {
     ) -> Result<(), BillingError> {
         while let Some(mut batch) = self.next_batch(horizon).await? {
             for event in batch.events.clone() {
-                handler.handle(batch.connection(), &event).await?;
+                if let Err(error) = handler.handle(batch.connection(), &event).await {
+                    // Release the subscriber now rather than when the pool
+                    // gets round to the rollback a drop only queues.
+                    if let Err(rollback) = batch.rollback().await {
+                        tracing::warn!(subscriber = %self.name, error = %rollback, "rolling back a failed event batch");
+                    }
+                    return Err(error);
+                }
             }
             batch.commit().await?;
         }
@@ -157,7 +164,11 @@ pub trait EventHandler: Send + Sync {
 }
 
 /// Events handed to one consumer, and the transaction their effects go in.
-/// Dropping it without [`Batch::commit`] rolls back and processes nothing.
+/// Dropping it without [`Batch::commit`] rolls back and processes nothing —
+/// but sqlx only *queues* that rollback: it reaches Postgres when the pool's
+/// background task returns the connection, and until then the subscriber's
+/// row stays locked (other consumers get `None` and try again on their next
+/// wake-up). [`Batch::rollback`] releases it before returning.
 pub struct Batch {
     subscriber: String,
     transaction: Transaction<'static, Postgres>,
@@ -188,5 +199,13 @@ impl Batch {
         .await?;
         self.transaction.commit().await?;
         Ok(last)
+    }
+
+    /// Gives the events back: rolls the batch's transaction back (with its
+    /// side effects) and releases the subscriber before returning, so the
+    /// next [`Subscriber::next_batch`] delivers the same events again.
+    pub async fn rollback(self) -> Result<(), BillingError> {
+        self.transaction.rollback().await?;
+        Ok(())
     }
 }

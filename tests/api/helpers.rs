@@ -28,12 +28,78 @@ pub fn init_logs() {
     }
 }
 
-/// Creates an empty, migrated database with a unique name and returns its pool.
+/// This run's prefix of test database names: `BILLING_TEST_RUN` (set by
+/// scripts/test.sh for the whole run) or `<unix seconds>_<pid>`. It starts
+/// with the time it was made, so a clean-up can tell a day-old leftover from a
+/// database some concurrent run is still using.
+pub fn run_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| {
+        let valid = |run: &str| {
+            run.len() <= 32
+                && run.bytes().take(10).all(|b| b.is_ascii_digit())
+                && run
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        let run = match std::env::var("BILLING_TEST_RUN") {
+            Ok(run) if valid(&run) => run,
+            _ => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("the clock is after 1970")
+                    .as_secs();
+                format!("{now}_{}", std::process::id())
+            }
+        };
+        format!("billing_test_{run}_")
+    })
+}
+
+/// Drops a test database (ours: it carries this run's prefix), closing
+/// whatever still uses it. Best effort and bounded: runs on its own thread and
+/// runtime so that it also works from `Drop` while a test panics.
+pub fn drop_database(name: &str) {
+    if !name.starts_with(run_prefix()) {
+        return;
+    }
+    let name = name.to_owned();
+    let dropper = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime to drop the test database");
+        runtime.block_on(async {
+            let server: PgConnectOptions = server_url().parse().ok()?;
+            let dropped = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut admin = server.connect().await.ok()?;
+                admin
+                    .execute(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                    )))
+                    .await
+                    .ok()
+            })
+            .await;
+            if !matches!(dropped, Ok(Some(_))) {
+                eprintln!("note: could not drop test database {name} (scripts/test.sh drops it at the end of the run)");
+            }
+            Some(())
+        });
+    });
+    let _ = dropper.join();
+}
+
+/// Creates an empty, migrated database with a unique name under this run's
+/// prefix and returns its pool. A [`TestApp`] made by `spawn_app*` drops its
+/// database when it ends; databases made here for other uses are dropped by
+/// scripts/test.sh at the end of the run.
 pub async fn fresh_database() -> (PgPool, PgConnectOptions) {
     let server: PgConnectOptions = server_url()
         .parse()
         .expect("TEST_DATABASE_URL is a postgres URL");
-    let name = format!("billing_test_{}", uuid::Uuid::new_v4().simple());
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let name = format!("{}{}", run_prefix(), &unique[..12]);
     let mut admin = server
         .connect()
         .await
@@ -72,6 +138,9 @@ pub struct TestApp {
     pub channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The database this app created (`spawn_app*`), dropped when it ends;
+    /// `None` for a server on a pool the test owns (replicas share it).
+    owned_database: Option<String>,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -81,7 +150,7 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(settings: ServerSettings) -> TestApp {
     init_logs();
     let (pool, _) = fresh_database().await;
-    spawn_app_on(pool, settings).await
+    spawn_app_on(pool, settings).await.owning_its_database()
 }
 
 /// A server on an existing pool (tests that control the database themselves).
@@ -94,7 +163,9 @@ pub async fn spawn_app_on(pool: PgPool, settings: ServerSettings) -> TestApp {
 pub async fn spawn_app_with_keys(keys: Arc<KeySet>) -> TestApp {
     init_logs();
     let (pool, _) = fresh_database().await;
-    spawn_app_on_with_keys(pool, ServerSettings::default(), keys).await
+    spawn_app_on_with_keys(pool, ServerSettings::default(), keys)
+        .await
+        .owning_its_database()
 }
 
 async fn spawn_app_on_with_keys(
@@ -127,10 +198,21 @@ async fn spawn_app_on_with_keys(
         channel,
         shutdown: Some(shutdown_sender),
         server: Some(server),
+        owned_database: None,
     }
 }
 
 impl TestApp {
+    /// Marks the app's database as its own: dropped when the app ends.
+    fn owning_its_database(mut self) -> Self {
+        self.owned_database = self
+            .pool
+            .connect_options()
+            .get_database()
+            .map(str::to_owned);
+        self
+    }
+
     pub fn token(&self, role: &str, account: Option<&str>) -> String {
         self.keys
             .mint("test", role, account, 600)
@@ -182,7 +264,24 @@ impl TestApp {
             let _ = sender.send(());
         }
         if let Some(server) = self.server.take() {
-            let _ = server.await;
+            // Bounded: a server that does not drain is a failure of the test.
+            tokio::time::timeout(Duration::from_secs(30), server)
+                .await
+                .expect("the test server stops within 30 s of its shutdown signal")
+                .ok();
+        }
+    }
+}
+
+/// Drops the app's own database when the test ends, passed or failed
+/// (replicas started on the same pool end before it: they are declared later).
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(sender) = self.shutdown.take() {
+            let _ = sender.send(());
+        }
+        if let Some(name) = self.owned_database.take() {
+            drop_database(&name);
         }
     }
 }
@@ -278,10 +377,20 @@ impl SmtpSink {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("python3 with aiosmtpd (pip install aiosmtpd)");
-        let mut ready = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut ready)
-            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = sender.send(line);
+        });
+        let Ok(ready) = receiver.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "timed out after 30 s waiting for the SMTP sink (tests/support/smtp_sink.py) to print READY"
+            );
+        };
         assert_eq!(
             ready.trim(),
             "READY",

@@ -111,6 +111,31 @@ async fn two_consumers_of_one_subscriber_process_each_event_exactly_once() {
     app.stop().await;
 }
 
+/// The next batch of `subscriber`, waiting (bounded) while another
+/// transaction still holds it: a dropped batch's rollback is only queued by
+/// sqlx and reaches Postgres from the pool's background task, so right after
+/// the drop the subscriber's row can still be locked (under load, for a while).
+async fn next_batch_once_released(
+    subscriber: &Subscriber,
+    horizon: i64,
+    what: &str,
+) -> events::Batch {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(batch) = subscriber.next_batch(horizon).await.unwrap() {
+                return batch;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
+}
+
+fn batch_cursors(batch: &events::Batch) -> Vec<i64> {
+    batch.events().iter().map(|e| e.cursor).collect()
+}
+
 #[tokio::test]
 async fn a_batch_dropped_without_commit_is_delivered_again_and_a_committed_one_is_not() {
     let app = spawn_app().await;
@@ -124,20 +149,25 @@ async fn a_batch_dropped_without_commit_is_delivered_again_and_a_committed_one_i
         .with_batch_size(3);
 
     let first = subscriber.next_batch(horizon).await.unwrap().unwrap();
-    let first_cursors: Vec<i64> = first.events().iter().map(|e| e.cursor).collect();
+    let first_cursors = batch_cursors(&first);
     assert_eq!(first_cursors, cursors[..3].to_vec());
     // While one consumer holds the subscriber, another gets nothing.
     assert!(subscriber.next_batch(horizon).await.unwrap().is_none());
     drop(first);
 
-    let again = subscriber.next_batch(horizon).await.unwrap().unwrap();
-    let again_cursors: Vec<i64> = again.events().iter().map(|e| e.cursor).collect();
-    assert_eq!(again_cursors, first_cursors);
+    // The rollback of a drop is asynchronous: the same events come back once
+    // it has reached Postgres (never a later batch, never nothing for good).
+    let again = next_batch_once_released(
+        &subscriber,
+        horizon,
+        "the dropped batch to be delivered again",
+    )
+    .await;
+    assert_eq!(batch_cursors(&again), first_cursors);
     assert_eq!(again.commit().await.unwrap(), cursors[2]);
 
     let rest = subscriber.next_batch(horizon).await.unwrap().unwrap();
-    let rest_cursors: Vec<i64> = rest.events().iter().map(|e| e.cursor).collect();
-    assert_eq!(rest_cursors, cursors[3..].to_vec());
+    assert_eq!(batch_cursors(&rest), cursors[3..].to_vec());
     rest.commit().await.unwrap();
     assert!(subscriber.next_batch(horizon).await.unwrap().is_none());
     assert_eq!(subscriber.cursor().await.unwrap(), horizon);
@@ -145,6 +175,27 @@ async fn a_batch_dropped_without_commit_is_delivered_again_and_a_committed_one_i
     // Registering again keeps the stored cursor.
     let same = Subscriber::register(&app.pool, "engine", 0).await.unwrap();
     assert_eq!(same.cursor().await.unwrap(), horizon);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_rolled_back_is_delivered_again_at_once() {
+    let app = spawn_app().await;
+    app.account_with_balance("acme", "100.00").await;
+    debits(&app, "acme", 2, "d").await;
+    let cursors = all_cursors(&app.pool).await;
+    let horizon = *cursors.last().unwrap();
+    let subscriber = Subscriber::register(&app.pool, "engine", 0)
+        .await
+        .unwrap()
+        .with_batch_size(2);
+
+    for _ in 0..20 {
+        let batch = subscriber.next_batch(horizon).await.unwrap().unwrap();
+        assert_eq!(batch_cursors(&batch), cursors[..2].to_vec());
+        batch.rollback().await.unwrap();
+    }
+    assert_eq!(subscriber.cursor().await.unwrap(), 0);
     app.stop().await;
 }
 
@@ -174,8 +225,15 @@ async fn a_watcher_whose_reader_stalls_is_ended_with_its_resume_cursor() {
         }
     );
     // What was buffered is still delivered, then the stream ends.
-    assert_eq!(watcher.events.recv().await.unwrap().cursor, cursors[0]);
-    assert!(watcher.events.recv().await.is_none());
+    let buffered = tokio::time::timeout(WAIT, watcher.events.recv())
+        .await
+        .expect("the buffered event is handed over after the watcher ended")
+        .expect("one event was buffered");
+    assert_eq!(buffered.cursor, cursors[0]);
+    let closed = tokio::time::timeout(WAIT, watcher.events.recv())
+        .await
+        .expect("the event channel closes after the buffered event");
+    assert!(closed.is_none());
     feed.stop();
     app.stop().await;
 }
