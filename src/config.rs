@@ -174,6 +174,10 @@ pub struct PolicyArgs {
         default_value_t = 86_400
     )]
     pub top_up_action_expiry_secs: u32,
+    /// The user panel's address (https://…); "action needed" emails link to
+    /// it with `?top_up_id=<id>`, where the customer finishes 3-D Secure.
+    #[arg(long, env = "BILLING_PANEL_URL")]
+    pub panel_url: Option<String>,
     /// Default cap on automatic top-ups per rolling 24 hours (per account, changeable in the settings).
     #[arg(long, env = "BILLING_MAX_TOP_UPS_PER_DAY", default_value_t = 10)]
     pub max_top_ups_per_day: i32,
@@ -238,6 +242,7 @@ impl PolicyArgs {
             action_expiry: chrono::Duration::seconds(i64::from(
                 self.top_up_action_expiry_secs.max(1),
             )),
+            panel_url: self.panel_url.clone().filter(|url| !url.is_empty()),
         })
     }
 }

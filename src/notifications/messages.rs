@@ -55,6 +55,9 @@ pub enum Notice {
         top_up_id: String,
         amount: Decimal,
         card: CardLabel,
+        /// Where the customer confirms it: the panel's URL with the top-up
+        /// id, when `--panel-url` is configured.
+        action_url: Option<String>,
     },
     CardExpiring {
         card: CardLabel,
@@ -147,11 +150,15 @@ impl Notice {
                     "Retry the card on the Payment Methods page to restore auto-charge.".into(),
                 ],
             ),
-            Notice::AuthenticationRequired { top_up_id, amount, card } => (
+            Notice::AuthenticationRequired { top_up_id, amount, card, action_url } => (
                 format!("Action needed: authenticate a payment of {}", money(*amount)),
                 vec![
                     format!("Your bank asks you to authenticate a charge of {} to your {card} for account {name}.", money(*amount)),
-                    "We do not force such charges. Please add funds by hand on the Payment Methods page (Add Funds).".into(),
+                    match action_url {
+                        Some(url) => format!("To complete it, open {url} and pass your bank's check (3-D Secure) within 24 hours."),
+                        None => "To complete it, open the Payment Methods page of your panel and confirm the pending top-up within 24 hours.".into(),
+                    },
+                    "We never force such charges; you can also add funds by hand on the Payment Methods page (Add Funds).".into(),
                     format!("Current balance: {}. Top-up reference: {top_up_id}.", money(account.total_balance())),
                 ],
             ),

@@ -1049,6 +1049,10 @@ impl TopUps {
                     brand: card.brand,
                     last4: card.last4,
                 },
+                action_url: self.config.panel_url.as_ref().map(|panel| {
+                    let separator = if panel.contains('?') { '&' } else { '?' };
+                    format!("{panel}{separator}top_up_id={}", top_up.top_up_id)
+                }),
             };
             let key = format!("authentication_required:{}", top_up.top_up_id);
             notifications::enqueue(&mut *connection, account_id, &notice, &key).await?;

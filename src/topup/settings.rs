@@ -42,6 +42,9 @@ pub struct PolicyConfig {
     /// A top-up waiting for the customer's 3-D Secure (`REQUIRES_ACTION`)
     /// this long ends `FAILED` with `authentication_expired`.
     pub action_expiry: chrono::Duration,
+    /// The user panel's address; "action needed" emails link to it with
+    /// `?top_up_id=<id>` so the customer can finish 3-D Secure.
+    pub panel_url: Option<String>,
 }
 
 impl Default for PolicyConfig {
@@ -61,6 +64,7 @@ impl Default for PolicyConfig {
             abandoned_after: chrono::Duration::minutes(10),
             reconcile_max_tries: 20,
             action_expiry: chrono::Duration::hours(24),
+            panel_url: None,
         }
     }
 }

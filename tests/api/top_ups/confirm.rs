@@ -192,3 +192,36 @@ async fn a_top_up_waiting_for_authentication_expires_and_the_crossing_is_freed()
     assert_eq!(balance(&s.app).await, "5.00");
     s.app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_action_needed_email_links_to_the_panel_with_the_top_up_id() {
+    let clock = std::sync::Arc::new(billing::topup::ManualClock::starting_now());
+    let mut settings = engine_settings(clock.clone());
+    settings.policy.panel_url = Some("https://panel.example/billing".into());
+    let app = crate::helpers::spawn_app_with(settings).await;
+    app.account_with_balance(ACCT, "20.00").await;
+    let admin = app.token("admin", Some(ACCT));
+    crate::payment_methods::add_active_card(&app, &admin, ACCT, OFF_SESSION_3DS).await;
+    let s = Scenario { app, clock, admin };
+    apply(&s, settings_for_email()).await;
+    debit(&s.app, "15.00", "usage-1").await;
+    let waiting = wait_for_top_up(&s, TopUpStatus::RequiresAction).await;
+    let body: String = sqlx::query_scalar(
+        "SELECT body_text FROM notifications WHERE kind = 'authentication_required'",
+    )
+    .fetch_one(&s.app.pool)
+    .await
+    .unwrap();
+    assert!(
+        body.contains(&format!(
+            "https://panel.example/billing?top_up_id={}",
+            waiting.top_up_id
+        )),
+        "{body}"
+    );
+    s.app.stop().await;
+}
+
+fn settings_for_email() -> proto::ApplyLowBalanceSettingsRequest {
+    settings("10.00", "30.00")
+}
