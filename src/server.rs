@@ -146,17 +146,24 @@ pub fn check(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
         )),
     }
     let auth = &args.auth;
-    if auth.jwt_public_key_file.is_some() || auth.jwt_secret.is_some() || auth.jwt_secret_file.is_some()
+    if auth.jwt_public_key_file.is_some()
+        || auth.jwt_secret.is_some()
+        || auth.jwt_secret_file.is_some()
     {
         KeySet::load(auth, &args.database.data_dir).context("loading the JWT verification key")?;
         report.push("jwt: verification key loaded".into());
     } else {
-        report.push("jwt: none configured: a development key would be used (not for production)".into());
+        report.push(
+            "jwt: none configured: a development key would be used (not for production)".into(),
+        );
     }
     let _ = args.mail.password()?;
     if let Some(host) = &args.mail.smtp_host {
         build_mailer(args)?;
-        report.push(format!("mail: smtp {host}:{} ({:?})", args.mail.smtp_port, args.mail.smtp_security));
+        report.push(format!(
+            "mail: smtp {host}:{} ({:?})",
+            args.mail.smtp_port, args.mail.smtp_security
+        ));
     } else {
         report.push(format!(
             "mail: no SMTP host: emails are written to {}",
@@ -170,7 +177,11 @@ pub fn check(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
             let webhook = args.gateway.webhook_secret()?;
             report.push(format!(
                 "gateway: stripe ({} mode), webhook {}",
-                if settings.secret_key.is_test_mode() { "test" } else { "live" },
+                if settings.secret_key.is_test_mode() {
+                    "test"
+                } else {
+                    "live"
+                },
                 match webhook {
                     Some(_) => format!("on {}", args.webhook_listen),
                     None => "off (no webhook secret)".into(),
@@ -185,7 +196,11 @@ pub fn check(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
         "listen: gRPC {}, metrics {}; migrations: {}",
         args.listen,
         args.metrics_listen,
-        if args.migrate { "applied at start" } else { "left to `billing migrate`" }
+        if args.migrate {
+            "applied at start"
+        } else {
+            "left to `billing migrate`"
+        }
     ));
     Ok(report)
 }
@@ -195,8 +210,12 @@ fn load_tls(args: &ServeArgs) -> anyhow::Result<Option<tonic::transport::ServerT
     let (Some(cert), Some(key)) = (&args.tls_cert_file, &args.tls_key_file) else {
         return Ok(None);
     };
-    let cert_pem = std::fs::read(cert)
-        .with_context(|| format!("reading the TLS certificate {} (--tls-cert-file)", cert.display()))?;
+    let cert_pem = std::fs::read(cert).with_context(|| {
+        format!(
+            "reading the TLS certificate {} (--tls-cert-file)",
+            cert.display()
+        )
+    })?;
     let key_pem = std::fs::read(key)
         .with_context(|| format!("reading the TLS key {} (--tls-key-file)", key.display()))?;
     anyhow::ensure!(
@@ -210,12 +229,31 @@ fn load_tls(args: &ServeArgs) -> anyhow::Result<Option<tonic::transport::ServerT
         key.display()
     );
     let identity = tonic::transport::Identity::from_pem(cert_pem, key_pem);
-    Ok(Some(tonic::transport::ServerTlsConfig::new().identity(identity)))
+    Ok(Some(
+        tonic::transport::ServerTlsConfig::new().identity(identity),
+    ))
 }
 
-/// Binds `address`; a failure names the flag and the variable that change it.
-fn bind(address: SocketAddr, what: &str, flag: &str, env: &str) -> anyhow::Result<std::net::TcpListener> {
-    std::net::TcpListener::bind(address).map_err(|error| {
+/// Binds (reserves) `address` without listening yet, so a port in use is
+/// reported at once while connections are accepted only once serving; a
+/// failure names the flag and the variable that change it.
+fn bind(
+    address: SocketAddr,
+    what: &str,
+    flag: &str,
+    env: &str,
+) -> anyhow::Result<tokio::net::TcpSocket> {
+    let bound = (|| {
+        let socket = if address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(address)?;
+        std::io::Result::Ok(socket)
+    })();
+    bound.map_err(|error| {
         let hint = if what == "gRPC" {
             " (the metrics port is set by --metrics-listen / BILLING_METRICS_LISTEN)"
         } else {
@@ -238,7 +276,12 @@ fn prepare_data_dir(path: &std::path::Path) -> anyhow::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .with_context(|| format!("creating the data directory {} (--data-dir, BILLING_DATA_DIR)", path.display()))?;
+        .with_context(|| {
+            format!(
+                "creating the data directory {} (--data-dir, BILLING_DATA_DIR)",
+                path.display()
+            )
+        })?;
     let metadata = std::fs::metadata(path)?;
     // 0710 with the postgres group is the private cluster's doing (root only).
     if metadata.uid() == nix::unistd::Uid::effective().as_raw()
@@ -257,22 +300,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     prepare_data_dir(&args.database.data_dir)?;
     // The ports first: one in use is reported at once, naming the setting to change.
     let listener = bind(args.listen, "gRPC", "--listen", "BILLING_LISTEN")?;
-    listener.set_nonblocking(true)?;
-    let listener = TcpListener::from_std(listener)?;
-    let metrics_listener = bind(
+    let metrics_socket = bind(
         args.metrics_listen,
         "metrics",
         "--metrics-listen",
         "BILLING_METRICS_LISTEN",
     )?;
     let webhook_secret = args.gateway.webhook_secret()?;
-    let webhook_listener = match (args.gateway.kind, &webhook_secret) {
-        (crate::config::GatewayKind::Stripe, Some(_)) => Some(Arc::new(bind(
+    let webhook_socket = match (args.gateway.kind, &webhook_secret) {
+        (crate::config::GatewayKind::Stripe, Some(_)) => Some(bind(
             args.webhook_listen,
             "webhook",
             "--webhook-listen",
             "BILLING_WEBHOOK_LISTEN",
-        )?)),
+        )?),
         _ => None,
     };
     let tls = load_tls(&args)?;
@@ -291,6 +332,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
              (or `--role admin --account <id>`)"
         );
     }
+    // Connections are accepted from here on.
+    let listener = listener.listen(1024).context("listening for gRPC")?;
+    let metrics_listener = metrics_socket
+        .listen(1024)
+        .and_then(|listener| listener.into_std())
+        .context("listening for metrics")?;
+    let webhook_listener = match webhook_socket {
+        Some(socket) => Some(Arc::new(
+            socket
+                .listen(1024)
+                .and_then(|listener| listener.into_std())
+                .context("listening for the webhook")?,
+        )),
+        None => None,
+    };
     tracing::info!(address = %metrics_listener.local_addr()?, "metrics served over HTTP at /metrics");
     if let Some(webhook) = &webhook_listener {
         tracing::info!(address = %webhook.local_addr()?, "stripe webhook served over HTTP at /stripe/webhook");
@@ -417,7 +473,9 @@ pub async fn serve(
     // The first status is known before the first call can ask for it.
     let first_status = check_database(&pool, settings.health_interval).await;
     report_status(&health_reporter, first_status).await;
-    let address = listener.local_addr().context("the gRPC listener's address")?;
+    let address = listener
+        .local_addr()
+        .context("the gRPC listener's address")?;
     let health_task = tokio::spawn(watch_database_health(
         pool.clone(),
         health_reporter,
@@ -533,7 +591,9 @@ pub async fn serve(
     let max_message = settings.max_message_bytes;
     let mut builder = Server::builder();
     if let Some(tls) = settings.tls.clone() {
-        builder = builder.tls_config(tls).context("the gRPC TLS certificate and key")?;
+        builder = builder
+            .tls_config(tls)
+            .context("the gRPC TLS certificate and key")?;
     }
     if first_status == ServingStatus::Serving {
         tracing::info!(%address, tls = settings.tls.is_some(), "billing serving gRPC");
@@ -605,7 +665,10 @@ pub async fn serve(
     if let Some(task) = sender_task {
         let _ = task.await;
     }
-    for task in [metrics_task, webhook_task, gauges_task].into_iter().flatten() {
+    for task in [metrics_task, webhook_task, gauges_task]
+        .into_iter()
+        .flatten()
+    {
         let _ = task.await;
     }
     served.context("serving gRPC")

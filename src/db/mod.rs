@@ -142,8 +142,15 @@ pub fn connect_error(options: &PgConnectOptions, error: sqlx::Error) -> anyhow::
             "TLS with the Postgres server {server} failed (sslmode={ssl_mode}): {cause}; \
              check sslrootcert (the CA that signed the server certificate) and the host name in the URL"
         ),
+        // rustls reports a failed handshake (untrusted or mismatched certificate) as an I/O error.
+        sqlx::Error::Io(io) if is_tls_failure(io) => format!(
+            "TLS with the Postgres server {server} failed (sslmode={ssl_mode}): {io}; \
+             check sslrootcert (the CA that signed the server certificate) and the host name in the URL"
+        ),
         sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            format!("the Postgres server {server} refused the connection: is it running and listening there?")
+            format!(
+                "the Postgres server {server} refused the connection: is it running and listening there?"
+            )
         }
         sqlx::Error::Io(io)
             if io.to_string().contains("failed to lookup address")
@@ -161,12 +168,17 @@ pub fn connect_error(options: &PgConnectOptions, error: sqlx::Error) -> anyhow::
                 "the database {database:?} does not exist on {server} and could not be created: {}",
                 db.message()
             ),
-            _ => format!("Postgres at {server} refused the connection: {}", db.message()),
+            _ => format!(
+                "Postgres at {server} refused the connection: {}",
+                db.message()
+            ),
         },
         sqlx::Error::PoolTimedOut => format!(
             "no connection to the Postgres server {server} within the time limit (unreachable, or every connection attempt failed)"
         ),
-        other => format!("connecting to the Postgres server {server} (sslmode={ssl_mode}): {other}"),
+        other => {
+            format!("connecting to the Postgres server {server} (sslmode={ssl_mode}): {other}")
+        }
     };
     anyhow::anyhow!(what)
 }
@@ -179,8 +191,22 @@ pub async fn ping(pool: &PgPool) -> bool {
         .is_ok()
 }
 
+fn is_tls_failure(error: &std::io::Error) -> bool {
+    let text = error.to_string().to_lowercase();
+    ["certificate", "tls", "handshake", "alert"]
+        .iter()
+        .any(|word| text.contains(word))
+}
+
 /// The options of a configured `DATABASE_URL`; `sslrootcert` must be a readable file.
 pub fn parse_url(url: &str) -> anyhow::Result<PgConnectOptions> {
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    if !matches!(scheme, Some("postgres") | Some("postgresql")) {
+        bail!(
+            "DATABASE_URL is not a valid Postgres URL: it must start with postgres:// or postgresql:// \
+             (postgres://user:password@host:5432/db?sslmode=require)"
+        );
+    }
     // The error of a malformed URL may quote it: never echo the password.
     let options = PgConnectOptions::from_str(url).map_err(|error| {
         anyhow::anyhow!(
@@ -203,7 +229,10 @@ pub fn parse_url(url: &str) -> anyhow::Result<PgConnectOptions> {
 }
 
 fn redact(text: &str, url: &str) -> String {
-    match url::Url::parse(url).ok().and_then(|u| u.password().map(str::to_owned)) {
+    match url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.password().map(str::to_owned))
+    {
         Some(password) if !password.is_empty() => text.replace(&password, "***"),
         _ => text.to_owned(),
     }
@@ -278,17 +307,17 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Resul
         Ok(Err(error)) => return Err(connect_error(options, error)),
         Err(_) => {
             let server = format!("{}:{}", options.get_host(), options.get_port());
-            bail!("the Postgres server {server} did not answer within 10 s (firewall, wrong host or port?)");
+            bail!(
+                "the Postgres server {server} did not answer within 10 s (firewall, wrong host or port?)"
+            );
         }
     }
     let maintenance_options = options.clone().database("postgres");
-    let mut maintenance = maintenance_options
-        .connect()
-        .await
-        .map_err(|error| {
-            connect_error(&maintenance_options, error)
-                .context(format!("database {name:?} does not exist; connecting to the postgres database to create it"))
-        })?;
+    let mut maintenance = maintenance_options.connect().await.map_err(|error| {
+        connect_error(&maintenance_options, error).context(format!(
+            "database {name:?} does not exist; connecting to the postgres database to create it"
+        ))
+    })?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(&name)

@@ -277,8 +277,7 @@ mod tests {
                 overload.shed("/billing.v1.Balances/Debit");
             }
             // The interval passes: the next shed call writes the summary of the rest.
-            overload.state.lock().unwrap().last_line =
-                Some(Instant::now() - OVERLOAD_LOG_INTERVAL);
+            overload.state.lock().unwrap().last_line = Some(Instant::now() - OVERLOAD_LOG_INTERVAL);
             overload.shed("/billing.v1.Balances/Debit");
         });
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();

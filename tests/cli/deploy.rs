@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use crate::process::{Serve, billing, fresh_database_url, free_port, shared_temp_dir};
+use crate::process::{Serve, billing, free_port, fresh_database_url, shared_temp_dir};
 
 const PASSWORD: &str = "S3cretPw-do-not-print";
 
@@ -26,7 +26,9 @@ fn text(output: &Output) -> String {
 /// killed (and failed) after 120 s.
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = billing();
-    command.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     command.args(args);
     for (name, value) in env {
         command.env(name, value);
@@ -54,7 +56,11 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn with_password(url: &str) -> String {
-    url.replacen("postgres://postgres@", &format!("postgres://postgres:{PASSWORD}@"), 1)
+    url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{PASSWORD}@"),
+        1,
+    )
 }
 
 fn mode_of(path: &Path) -> u32 {
@@ -67,13 +73,20 @@ fn help_never_prints_the_password_of_database_url() {
         let output = run(
             &command,
             &[
-                ("DATABASE_URL", &format!("postgres://billing:{PASSWORD}@db:5432/billing")),
+                (
+                    "DATABASE_URL",
+                    &format!("postgres://billing:{PASSWORD}@db:5432/billing"),
+                ),
                 ("BILLING_SMTP_PASSWORD", PASSWORD),
             ],
         );
         assert!(output.status.success(), "{}", text(&output));
         assert!(!text(&output).contains(PASSWORD), "{}", text(&output));
-        assert!(text(&output).contains("DATABASE_URL_FILE"), "{}", text(&output));
+        assert!(
+            text(&output).contains("DATABASE_URL_FILE"),
+            "{}",
+            text(&output)
+        );
     }
 }
 
@@ -96,7 +109,10 @@ fn serve_check_validates_the_configuration_without_connecting() {
         &[
             ("DATABASE_URL_FILE", url_file.to_str().unwrap()),
             ("BILLING_SMTP_HOST", "smtp.invalid"),
-            ("BILLING_SMTP_PASSWORD_FILE", password_file.to_str().unwrap()),
+            (
+                "BILLING_SMTP_PASSWORD_FILE",
+                password_file.to_str().unwrap(),
+            ),
             ("BILLING_JWT_SECRET", crate::process::SECRET),
             ("BILLING_DATA_DIR", data_dir),
         ],
@@ -107,24 +123,40 @@ fn serve_check_validates_the_configuration_without_connecting() {
     assert!(stdout.contains("sslmode=require"), "{stdout}");
     assert!(stdout.contains("configuration OK"), "{stdout}");
     assert!(!text(&ok).contains(PASSWORD), "{}", text(&ok));
-    assert!(!Path::new(data_dir).exists(), "--check wrote the data directory");
+    assert!(
+        !Path::new(data_dir).exists(),
+        "--check wrote the data directory"
+    );
 
     // What is wrong is named: a missing Stripe key, an unreadable _FILE, a bad URL.
     let cases: [(&[(&str, &str)], &str); 4] = [
-        (&[("BILLING_GATEWAY", "stripe")], "BILLING_STRIPE_SECRET_KEY"),
-        (&[("DATABASE_URL_FILE", "/nonexistent/url")], "DATABASE_URL_FILE /nonexistent/url"),
+        (
+            &[("BILLING_GATEWAY", "stripe")],
+            "BILLING_STRIPE_SECRET_KEY",
+        ),
+        (
+            &[("DATABASE_URL_FILE", "/nonexistent/url")],
+            "DATABASE_URL_FILE /nonexistent/url",
+        ),
         (
             &[("BILLING_SMTP_PASSWORD_FILE", "/nonexistent/pw")],
             "BILLING_SMTP_PASSWORD_FILE /nonexistent/pw",
         ),
-        (&[("DATABASE_URL", "mysql://nope")], "DATABASE_URL is not a valid Postgres URL"),
+        (
+            &[("DATABASE_URL", "mysql://nope")],
+            "DATABASE_URL is not a valid Postgres URL",
+        ),
     ];
     for (env, named) in cases {
         let mut env = env.to_vec();
         env.push(("BILLING_DATA_DIR", data_dir));
         let refused = run(&["serve", "--check"], &env);
         assert!(!refused.status.success(), "{env:?}: {}", text(&refused));
-        assert!(text(&refused).contains(named), "{env:?}: {}", text(&refused));
+        assert!(
+            text(&refused).contains(named),
+            "{env:?}: {}",
+            text(&refused)
+        );
     }
 }
 
@@ -137,11 +169,19 @@ fn a_port_in_use_names_the_flag_and_variable_and_prints_no_stack_trace() {
     let data_dir = dir.path().join("data");
     let data_dir = data_dir.to_str().unwrap();
     for (listen, metrics, named) in [
-        (taken.as_str(), free.as_str(), ["--listen", "BILLING_LISTEN", "--metrics-listen"]),
+        (
+            taken.as_str(),
+            free.as_str(),
+            ["--listen", "BILLING_LISTEN", "--metrics-listen"],
+        ),
         (
             free.as_str(),
             taken.as_str(),
-            ["--metrics-listen", "BILLING_METRICS_LISTEN", "already in use"],
+            [
+                "--metrics-listen",
+                "BILLING_METRICS_LISTEN",
+                "already in use",
+            ],
         ),
     ] {
         let output = run(
@@ -217,7 +257,10 @@ fn the_data_directory_is_0700_and_its_files_0600() {
         assert_eq!(mode_of(&path), expected, "{}", path.display());
         seen += 1;
     }
-    assert!(seen >= 2, "the development key and the outbox were not created");
+    assert!(
+        seen >= 2,
+        "the development key and the outbox were not created"
+    );
 
     // A data directory left world-readable by an older version is made private.
     std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -281,9 +324,8 @@ fn a_tls_failure_is_reported_as_tls_with_the_server_and_sslmode() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let url = runtime.block_on(fresh_database_url());
     // The public CA bundle did not sign the local snakeoil certificate.
-    let verify = format!(
-        "{url}?sslmode=verify-full&sslrootcert=/etc/ssl/certs/ca-certificates.crt"
-    );
+    let verify =
+        format!("{url}?sslmode=verify-full&sslrootcert=/etc/ssl/certs/ca-certificates.crt");
     let dir = tempfile::tempdir().unwrap();
     let output = run(
         &["migrate"],
@@ -296,7 +338,10 @@ fn a_tls_failure_is_reported_as_tls_with_the_server_and_sslmode() {
     assert!(!output.status.success(), "{}", text(&output));
     let all = text(&output);
     assert!(all.contains("TLS"), "{all}");
-    assert!(all.contains("sslmode=verifyfull") || all.contains("sslmode=verify-full"), "{all}");
+    assert!(
+        all.contains("sslmode=verifyfull") || all.contains("sslmode=verify-full"),
+        "{all}"
+    );
     assert!(all.contains("127.0.0.1:5432"), "{all}");
     assert!(!all.contains(PASSWORD), "{all}");
     assert!(!all.to_lowercase().contains("backtrace"), "{all}");
@@ -313,7 +358,11 @@ fn a_tls_failure_is_reported_as_tls_with_the_server_and_sslmode() {
         ],
     );
     assert!(!refused.status.success());
-    assert!(text(&refused).contains("refused the connection"), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("refused the connection"),
+        "{}",
+        text(&refused)
+    );
 }
 
 #[test]
@@ -367,22 +416,28 @@ fn serve_with_migrate_false_refuses_an_unmigrated_database_naming_billing_migrat
         &[
             ("DATABASE_URL", &url),
             ("BILLING_LISTEN", &format!("127.0.0.1:{}", free_port())),
-            ("BILLING_METRICS_LISTEN", &format!("127.0.0.1:{}", free_port())),
+            (
+                "BILLING_METRICS_LISTEN",
+                &format!("127.0.0.1:{}", free_port()),
+            ),
             ("BILLING_DATA_DIR", dir.path().to_str().unwrap()),
         ],
     );
     assert!(!output.status.success(), "{}", text(&output));
-    assert!(text(&output).contains("billing migrate"), "{}", text(&output));
+    assert!(
+        text(&output).contains("billing migrate"),
+        "{}",
+        text(&output)
+    );
     runtime.block_on(async {
         use sqlx::ConnectOptions;
         let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
         let mut connection = options.connect().await.unwrap();
-        let tables: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_tables WHERE schemaname = 'public'",
-        )
-        .fetch_one(&mut connection)
-        .await
-        .unwrap();
+        let tables: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM pg_tables WHERE schemaname = 'public'")
+                .fetch_one(&mut connection)
+                .await
+                .unwrap();
         assert_eq!(tables, 0, "--migrate=false changed the schema");
     });
 }
@@ -414,8 +469,15 @@ fn an_embedded_postgres_permission_error_names_the_path_and_the_user() {
     assert!(!output.status.success(), "{}", text(&output));
     let all = text(&output);
     assert!(all.contains(private.to_str().unwrap()), "{all}");
-    let user = if root { "postgres".to_owned() } else { std::env::var("USER").unwrap_or_default() };
+    let user = if root {
+        "postgres".to_owned()
+    } else {
+        std::env::var("USER").unwrap_or_default()
+    };
     assert!(all.contains(&format!("user {user}")), "{all}");
-    assert!(all.contains("--data-dir") || all.contains("BILLING_DATA_DIR"), "{all}");
+    assert!(
+        all.contains("--data-dir") || all.contains("BILLING_DATA_DIR"),
+        "{all}"
+    );
     assert!(!all.to_lowercase().contains("backtrace"), "{all}");
 }
