@@ -20,13 +20,15 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 billing \
     && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin billing \
-    && mkdir -p /var/lib/billing && chown billing:billing /var/lib/billing
+    && mkdir -p /var/lib/billing && chown billing:billing /var/lib/billing && chmod 0700 /var/lib/billing
 COPY --from=builder /src/target/release/billing /usr/local/bin/billing
 USER 10001:10001
 ENV BILLING_LISTEN=0.0.0.0:50051 \
     BILLING_METRICS_LISTEN=0.0.0.0:9090 \
+    BILLING_WEBHOOK_LISTEN=0.0.0.0:8080 \
     BILLING_DATA_DIR=/var/lib/billing \
     BILLING_LOG_FORMAT=json
-EXPOSE 50051 9090
+# gRPC, /metrics, and the Stripe webhook (only with --gateway stripe and a webhook secret).
+EXPOSE 50051 9090 8080
 ENTRYPOINT ["billing"]
 CMD ["serve"]

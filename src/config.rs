@@ -23,7 +23,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the gRPC server (migrates the database first).
+    /// Run the gRPC server (migrates the database first unless `--migrate=false`).
     Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate(MigrateArgs),
@@ -36,8 +36,12 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// Postgres URL. When unset: a server on localhost, else a private cluster in the data directory.
-    #[arg(long, env = "DATABASE_URL")]
+    /// TLS: `?sslmode=require` (encrypt), `verify-ca`/`verify-full` with `&sslrootcert=/path/ca.pem`.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// File holding the Postgres URL (e.g. a mounted Kubernetes Secret); DATABASE_URL wins when both are set.
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
     /// Port of the local Postgres server tried when DATABASE_URL is unset.
     #[arg(long, env = "BILLING_LOCAL_PG_PORT", default_value_t = 5432)]
     pub local_pg_port: u16,
@@ -53,6 +57,26 @@ pub struct DatabaseArgs {
     /// Largest number of pooled database connections.
     #[arg(long, env = "BILLING_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
+}
+
+impl DatabaseArgs {
+    /// The configured Postgres URL: `DATABASE_URL`, else the contents of `DATABASE_URL_FILE`.
+    pub fn url(&self) -> anyhow::Result<Option<String>> {
+        match (&self.database_url, &self.database_url_file) {
+            (Some(url), _) => Ok(Some(url.clone())),
+            (None, Some(path)) => read_secret_file(path, "DATABASE_URL_FILE").map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// A secret from a file (trailing newline trimmed); the error names the file and the setting.
+pub fn read_secret_file(path: &std::path::Path, setting: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading {setting} {}: {e}", path.display()))?;
+    let text = text.trim_end_matches(['\n', '\r']).to_owned();
+    anyhow::ensure!(!text.is_empty(), "{setting} {} is empty", path.display());
+    Ok(text)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -88,6 +112,21 @@ pub struct ServeArgs {
     /// Address the gRPC server listens on.
     #[arg(long, env = "BILLING_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Validate the whole configuration (flags, environment, `_FILE`s, key files) and exit 0
+    /// without connecting anywhere.
+    #[arg(long)]
+    pub check: bool,
+    /// Apply database migrations before serving; `false` when a separate `billing migrate` does it
+    /// (the Helm chart), so the runtime role needs no DDL rights.
+    #[arg(long, env = "BILLING_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
+    /// PEM certificate chain for gRPC over TLS (with --tls-key-file); unset serves plaintext.
+    /// Read at start-up: restart the process to load a renewed certificate.
+    #[arg(long, env = "BILLING_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of the gRPC TLS certificate.
+    #[arg(long, env = "BILLING_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -119,6 +158,10 @@ pub struct ServeArgs {
     /// Address of the HTTP server for Prometheus `/metrics`.
     #[arg(long, env = "BILLING_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
     pub metrics_listen: SocketAddr,
+    /// Address of the HTTP server for the payment gateway's webhook (`POST /stripe/webhook`);
+    /// bound only with `--gateway stripe` and a webhook secret. Separate from metrics.
+    #[arg(long, env = "BILLING_WEBHOOK_LISTEN", default_value = "127.0.0.1:8080")]
+    pub webhook_listen: SocketAddr,
     /// Largest gRPC message accepted or sent (bytes); larger requests are refused.
     #[arg(long, env = "BILLING_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     pub max_message_bytes: usize,
@@ -347,6 +390,9 @@ pub struct MailArgs {
     pub smtp_username: Option<String>,
     #[arg(long, env = "BILLING_SMTP_PASSWORD", hide_env_values = true)]
     pub smtp_password: Option<String>,
+    /// File holding the SMTP password (e.g. a mounted Kubernetes Secret).
+    #[arg(long, env = "BILLING_SMTP_PASSWORD_FILE")]
+    pub smtp_password_file: Option<PathBuf>,
     /// The From: address of every email.
     #[arg(
         long,
@@ -368,6 +414,17 @@ pub struct MailArgs {
     /// How often each replica looks for due emails (milliseconds).
     #[arg(long, env = "BILLING_OUTBOX_POLL_MS", default_value_t = 500)]
     pub outbox_poll_ms: u64,
+}
+
+impl MailArgs {
+    /// The SMTP password: `BILLING_SMTP_PASSWORD`, else the contents of `BILLING_SMTP_PASSWORD_FILE`.
+    pub fn password(&self) -> anyhow::Result<Option<String>> {
+        match (&self.smtp_password, &self.smtp_password_file) {
+            (Some(password), _) => Ok(Some(password.clone())),
+            (None, Some(path)) => read_secret_file(path, "BILLING_SMTP_PASSWORD_FILE").map(Some),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -33,36 +33,14 @@ pub async fn serve(
         .await
 }
 
+/// Never waits on the database: the database gauges come from the snapshot
+/// `metrics::refresh_database_gauges` keeps; the pool's use is read here.
 async fn scrape(State(pool): State<PgPool>) -> impl IntoResponse {
     metrics::set_pool_use(
         pool.size(),
         pool.num_idle(),
         pool.options().get_max_connections(),
     );
-    // Database gauges are best effort: a scrape still answers while Postgres is down.
-    match sqlx::query_scalar::<_, i64>(
-        "SELECT COUNT(*) FROM notifications WHERE status = 'pending'",
-    )
-    .fetch_one(&pool)
-    .await
-    {
-        Ok(pending) => metrics::set_outbox_pending(pending),
-        Err(error) => tracing::debug!(%error, "outbox depth not measured"),
-    }
-    let lags = sqlx::query_as::<_, (String, i64)>(
-        "SELECT s.name, GREATEST(COALESCE((SELECT MAX(cursor) FROM balance_events), 0) - s.cursor, 0) \
-           FROM event_subscribers s",
-    )
-    .fetch_all(&pool)
-    .await;
-    match lags {
-        Ok(lags) => {
-            for (subscriber, lag) in lags {
-                metrics::set_subscriber_lag(&subscriber, lag);
-            }
-        }
-        Err(error) => tracing::debug!(%error, "subscriber lag not measured"),
-    }
     (
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
         metrics::render(),

@@ -87,6 +87,70 @@ where
     }
 }
 
+/// Load shedding over a global concurrency limit, for every call but the
+/// health checks: `/grpc.health.v1.Health/*` goes straight to the inner
+/// service, so probes answer while the server sheds load.
+#[derive(Clone)]
+pub struct LimitExceptHealthLayer {
+    limit: tower::limit::GlobalConcurrencyLimitLayer,
+}
+
+impl LimitExceptHealthLayer {
+    pub fn new(max_in_flight: usize) -> Self {
+        Self {
+            limit: tower::limit::GlobalConcurrencyLimitLayer::new(max_in_flight),
+        }
+    }
+}
+
+impl<S: Clone> Layer<S> for LimitExceptHealthLayer {
+    type Service = LimitExceptHealth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        LimitExceptHealth {
+            limited: tower::load_shed::LoadShed::new(self.limit.layer(inner.clone())),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct LimitExceptHealth<S> {
+    inner: S,
+    limited: tower::load_shed::LoadShed<tower::limit::ConcurrencyLimit<S>>,
+}
+
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
+impl<S, B> Service<http::Request<B>> for LimitExceptHealth<S>
+where
+    S: Service<http::Request<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Response: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness of the limit is decided per call (`oneshot` below): a
+        // shed call answers RESOURCE_EXHAUSTED instead of waiting here.
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use tower::ServiceExt;
+        if request.uri().path().starts_with(HEALTH_PREFIX) {
+            let future = self.inner.call(request);
+            return Box::pin(async move { future.await.map_err(Into::into) });
+        }
+        let limited = self.limited.clone();
+        Box::pin(limited.oneshot(request))
+    }
+}
+
 /// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
 fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {

@@ -4,6 +4,7 @@
 //! graceful shutdown.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +17,6 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
-use tower::limit::GlobalConcurrencyLimitLayer;
-use tower::load_shed::LoadShedLayer;
 
 use crate::api::{BalancePolicyApi, BalancesApi, NotificationsApi, PaymentMethodsApi};
 use crate::auth::{AuthLayer, KeySet};
@@ -26,14 +25,18 @@ use crate::db::{self, Database};
 use crate::events::{EventFeed, FeedSettings, WatchSettings};
 use crate::gateway::{PaymentGateway, SandboxGateway};
 use crate::ledger::DebitBatcher;
-use crate::limits::DeadlineLayer;
+use crate::limits::{DeadlineLayer, LimitExceptHealthLayer};
 use crate::notifications::{self, FileMailer, Mailer, SenderSettings, SmtpMailer, SmtpSettings};
 use crate::payment_methods::PaymentMethods;
 use crate::proto;
 use crate::telemetry::rpc_log::RpcLogLayer;
 use crate::topup::{self, Clock, PolicyConfig, PolicyDecider, SystemClock, TopUpEngine, TopUps};
 
-/// The health-checked service names, besides the overall "".
+/// The liveness health service: SERVING while the process can serve,
+/// whatever the database does (the readiness statuses follow the database).
+pub const LIVENESS_SERVICE: &str = "liveness";
+
+/// The health-checked service names, besides the overall "", that follow the database.
 pub const SERVICE_NAMES: [&str; 4] = [
     "billing.v1.Balances",
     "billing.v1.BalancePolicy",
@@ -80,8 +83,14 @@ pub struct ServerSettings {
     pub debit_batch_max: usize,
     /// The payment gateway; `None`: the sandbox simulator on this database.
     pub gateway: Option<Arc<dyn PaymentGateway>>,
-    /// Verifies the Stripe webhook (`POST /stripe/webhook` on the metrics port).
+    /// Verifies the Stripe webhook (`POST /stripe/webhook`).
     pub stripe_webhook_secret: Option<crate::gateway::stripe::signature::WebhookSecret>,
+    /// Where the webhook is served over HTTP; `None`: on the metrics listener.
+    pub webhook_listener: Option<Arc<std::net::TcpListener>>,
+    /// gRPC over TLS; `None`: plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// How often the database gauges of `/metrics` are refreshed (a scrape never queries).
+    pub metrics_refresh: Duration,
 }
 
 impl Default for ServerSettings {
@@ -106,14 +115,215 @@ impl Default for ServerSettings {
             debit_batch_max: 128,
             gateway: None,
             stripe_webhook_secret: None,
+            webhook_listener: None,
+            tls: None,
+            metrics_refresh: Duration::from_secs(5),
         }
     }
 }
 
+/// `billing serve --check`: every setting parsed and validated (URL,
+/// `_FILE`s, key and certificate files, gateway and mail settings), nothing
+/// connected, nothing written. Returns the lines to print.
+pub fn check(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
+    let mut report = Vec::new();
+    match args.database.url()? {
+        Some(url) => {
+            let options = db::parse_url(&url)?;
+            let ssl_mode = format!("{:?}", options.get_ssl_mode()).to_lowercase();
+            report.push(format!(
+                "database: {}:{} database {:?} user {:?} sslmode={ssl_mode}",
+                options.get_host(),
+                options.get_port(),
+                options.get_database().unwrap_or("postgres"),
+                options.get_username(),
+            ));
+        }
+        None => report.push(format!(
+            "database: none configured (DATABASE_URL unset): localhost:{} or a private cluster in {}",
+            args.database.local_pg_port,
+            args.database.data_dir.display()
+        )),
+    }
+    let auth = &args.auth;
+    if auth.jwt_public_key_file.is_some()
+        || auth.jwt_secret.is_some()
+        || auth.jwt_secret_file.is_some()
+    {
+        KeySet::load(auth, &args.database.data_dir).context("loading the JWT verification key")?;
+        report.push("jwt: verification key loaded".into());
+    } else {
+        report.push(
+            "jwt: none configured: a development key would be used (not for production)".into(),
+        );
+    }
+    let _ = args.mail.password()?;
+    if let Some(host) = &args.mail.smtp_host {
+        build_mailer(args)?;
+        report.push(format!(
+            "mail: smtp {host}:{} ({:?})",
+            args.mail.smtp_port, args.mail.smtp_security
+        ));
+    } else {
+        report.push(format!(
+            "mail: no SMTP host: emails are written to {}",
+            args.database.data_dir.join("outbox").display()
+        ));
+    }
+    match args.gateway.kind {
+        crate::config::GatewayKind::Sandbox => report.push("gateway: sandbox".into()),
+        crate::config::GatewayKind::Stripe => {
+            let settings = args.gateway.stripe_settings()?;
+            let webhook = args.gateway.webhook_secret()?;
+            report.push(format!(
+                "gateway: stripe ({} mode), webhook {}",
+                if settings.secret_key.is_test_mode() {
+                    "test"
+                } else {
+                    "live"
+                },
+                match webhook {
+                    Some(_) => format!("on {}", args.webhook_listen),
+                    None => "off (no webhook secret)".into(),
+                }
+            ));
+        }
+    }
+    if load_tls(args)?.is_some() {
+        report.push("grpc: TLS".into());
+    }
+    report.push(format!(
+        "listen: gRPC {}, metrics {}; migrations: {}",
+        args.listen,
+        args.metrics_listen,
+        if args.migrate {
+            "applied at start"
+        } else {
+            "left to `billing migrate`"
+        }
+    ));
+    Ok(report)
+}
+
+/// The gRPC TLS configuration from the certificate and key files, if set.
+fn load_tls(args: &ServeArgs) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert_file, &args.tls_key_file) else {
+        return Ok(None);
+    };
+    let cert_pem = std::fs::read(cert).with_context(|| {
+        format!(
+            "reading the TLS certificate {} (--tls-cert-file)",
+            cert.display()
+        )
+    })?;
+    let key_pem = std::fs::read(key)
+        .with_context(|| format!("reading the TLS key {} (--tls-key-file)", key.display()))?;
+    anyhow::ensure!(
+        String::from_utf8_lossy(&cert_pem).contains("BEGIN CERTIFICATE"),
+        "{} (--tls-cert-file) holds no PEM certificate",
+        cert.display()
+    );
+    anyhow::ensure!(
+        String::from_utf8_lossy(&key_pem).contains("PRIVATE KEY"),
+        "{} (--tls-key-file) holds no PEM private key",
+        key.display()
+    );
+    let identity = tonic::transport::Identity::from_pem(cert_pem, key_pem);
+    Ok(Some(
+        tonic::transport::ServerTlsConfig::new().identity(identity),
+    ))
+}
+
+/// Binds (reserves) `address` without listening yet, so a port in use is
+/// reported at once while connections are accepted only once serving; a
+/// failure names the flag and the variable that change it.
+fn bind(
+    address: SocketAddr,
+    what: &str,
+    flag: &str,
+    env: &str,
+) -> anyhow::Result<tokio::net::TcpSocket> {
+    let bound = (|| {
+        let socket = if address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(address)?;
+        std::io::Result::Ok(socket)
+    })();
+    bound.map_err(|error| {
+        let hint = if what == "gRPC" {
+            " (the metrics port is set by --metrics-listen / BILLING_METRICS_LISTEN)"
+        } else {
+            ""
+        };
+        if error.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!(
+                "{address} ({what}) is already in use by another process: choose another address with {flag} or {env}{hint}"
+            )
+        } else {
+            anyhow::anyhow!("cannot listen on {address} ({what}): {error}; choose another address with {flag} or {env}{hint}")
+        }
+    })
+}
+
+/// The data directory: created 0700, an existing one tightened to 0700 (it holds keys and emails).
+fn prepare_data_dir(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .with_context(|| {
+            format!(
+                "creating the data directory {} (--data-dir, BILLING_DATA_DIR)",
+                path.display()
+            )
+        })?;
+    let metadata = std::fs::metadata(path)?;
+    // 0710 with the postgres group is the private cluster's doing (root only).
+    if metadata.uid() == nix::unistd::Uid::effective().as_raw()
+        && metadata.mode() & 0o067 != 0
+        && metadata.mode() & 0o7777 != 0o710
+    {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", path.display()))?;
+        tracing::info!(data_dir = %path.display(), "data directory made private (0700)");
+    }
+    Ok(())
+}
+
 /// `billing serve`: find or start Postgres, migrate, serve until SIGINT/SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    prepare_data_dir(&args.database.data_dir)?;
+    // The ports first: one in use is reported at once, naming the setting to change.
+    let listener = bind(args.listen, "gRPC", "--listen", "BILLING_LISTEN")?;
+    let metrics_socket = bind(
+        args.metrics_listen,
+        "metrics",
+        "--metrics-listen",
+        "BILLING_METRICS_LISTEN",
+    )?;
+    let webhook_secret = args.gateway.webhook_secret()?;
+    let webhook_socket = match (args.gateway.kind, &webhook_secret) {
+        (crate::config::GatewayKind::Stripe, Some(_)) => Some(bind(
+            args.webhook_listen,
+            "webhook",
+            "--webhook-listen",
+            "BILLING_WEBHOOK_LISTEN",
+        )?),
+        _ => None,
+    };
+    let tls = load_tls(&args)?;
     let database = Database::open(&args.database).await?;
-    db::migrate(&database.pool).await?;
+    if args.migrate {
+        db::migrate(&database.pool).await?;
+    } else {
+        db::check_schema(&database.pool).await?;
+    }
+    tracing::info!(database = %database.description, migrated = args.migrate, "database ready");
     let keys = Arc::new(KeySet::load(&args.auth, &args.database.data_dir)?);
     if let Some(path) = &keys.development_key {
         tracing::warn!(
@@ -122,17 +332,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
              (or `--role admin --account <id>`)"
         );
     }
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(
-        address = %listener.local_addr()?,
-        database = %database.description,
-        "billing serving gRPC"
-    );
-    let metrics_listener = std::net::TcpListener::bind(args.metrics_listen)
-        .with_context(|| format!("binding {} (metrics)", args.metrics_listen))?;
+    // Connections are accepted from here on.
+    let listener = listener.listen(1024).context("listening for gRPC")?;
+    let metrics_listener = metrics_socket
+        .listen(1024)
+        .and_then(|listener| listener.into_std())
+        .context("listening for metrics")?;
+    let webhook_listener = match webhook_socket {
+        Some(socket) => Some(Arc::new(
+            socket
+                .listen(1024)
+                .and_then(|listener| listener.into_std())
+                .context("listening for the webhook")?,
+        )),
+        None => None,
+    };
     tracing::info!(address = %metrics_listener.local_addr()?, "metrics served over HTTP at /metrics");
+    if let Some(webhook) = &webhook_listener {
+        tracing::info!(address = %webhook.local_addr()?, "stripe webhook served over HTTP at /stripe/webhook");
+    }
     let mailer = build_mailer(&args)?;
     tracing::info!(mail = %mailer.describe(), "emails go to");
     let settings = ServerSettings {
@@ -160,7 +378,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         metrics_listener: Some(Arc::new(metrics_listener)),
         debit_batch_max: args.debit_batch_max,
         gateway: build_gateway(&args, &database.pool)?,
-        stripe_webhook_secret: args.gateway.webhook_secret()?,
+        stripe_webhook_secret: webhook_secret,
+        webhook_listener,
+        tls,
         ..ServerSettings::default()
     };
     let (stop_sender, stop_receiver) = watch::channel(false);
@@ -225,7 +445,7 @@ fn build_mailer(args: &ServeArgs) -> anyhow::Result<Arc<dyn Mailer>> {
             port: mail.smtp_port,
             security: mail.smtp_security,
             username: mail.smtp_username.clone(),
-            password: mail.smtp_password.clone(),
+            password: mail.password()?,
             from: mail.mail_from.clone(),
             timeout: Duration::from_secs(30),
         })?),
@@ -246,9 +466,16 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let (stop_sender, stop_receiver) = watch::channel(false);
+    // Liveness: this process answers; it does not follow the database.
+    health_reporter
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
     // The first status is known before the first call can ask for it.
     let first_status = check_database(&pool, settings.health_interval).await;
     report_status(&health_reporter, first_status).await;
+    let address = listener
+        .local_addr()
+        .context("the gRPC listener's address")?;
     let health_task = tokio::spawn(watch_database_health(
         pool.clone(),
         health_reporter,
@@ -285,7 +512,7 @@ pub async fn serve(
         .clone()
         .unwrap_or_else(|| Arc::new(SandboxGateway::new(pool.clone())));
     let wake_engine = Arc::new(Notify::new());
-    // The payment gateway's webhook (Stripe) shares the metrics HTTP server.
+    // The payment gateway's webhook (Stripe): on its own listener, else on the metrics one.
     let webhook = match (&settings.stripe_webhook_secret, &settings.gateway) {
         (Some(secret), Some(gateway)) => Some(crate::gateway::stripe::webhook::webhook_router(
             crate::gateway::stripe::webhook::WebhookState::new(
@@ -299,11 +526,17 @@ pub async fn serve(
         )),
         _ => None,
     };
+    let (webhook_on_metrics, webhook_task) = match (&settings.webhook_listener, webhook) {
+        (Some(listener), Some(router)) => (
+            None,
+            Some(spawn_http_server(listener, router, stop_receiver.clone())?),
+        ),
+        (_, webhook) => (webhook, None),
+    };
     let metrics_task = match &settings.metrics_listener {
-        Some(listener) => Some(spawn_metrics_server(
+        Some(listener) => Some(spawn_http_server(
             listener,
-            pool.clone(),
-            webhook,
+            crate::http::router(pool.clone(), webhook_on_metrics),
             stop_receiver.clone(),
         )?),
         None => None,
@@ -315,6 +548,14 @@ pub async fn serve(
         settings.policy.clone(),
         wake_engine.clone(),
     );
+    // `/metrics` reads the database gauges from this snapshot: a scrape never waits on Postgres.
+    let gauges_task = settings.metrics_listener.as_ref().map(|_| {
+        tokio::spawn(crate::telemetry::metrics::refresh_database_gauges(
+            pool.clone(),
+            settings.metrics_refresh,
+            stop_receiver.clone(),
+        ))
+    });
     let engine_tasks = if settings.engines {
         let decisions = tokio::spawn(topup::run_policy_decisions(
             pool.clone(),
@@ -346,13 +587,27 @@ pub async fn serve(
     let layers = ServiceBuilder::new()
         .layer(RpcLogLayer)
         .layer(DeadlineLayer::new(settings.request_timeout))
-        .layer(LoadShedLayer::new())
-        .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
+        // Health checks skip the load limits: probes must not fail because of load.
+        .layer(LimitExceptHealthLayer::new(settings.concurrency_limit))
         .layer(AuthLayer::new(keys));
 
     let max_message = settings.max_message_bytes;
+    let mut builder = Server::builder();
+    if let Some(tls) = settings.tls.clone() {
+        builder = builder
+            .tls_config(tls)
+            .context("the gRPC TLS certificate and key")?;
+    }
+    if first_status == ServingStatus::Serving {
+        tracing::info!(%address, tls = settings.tls.is_some(), "billing serving gRPC");
+    } else {
+        tracing::warn!(
+            %address,
+            "billing listening for gRPC, NOT_SERVING until the database answers"
+        );
+    }
     // The request timeout is enforced by `DeadlineLayer` (answering DEADLINE_EXCEEDED).
-    let served = Server::builder()
+    let served = builder
         .http2_keepalive_interval(Some(settings.keepalive_interval))
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
         .http2_max_header_list_size(settings.max_header_list_bytes)
@@ -414,28 +669,33 @@ pub async fn serve(
     if let Some(task) = sender_task {
         let _ = task.await;
     }
-    if let Some(task) = metrics_task {
+    for task in [metrics_task, webhook_task, gauges_task]
+        .into_iter()
+        .flatten()
+    {
         let _ = task.await;
     }
     served.context("serving gRPC")
 }
 
-/// Serves `/metrics` on (a handle of) `listener` until `stop` turns true.
-fn spawn_metrics_server(
+/// Serves `router` over HTTP on (a handle of) `listener` until `stop` turns true.
+fn spawn_http_server(
     listener: &std::net::TcpListener,
-    pool: PgPool,
-    extra: Option<axum::Router>,
+    router: axum::Router,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = listener.try_clone().context("metrics listener")?;
-    listener.set_nonblocking(true).context("metrics listener")?;
-    let listener = TcpListener::from_std(listener).context("metrics listener")?;
+    let listener = listener.try_clone().context("HTTP listener")?;
+    listener.set_nonblocking(true).context("HTTP listener")?;
+    let listener = TcpListener::from_std(listener).context("HTTP listener")?;
     Ok(tokio::spawn(async move {
         let stopped = async move {
             let _ = stop.wait_for(|stop| *stop).await;
         };
-        if let Err(error) = crate::http::serve(listener, pool, extra, stopped).await {
-            tracing::error!(%error, "metrics HTTP server failed");
+        if let Err(error) = axum::serve(listener, router)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!(%error, "HTTP server failed");
         }
     }))
 }

@@ -60,9 +60,20 @@ pub struct PrivateCluster {
 impl PrivateCluster {
     /// Initialises the cluster if needed and starts it; waits until it accepts connections.
     pub fn start(binaries: &Path, data_dir: &Path) -> anyhow::Result<PrivateCluster> {
-        fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        fs::create_dir_all(data_dir).map_err(|error| {
+            anyhow::anyhow!(
+                "cannot create the private Postgres cluster's directory {} as user {}: {error}; \
+                 choose a writable --data-dir (BILLING_DATA_DIR) or set DATABASE_URL",
+                data_dir.display(),
+                current_user()
+            )
+        })?;
         let data_dir = fs::canonicalize(data_dir)?;
         let run_as = postgres_user_if_root()?;
+        if let Some((uid, gid)) = run_as {
+            let_postgres_traverse_parent(&data_dir, gid)?;
+            check_reachable_by(&data_dir, uid, gid)?;
+        }
         let fresh = !data_dir.join("PG_VERSION").exists();
         if let (Some((uid, gid)), true) = (run_as, fresh) {
             chown_recursive(&data_dir, uid, gid)?;
@@ -145,10 +156,19 @@ impl PrivateCluster {
                 "--no-instructions",
             ])
             .output()
-            .context("running initdb")?;
+            .map_err(|error| {
+                anyhow::anyhow!(
+                    "running {} as user {} for the private cluster in {}: {error}",
+                    self.binaries.join("initdb").display(),
+                    self.user_name(),
+                    self.data_dir.display()
+                )
+            })?;
         if !output.status.success() {
             bail!(
-                "initdb failed: {}",
+                "initdb of the private cluster in {} (as user {}) failed: {}",
+                self.data_dir.display(),
+                self.user_name(),
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
@@ -168,7 +188,13 @@ impl PrivateCluster {
             .arg(options)
             .stdin(Stdio::null())
             .output()
-            .context("running pg_ctl start")?;
+            .map_err(|error| {
+                anyhow::anyhow!(
+                    "running {} as user {}: {error}",
+                    self.binaries.join("pg_ctl").display(),
+                    self.user_name()
+                )
+            })?;
         if !output.status.success() {
             bail!(
                 "pg_ctl start failed: {} (see {})",
@@ -194,6 +220,74 @@ impl PrivateCluster {
         }
         command
     }
+}
+
+impl PrivateCluster {
+    fn user_name(&self) -> String {
+        match self.run_as {
+            Some((uid, _)) => user_name(uid),
+            None => current_user(),
+        }
+    }
+}
+
+fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|user| user.name)
+        .unwrap_or_else(|| format!("uid {uid}"))
+}
+
+fn current_user() -> String {
+    user_name(nix::unistd::Uid::effective().as_raw())
+}
+
+/// Running as root: the billing data directory (the cluster's parent, 0700
+/// and ours) becomes traversable by the postgres group only (0710), not readable.
+fn let_postgres_traverse_parent(cluster_dir: &Path, gid: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Some(parent) = cluster_dir.parent() else {
+        return Ok(());
+    };
+    let metadata = fs::metadata(parent)?;
+    if metadata.uid() == nix::unistd::Uid::effective().as_raw() && metadata.mode() & 0o011 == 0 {
+        std::os::unix::fs::chown(parent, None, Some(gid))
+            .with_context(|| format!("chown {}", parent.display()))?;
+        fs::set_permissions(parent, fs::Permissions::from_mode(0o710))
+            .with_context(|| format!("chmod {}", parent.display()))?;
+    }
+    Ok(())
+}
+
+/// The `postgres` user (uid, gid) must be able to traverse every directory
+/// above the cluster; else an error naming the blocking directory and the user.
+fn check_reachable_by(cluster_dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for ancestor in cluster_dir.ancestors().skip(1) {
+        let Ok(metadata) = fs::metadata(ancestor) else {
+            continue;
+        };
+        let mode = metadata.mode();
+        let can_traverse = (metadata.uid() == uid && mode & 0o100 != 0)
+            || (metadata.gid() == gid && mode & 0o010 != 0)
+            || mode & 0o001 != 0;
+        if !can_traverse {
+            bail!(
+                "the private Postgres cluster runs as user {} (billing runs as root), and that user \
+                 cannot reach {}: {} is mode {:o} (owner uid {}); choose a --data-dir (BILLING_DATA_DIR) \
+                 outside it (e.g. /var/lib/billing), give {} access (chmod o+x {}), or set DATABASE_URL",
+                user_name(uid),
+                cluster_dir.display(),
+                ancestor.display(),
+                mode & 0o7777,
+                metadata.uid(),
+                user_name(uid),
+                ancestor.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn postgres_user_if_root() -> anyhow::Result<Option<(u32, u32)>> {

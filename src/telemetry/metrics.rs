@@ -2,8 +2,10 @@
 //! domain calls (`metrics::debit_posted()`, …). Labels are bounded: RPC
 //! methods from the permission table, gRPC code names, top-up statuses,
 //! gateway decline codes, notification kinds — never account ids, amounts
-//! or card data. Gauges of database state (outbox depth, subscriber lag,
-//! pool use) are set when `/metrics` is scraped (see `crate::http`).
+//! or card data. Gauges of database state (outbox depth, subscriber lag)
+//! are refreshed in the background ([`refresh_database_gauges`]) so a scrape
+//! never waits on the database; pool use is read at scrape time. The
+//! standard `process_*` metrics (CPU, memory, open files) come along.
 
 use std::sync::LazyLock;
 
@@ -232,10 +234,13 @@ pub fn set_pool_use(size: u32, idle: usize, max: u32) {
     metrics.pool_max.set(i64::from(max));
 }
 
-/// Every metric in the Prometheus text exposition format.
+/// Every metric in the Prometheus text exposition format, with the
+/// process collector's `process_*` (unprefixed, as Prometheus names them).
 pub fn render() -> String {
     let mut buffer = Vec::new();
-    if let Err(error) = TextEncoder::new().encode(&METRICS.registry.gather(), &mut buffer) {
+    let mut families = METRICS.registry.gather();
+    families.extend(prometheus::gather());
+    if let Err(error) = TextEncoder::new().encode(&families, &mut buffer) {
         tracing::warn!(%error, "encoding metrics failed");
     }
     String::from_utf8(buffer).unwrap_or_default()
@@ -243,3 +248,46 @@ pub fn render() -> String {
 
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Refreshes the database gauges (outbox depth, subscriber lag) every
+/// `interval` until `stop`; each query is bounded, a failure leaves the last
+/// values. `/metrics` only reads them.
+pub async fn refresh_database_gauges(
+    pool: sqlx::PgPool,
+    interval: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let bound = interval.clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(2),
+    );
+    loop {
+        let pending = sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM notifications WHERE status = 'pending'",
+        )
+        .fetch_one(&pool);
+        match tokio::time::timeout(bound, pending).await {
+            Ok(Ok(pending)) => set_outbox_pending(pending),
+            Ok(Err(error)) => tracing::debug!(%error, "outbox depth not measured"),
+            Err(_) => tracing::debug!("outbox depth not measured: the database did not answer"),
+        }
+        let lags = sqlx::query_as::<_, (String, i64)>(
+            "SELECT s.name, GREATEST(COALESCE((SELECT MAX(cursor) FROM balance_events), 0) - s.cursor, 0) \
+               FROM event_subscribers s",
+        )
+        .fetch_all(&pool);
+        match tokio::time::timeout(bound, lags).await {
+            Ok(Ok(lags)) => {
+                for (subscriber, lag) in lags {
+                    set_subscriber_lag(&subscriber, lag);
+                }
+            }
+            Ok(Err(error)) => tracing::debug!(%error, "subscriber lag not measured"),
+            Err(_) => tracing::debug!("subscriber lag not measured: the database did not answer"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+    }
+}

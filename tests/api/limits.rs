@@ -102,6 +102,57 @@ async fn calls_beyond_the_concurrency_limit_are_shed_not_queued() {
 }
 
 #[tokio::test]
+async fn health_checks_are_never_shed_while_other_calls_are() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let app = spawn_app_with(ServerSettings {
+        concurrency_limit: 1,
+        ..Default::default()
+    })
+    .await;
+    app.account_with_balance("acme", "10.00").await;
+    let token = app.service_token();
+    let lock = lock_account(&app.pool, "acme").await;
+    let mut blocked_client = app.balances();
+    let blocked_token = token.clone();
+    let blocked = tokio::spawn(async move {
+        blocked_client
+            .debit(authed(&blocked_token, debit("held")))
+            .await
+    });
+    wait_until_a_query_waits_on_a_lock(&app.pool).await;
+
+    // The limit is full: a billing call is shed…
+    let shed = app
+        .balances()
+        .get_balance(authed(
+            &token,
+            proto::GetBalanceRequest {
+                account_id: "acme".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(shed.code(), Code::ResourceExhausted);
+    // …while every health check still answers.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel.clone());
+    for service in ["", "liveness", "billing.v1.Balances"] {
+        for _ in 0..20 {
+            let answer = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap_or_else(|status| panic!("health {service:?} was refused: {status:?}"));
+            assert_eq!(answer.into_inner().status, ServingStatus::Serving as i32);
+        }
+    }
+    lock.rollback().await.unwrap();
+    assert!(blocked.await.unwrap().is_ok());
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_request_past_its_timeout_is_cut_off_and_writes_nothing() {
     let app = spawn_app_with(ServerSettings {
         request_timeout: Duration::from_millis(300),

@@ -1,5 +1,6 @@
-//! Health follows the database: a private cluster (never the machine's
-//! shared server) is stopped and started under a running server.
+//! Readiness follows the database, liveness does not, and `/metrics` does
+//! not wait for it: a private cluster (never the machine's shared server)
+//! is stopped and started under a running server.
 //! Also: reflection answers on v1 as well as v1alpha.
 
 use std::time::Duration;
@@ -41,8 +42,28 @@ async fn wait_for(client: &mut HealthClient<tonic::transport::Channel>, want: Se
     }
 }
 
+/// GET /metrics on `address`, bounded by `limit`: the body, or why not.
+async fn scrape(address: std::net::SocketAddr, limit: Duration) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: billing\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        std::io::Result::Ok(response)
+    };
+    match tokio::time::timeout(limit, exchange).await {
+        Ok(Ok(response)) if response.starts_with("HTTP/1.1 200") => Ok(response),
+        Ok(Ok(response)) => Err(format!("unexpected answer: {response}")),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no answer within {limit:?}")),
+    }
+}
+
 #[tokio::test]
-async fn health_is_not_serving_while_postgres_is_down_and_serving_when_it_returns() {
+async fn while_postgres_is_down_readiness_is_not_serving_but_liveness_and_metrics_answer() {
     let dir = shared_temp_dir();
     let binaries = find_binaries(None).expect("PostgreSQL server binaries are installed");
     let cluster =
@@ -57,8 +78,12 @@ async fn health_is_not_serving_while_postgres_is_down_and_serving_when_it_return
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
+    let metrics_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_address = metrics_listener.local_addr().unwrap();
     let settings = billing::server::ServerSettings {
         health_interval: Duration::from_millis(200),
+        metrics_listener: Some(std::sync::Arc::new(metrics_listener)),
+        metrics_refresh: Duration::from_millis(200),
         ..Default::default()
     };
     let keys = std::sync::Arc::new(
@@ -93,8 +118,33 @@ async fn health_is_not_serving_while_postgres_is_down_and_serving_when_it_return
     let mut health = HealthClient::new(channel.clone());
 
     wait_for(&mut health, ServingStatus::Serving).await;
+    assert_eq!(
+        status_of(&mut health, "liveness").await,
+        ServingStatus::Serving as i32
+    );
     cluster.stop();
     wait_for(&mut health, ServingStatus::NotServing).await;
+    // Past the chart's liveness window (periodSeconds × failureThreshold would be 30 s;
+    // here several health intervals): the process is still alive and says so.
+    for _ in 0..10 {
+        assert_eq!(
+            status_of(&mut health, "liveness").await,
+            ServingStatus::Serving as i32,
+            "liveness followed the database"
+        );
+        let metrics = scrape(metrics_address, Duration::from_secs(1)).await;
+        assert!(
+            metrics.as_ref().is_ok_and(|m| {
+                m.contains("billing_rpc_requests_total") && m.contains("process_cpu_seconds_total")
+            }),
+            "/metrics while Postgres is down: {metrics:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        status_of(&mut health, "").await,
+        ServingStatus::NotServing as i32
+    );
     cluster.restart_if_stopped().unwrap();
     wait_for(&mut health, ServingStatus::Serving).await;
 

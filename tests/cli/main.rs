@@ -1,6 +1,8 @@
 //! Tests that run the real `billing` binary: grpcurl against `serve`, the
-//! embedded-Postgres default, and health following a private cluster.
+//! embedded-Postgres default, health following a private cluster, and the
+//! deployment rules (`deploy`).
 
+mod deploy;
 mod embedded_default;
 mod grpcurl;
 mod health;

@@ -62,5 +62,40 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     secretKeyRef:
       name: {{ .Values.secrets.smtp.existingSecret }}
       key: {{ .Values.secrets.smtp.key }}
+{{- if .Values.secrets.smtp.usernameKey }}
+- name: BILLING_SMTP_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.secrets.smtp.existingSecret }}
+      key: {{ .Values.secrets.smtp.usernameKey }}
 {{- end }}
+{{- end }}
+{{- if eq .Values.gateway.kind "stripe" }}
+- name: BILLING_STRIPE_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "gateway.stripe.secretKey.existingSecret is required with gateway.kind=stripe" .Values.gateway.stripe.secretKey.existingSecret }}
+      key: {{ .Values.gateway.stripe.secretKey.key }}
+{{- if .Values.gateway.stripe.webhookSecret.existingSecret }}
+- name: BILLING_STRIPE_WEBHOOK_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.gateway.stripe.webhookSecret.existingSecret }}
+      key: {{ .Values.gateway.stripe.webhookSecret.key }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* True when the Stripe webhook is served (its own port and Service port). */}}
+{{- define "billing.webhook" -}}
+{{- if and (eq .Values.gateway.kind "stripe") .Values.gateway.stripe.webhookSecret.existingSecret -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Labels of the migration Job's pods: not matched by the Service, PDB or Deployment selectors. */}}
+{{- define "billing.migrationLabels" -}}
+app.kubernetes.io/name: {{ include "billing.name" . }}-migration
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: migration
 {{- end -}}
