@@ -39,3 +39,8 @@ CREATE TABLE top_up_crossings (
     updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX top_up_crossings_resume ON top_up_crossings (resume_at) WHERE resume_at IS NOT NULL;
+
+-- The account version (event sequence) the crossing state was decided at: an
+-- event at or below it is older than what the state already reflects (a
+-- live-state decision of Apply, the chain or the engine) and changes nothing.
+ALTER TABLE top_up_crossings ADD COLUMN as_of_version BIGINT NOT NULL DEFAULT 0;

@@ -30,37 +30,62 @@ pub(super) enum CrossingState {
     },
 }
 
-/// True when an event that left `total` may change the crossing state
-/// (a cheap read without the lock; [`ensure_top_up`] decides under it).
+/// A total balance as someone saw it, and the account version (event
+/// sequence) it belongs to: the live one (`Account::version`) or an event's.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Observed {
+    pub total: Decimal,
+    pub as_of: i64,
+}
+
+impl Observed {
+    pub fn live(account: &crate::ledger::Account) -> Observed {
+        Observed {
+            total: account.total_balance(),
+            as_of: account.version,
+        }
+    }
+}
+
+/// True when an event may change the crossing state: newer than what the
+/// state reflects, and on the other side of the threshold (a cheap read
+/// without the lock; [`ensure_top_up`] decides under it).
 pub(super) async fn may_change(
     connection: &mut PgConnection,
     settings: &LowBalanceSettings,
-    total: Decimal,
+    observed: Observed,
 ) -> Result<bool, BillingError> {
-    let below = total < settings.threshold;
-    Ok(match load(connection, &settings.account_id).await? {
-        CrossingState::Armed => below,
-        CrossingState::Below { .. } => !below,
-    })
+    let below = observed.total < settings.threshold;
+    let (state, as_of) = load(connection, &settings.account_id).await?;
+    Ok(observed.as_of > as_of
+        && match state {
+            CrossingState::Armed => below,
+            CrossingState::Below { .. } => !below,
+        })
 }
 
-/// The account's crossing state (`Armed` when never recorded).
+/// The account's crossing state (`Armed` when never recorded) and the
+/// account version it was decided at.
 pub(super) async fn load(
     connection: &mut PgConnection,
     account_id: &str,
-) -> Result<CrossingState, BillingError> {
-    let row: Option<(String, Option<String>, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT state, crossing_id, resume_at FROM top_up_crossings WHERE account_id = $1",
+) -> Result<(CrossingState, i64), BillingError> {
+    let row: Option<(String, Option<String>, Option<DateTime<Utc>>, i64)> = sqlx::query_as(
+        "SELECT state, crossing_id, resume_at, as_of_version FROM top_up_crossings WHERE account_id = $1",
     )
     .bind(account_id)
     .fetch_optional(connection)
     .await?;
     Ok(match row {
-        Some((state, Some(crossing_id), resume_at)) if state == "BELOW" => CrossingState::Below {
-            crossing_id,
-            resume_at,
-        },
-        _ => CrossingState::Armed,
+        Some((state, Some(crossing_id), resume_at, as_of)) if state == "BELOW" => (
+            CrossingState::Below {
+                crossing_id,
+                resume_at,
+            },
+            as_of,
+        ),
+        Some((_, _, _, as_of)) => (CrossingState::Armed, as_of),
+        None => (CrossingState::Armed, 0),
     })
 }
 
@@ -68,6 +93,7 @@ async fn store(
     connection: &mut PgConnection,
     account_id: &str,
     state: &CrossingState,
+    as_of: i64,
     now: DateTime<Utc>,
 ) -> Result<(), BillingError> {
     let (name, crossing_id, resume_at) = match state {
@@ -78,15 +104,17 @@ async fn store(
         } => ("BELOW", Some(crossing_id.as_str()), *resume_at),
     };
     sqlx::query(
-        "INSERT INTO top_up_crossings (account_id, state, crossing_id, resume_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (account_id) DO UPDATE SET state = $2, crossing_id = $3, resume_at = $4, updated_at = $5",
+        "INSERT INTO top_up_crossings (account_id, state, crossing_id, resume_at, updated_at, as_of_version) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (account_id) DO UPDATE SET state = $2, crossing_id = $3, resume_at = $4, updated_at = $5, \
+                as_of_version = GREATEST(top_up_crossings.as_of_version, $6)",
     )
     .bind(account_id)
     .bind(name)
     .bind(crossing_id)
     .bind(resume_at)
     .bind(now)
+    .bind(as_of)
     .execute(connection)
     .await?;
     Ok(())
@@ -100,11 +128,19 @@ async fn store(
 pub(super) async fn rearm(
     connection: &mut PgConnection,
     account_id: &str,
+    as_of: i64,
     reason: &str,
     clock: &dyn Clock,
 ) -> Result<u64, BillingError> {
     let now = clock.now();
-    store(&mut *connection, account_id, &CrossingState::Armed, now).await?;
+    store(
+        &mut *connection,
+        account_id,
+        &CrossingState::Armed,
+        as_of,
+        now,
+    )
+    .await?;
     let canceled = sqlx::query(
         "UPDATE top_ups SET status = 'CANCELED', failure_reason = $2, next_attempt_at = NULL, updated_at = $3 \
           WHERE account_id = $1 AND trigger = 'AUTOMATIC' AND status IN ('PENDING', 'RETRY_SCHEDULED') \
@@ -160,7 +196,7 @@ pub(super) enum Ensured {
 pub(super) async fn ensure_top_up(
     connection: &mut PgConnection,
     settings: &LowBalanceSettings,
-    total: Decimal,
+    observed: Observed,
     chain: bool,
     config: &PolicyConfig,
     clock: &dyn Clock,
@@ -169,12 +205,18 @@ pub(super) async fn ensure_top_up(
         return Ok(Ensured::Nothing);
     }
     let account_id = settings.account_id.as_str();
-    let state = load(&mut *connection, account_id).await?;
+    let total = observed.total;
+    let (state, as_of) = load(&mut *connection, account_id).await?;
+    if observed.as_of < as_of {
+        // Older than what the state already reflects (a late event).
+        return Ok(Ensured::Nothing);
+    }
     if total >= settings.threshold {
         if state != CrossingState::Armed {
             rearm(
                 connection,
                 account_id,
+                observed.as_of,
                 cancel_reason::BALANCE_RESTORED,
                 clock,
             )
@@ -203,11 +245,11 @@ pub(super) async fn ensure_top_up(
         crossing_id: crossing_id.clone(),
         resume_at: None,
     };
-    store(&mut *connection, account_id, &below, now).await?;
+    store(&mut *connection, account_id, &below, observed.as_of, now).await?;
     if has_open_automatic(&mut *connection, account_id).await? {
         return Ok(Ensured::Nothing);
     }
-    start(connection, settings, total, &crossing_id, config, clock).await
+    start(connection, settings, observed, &crossing_id, config, clock).await
 }
 
 async fn has_open_automatic(
@@ -269,7 +311,7 @@ pub(super) async fn cap_room(
 async fn start(
     connection: &mut PgConnection,
     settings: &LowBalanceSettings,
-    total_balance: Decimal,
+    observed: Observed,
     crossing_id: &str,
     config: &PolicyConfig,
     clock: &dyn Clock,
@@ -303,7 +345,7 @@ async fn start(
             crossing_id,
             refill,
             &cap,
-            total_balance,
+            observed,
             room.oldest,
             clock,
         )
@@ -337,10 +379,11 @@ pub(super) async fn record_cap_reached(
     crossing_id: &str,
     amount: Decimal,
     cap: &str,
-    total_balance: Decimal,
+    observed: Observed,
     oldest_counted: Option<DateTime<Utc>>,
     clock: &dyn Clock,
 ) -> Result<String, BillingError> {
+    let total_balance = observed.total;
     let account_id = settings.account_id.as_str();
     let now = clock.now();
     let resume_at = oldest_counted.map(|t| t + chrono::Duration::hours(24));
@@ -364,7 +407,7 @@ pub(super) async fn record_cap_reached(
         crossing_id: crossing_id.to_owned(),
         resume_at,
     };
-    store(&mut *connection, account_id, &below, now).await?;
+    store(&mut *connection, account_id, &below, observed.as_of, now).await?;
     metrics::top_up_finished(TopUpStatus::CapReached.as_str());
     tracing::warn!(account_id, %top_up_id, %cap, "automatic top-up not charged: cap reached");
     let notice = Notice::TopUpCapReached {

@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 use sqlx::PgConnection;
 
 use super::Clock;
-use super::crossing::{self, Ensured};
+use super::crossing::{self, Ensured, Observed};
 use super::settings::{self, PolicyConfig};
 use crate::error::BillingError;
 use crate::events::BalanceEvent;
@@ -57,8 +57,15 @@ impl PolicyDecider {
             let key = format!("balance_depleted:{}:{}", event.account_id, event.cursor);
             notifications::enqueue(&mut *connection, &event.account_id, &notice, &key).await?;
         }
+        // The crossing state follows each account's events in order; an
+        // event older than the state's own view (set by Apply, the chain or
+        // the engine on the live balance) changes nothing.
+        let observed = Observed {
+            total: after,
+            as_of: event.sequence,
+        };
         if settings.auto_refill_enabled
-            && crossing::may_change(&mut *connection, &settings, after).await?
+            && crossing::may_change(&mut *connection, &settings, observed).await?
         {
             // The crossing state follows the account's events in order, under
             // the account row lock; the charge itself decides on live state.
@@ -69,7 +76,7 @@ impl PolicyDecider {
             let ensured = crossing::ensure_top_up(
                 connection,
                 &settings,
-                after,
+                observed,
                 false,
                 &self.config,
                 self.clock.as_ref(),

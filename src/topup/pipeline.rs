@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::crossing::{self, Ensured};
+use super::crossing::{self, Ensured, Observed};
 use super::settings::{self, PolicyConfig};
 use super::{
     AttemptOutcome, Clock, PendingChallenge, TopUp, TopUpStatus, Trigger, cancel_reason,
@@ -136,21 +136,26 @@ impl TopUps {
         let mut transaction = self.pool.begin().await?;
         lock_account(&mut transaction, &AccountId::parse(account_id)?).await?;
         let settings = settings::load(&mut transaction, account_id, &self.config).await?;
+        let live = Observed::live(&ledger::load_account(&mut transaction, account_id).await?);
         if rearm || !settings.auto_refill_enabled {
             let reason = if settings.auto_refill_enabled {
                 cancel_reason::BALANCE_RESTORED
             } else {
                 cancel_reason::AUTO_REFILL_DISABLED
             };
-            crossing::rearm(&mut transaction, account_id, reason, self.clock.as_ref()).await?;
+            crossing::rearm(
+                &mut transaction,
+                account_id,
+                live.as_of,
+                reason,
+                self.clock.as_ref(),
+            )
+            .await?;
         }
-        let total = ledger::load_account(&mut transaction, account_id)
-            .await?
-            .total_balance();
         let ensured = crossing::ensure_top_up(
             &mut transaction,
             &settings,
-            total,
+            live,
             false,
             &self.config,
             self.clock.as_ref(),
@@ -394,15 +399,15 @@ impl TopUps {
                 .await?;
             return Ok(None);
         }
-        let total = ledger::load_account(&mut *connection, account.as_str())
-            .await?
-            .total_balance();
+        let live = Observed::live(&ledger::load_account(&mut *connection, account.as_str()).await?);
+        let total = live.total;
         if total >= settings.threshold {
             self.cancel(connection, top_up, cancel_reason::BALANCE_RESTORED)
                 .await?;
             crossing::rearm(
                 connection,
                 account.as_str(),
+                live.as_of,
                 cancel_reason::BALANCE_RESTORED,
                 self.clock.as_ref(),
             )
@@ -459,7 +464,7 @@ impl TopUps {
                 &crossing_id,
                 refill,
                 &cap,
-                total,
+                live,
                 room.oldest,
                 self.clock.as_ref(),
             )
@@ -841,7 +846,10 @@ impl TopUps {
                     let ensured = crossing::ensure_top_up(
                         &mut transaction,
                         &settings,
-                        posted.total_balance,
+                        Observed {
+                            total: posted.total_balance,
+                            as_of: posted.version,
+                        },
                         true,
                         &self.config,
                         self.clock.as_ref(),

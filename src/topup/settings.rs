@@ -249,9 +249,10 @@ pub async fn apply_settings(
         max_amount_per_day,
         updated_at: row.try_get("updated_at")?,
     };
-    let total = ledger::load_account(&mut transaction, account_id.as_str())
-        .await?
-        .total_balance();
+    let live = super::crossing::Observed::live(
+        &ledger::load_account(&mut transaction, account_id.as_str()).await?,
+    );
+    let total = live.total;
     let stamp = settings
         .updated_at
         .map(|t| t.timestamp_micros())
@@ -278,7 +279,7 @@ pub async fn apply_settings(
         match super::crossing::ensure_top_up(
             &mut transaction,
             &settings,
-            total,
+            live,
             false,
             config,
             clock,
@@ -292,6 +293,7 @@ pub async fn apply_settings(
         super::crossing::rearm(
             &mut transaction,
             account_id.as_str(),
+            live.as_of,
             super::cancel_reason::AUTO_REFILL_DISABLED,
             clock,
         )

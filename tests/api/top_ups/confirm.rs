@@ -178,17 +178,20 @@ async fn a_top_up_waiting_for_authentication_expires_and_the_crossing_is_freed()
             .any(|t| t.top_up_id == waiting.top_up_id && status_of(t) == TopUpStatus::Failed)
     })
     .await;
+    // The crossing is free again: the next top-up of the still-low account starts.
+    eventually("the next top-up of the freed crossing starts", || async {
+        top_ups(&s.app, &s.admin)
+            .await
+            .iter()
+            .any(|t| t.top_up_id != waiting.top_up_id)
+    })
+    .await;
     let listed = top_ups(&s.app, &s.admin).await;
     let expired = listed
         .iter()
         .find(|t| t.top_up_id == waiting.top_up_id)
         .unwrap();
     assert_eq!(expired.failure_reason, "authentication_expired");
-    // The crossing is free again: the next top-up of the still-low account starts.
-    assert!(
-        listed.iter().any(|t| t.top_up_id != waiting.top_up_id),
-        "{listed:?}"
-    );
     assert_eq!(balance(&s.app).await, "5.00");
     s.app.stop().await;
 }

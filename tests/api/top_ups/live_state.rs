@@ -221,7 +221,18 @@ async fn a_retry_round_charges_what_the_live_balance_needs_after_usage_during_th
     debit(&s.app, "39.00", "usage-2").await;
     s.clock.advance(Duration::hours(1));
     let top_up = wait_for_top_up(&s, TopUpStatus::Succeeded).await;
-    assert_eq!(top_up.amount, "60.00", "two refills lift 0.00 to 40.00");
+    let entries: Vec<(String, rust_decimal::Decimal, rust_decimal::Decimal)> = sqlx::query_as(
+        "SELECT kind, amount, balance_after FROM ledger_entries WHERE account_id = 'acme' ORDER BY entry_id",
+    )
+    .fetch_all(&s.app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        top_up.amount,
+        "60.00",
+        "two refills lift 0.00 to 40.00; top-ups {:?}; ledger {entries:?}",
+        top_ups(&s.app, &s.admin).await
+    );
     assert_eq!(balance(&s.app).await, "60.00");
     s.app.stop().await;
 }
