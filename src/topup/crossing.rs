@@ -64,13 +64,16 @@ pub(super) async fn may_change(
         })
 }
 
+/// `state, crossing_id, resume_at, as_of_version` of `top_up_crossings`.
+type CrossingRow = (String, Option<String>, Option<DateTime<Utc>>, i64);
+
 /// The account's crossing state (`Armed` when never recorded) and the
 /// account version it was decided at.
 pub(super) async fn load(
     connection: &mut PgConnection,
     account_id: &str,
 ) -> Result<(CrossingState, i64), BillingError> {
-    let row: Option<(String, Option<String>, Option<DateTime<Utc>>, i64)> = sqlx::query_as(
+    let row: Option<CrossingRow> = sqlx::query_as(
         "SELECT state, crossing_id, resume_at, as_of_version FROM top_up_crossings WHERE account_id = $1",
     )
     .bind(account_id)
