@@ -529,3 +529,38 @@ async fn apply_and_a_late_event_never_both_start_a_top_up_for_one_crossing_with_
     other.stop().await;
     s.app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_still_unknown_after_the_last_reconciliation_needs_attention_and_keeps_the_gate_closed()
+ {
+    let clock = std::sync::Arc::new(billing::topup::ManualClock::starting_now());
+    let mut server = engine_settings(clock.clone());
+    // No reconciliation allowed: the first one already exceeds the bound.
+    server.policy.reconcile_max_tries = 0;
+    let app = crate::helpers::spawn_app_with(server).await;
+    app.account_with_balance(ACCT, "20.00").await;
+    let admin = app.token("admin", Some(ACCT));
+    let timeout_card = add_active_card(&app, &admin, ACCT, TIMES_OUT).await;
+    let visa = add_active_card(&app, &admin, ACCT, VISA).await;
+    let s = Scenario { app, clock, admin };
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "usage-1").await;
+    wait_for_top_up(&s, TopUpStatus::Unknown).await;
+
+    s.clock.advance(Duration::seconds(31));
+    let stuck = wait_for_top_up(&s, TopUpStatus::NeedsAttention).await;
+    assert!(
+        stuck.failure_reason.starts_with("reconcile_exhausted"),
+        "{}",
+        stuck.failure_reason
+    );
+    // Money may have moved: nothing else is charged for the account.
+    let refused = add_funds(&s.app, &s.admin, funds("30.00", &visa, "add-1"))
+        .await
+        .expect_err("the gate is closed");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(charges_of(&s, &visa).await, 0);
+    assert_eq!(charges_of(&s, &timeout_card).await, 1);
+    assert_eq!(balance(&s.app).await, "5.00");
+    s.app.stop().await;
+}
