@@ -44,3 +44,6 @@ CREATE INDEX top_up_crossings_resume ON top_up_crossings (resume_at) WHERE resum
 -- event at or below it is older than what the state already reflects (a
 -- live-state decision of Apply, the chain or the engine) and changes nothing.
 ALTER TABLE top_up_crossings ADD COLUMN as_of_version BIGINT NOT NULL DEFAULT 0;
+
+-- Top-ups waiting for the customer, by age (the engine's expiry pass runs every poll).
+CREATE INDEX top_ups_waiting_for_action ON top_ups (updated_at) WHERE status = 'REQUIRES_ACTION';
