@@ -261,6 +261,9 @@ impl TopUps {
                 .fetch_one(&mut *transaction)
                 .await?;
         if top_up.status.is_final() || holder != Some(lease.owner) {
+            // Ended at once: a dropped transaction keeps its locks until the
+            // pool gets round to rolling it back.
+            transaction.commit().await?;
             return Ok(Begin::Stop);
         }
         // An attempt whose outcome is unknown is settled before anything else.
@@ -735,6 +738,7 @@ impl TopUps {
         lock_account(&mut transaction, account).await?;
         let top_up = store::lock(&mut transaction, account, &lease.top_up_id).await?;
         let Some(attempt) = top_up.attempts.iter().find(|a| a.attempt_number == number) else {
+            transaction.commit().await?;
             return Ok(Next::Stop);
         };
         let open = attempt.outcome == AttemptOutcome::Unknown
@@ -746,6 +750,14 @@ impl TopUps {
             )
         {
             // Settled already (a replay, a webhook or another replica was first).
+            if open && charge.outcome == Outcome::Succeeded {
+                // A card that asked for 3-D Secure in an automatic round was
+                // completed after another card had refilled the account (or
+                // the top-up ended): the money moved and is not credited here.
+                tracing::error!(account_id = %account, top_up_id = %top_up.top_up_id, attempt = number,
+                    status = top_up.status.as_str(), "a charge succeeded for a top-up already settled; refund or credit it by hand");
+            }
+            transaction.commit().await?;
             return Ok(Next::Continue);
         }
         let card =
