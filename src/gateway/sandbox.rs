@@ -442,7 +442,7 @@ impl PaymentGateway for SandboxGateway {
     ) -> Result<Charge, GatewayError> {
         // Passed: the card's own behaviour decides (one that authenticates and
         // then has no funds is declined); failed: declined as such.
-        let updated = sqlx::query(
+        sqlx::query(
             "UPDATE sandbox_charges c \
                 SET outcome = CASE WHEN NOT $2 THEN 'declined' \
                                    WHEN s.behaviour = 'authenticates_then_insufficient_funds' THEN 'declined' \
@@ -459,7 +459,6 @@ impl PaymentGateway for SandboxGateway {
         .execute(&self.pool)
         .await
         .context("confirming a sandbox charge")?;
-        let _ = updated;
         self.find_charge(idempotency_key)
             .await?
             .ok_or_else(|| GatewayError::Rejected("no charge was made with this key".into()))

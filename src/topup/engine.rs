@@ -144,12 +144,6 @@ impl TopUpEngine {
         Ok(started)
     }
 
-    /// Manual and retry top-ups whose caller went away: kept for callers of
-    /// the earlier API; the engine's due pass already covers them.
-    pub async fn reconcile_abandoned_manual_top_ups(&self) -> Result<usize, BillingError> {
-        self.run_due().await
-    }
-
     /// "Card expiring": once per card, 30 days before the end of its expiry month.
     pub async fn remind_expiring_cards(&self) -> Result<usize, BillingError> {
         let today = self.top_ups.clock.now().date_naive();

@@ -566,7 +566,6 @@ impl TopUps {
                 .await?;
             return Ok(None);
         }
-        let _ = now;
         Ok(Some((card, top_up.amount)))
     }
 
