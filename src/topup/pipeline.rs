@@ -125,9 +125,8 @@ impl TopUps {
     }
 
     /// Decides again, on the live state of `account_id`, whether an automatic
-    /// top-up starts now (a cap window passed, a waiting top-up expired);
-    /// `rearm` first frees the account's crossing. Wakes the engine when one
-    /// starts; returns true then.
+    /// top-up starts now (a cap window passed); `rearm` first frees the
+    /// account's crossing. Wakes the engine when one starts; returns true then.
     pub(super) async fn recheck_crossing(
         &self,
         account_id: &str,
@@ -135,8 +134,27 @@ impl TopUps {
     ) -> Result<bool, BillingError> {
         let mut transaction = self.pool.begin().await?;
         lock_account(&mut transaction, &AccountId::parse(account_id)?).await?;
-        let settings = settings::load(&mut transaction, account_id, &self.config).await?;
-        let live = Observed::live(&ledger::load_account(&mut transaction, account_id).await?);
+        let started = self
+            .recheck_locked(&mut transaction, account_id, rearm)
+            .await?;
+        transaction.commit().await?;
+        if started {
+            self.wake.notify_one();
+        }
+        Ok(started)
+    }
+
+    /// [`TopUps::recheck_crossing`] inside the caller's transaction, which
+    /// holds the account row lock; the caller commits and, when this returns
+    /// true, wakes the engine.
+    pub(super) async fn recheck_locked(
+        &self,
+        connection: &mut PgConnection,
+        account_id: &str,
+        rearm: bool,
+    ) -> Result<bool, BillingError> {
+        let settings = settings::load(&mut *connection, account_id, &self.config).await?;
+        let live = Observed::live(&ledger::load_account(&mut *connection, account_id).await?);
         if rearm || !settings.auto_refill_enabled {
             let reason = if settings.auto_refill_enabled {
                 cancel_reason::BALANCE_RESTORED
@@ -144,7 +162,7 @@ impl TopUps {
                 cancel_reason::AUTO_REFILL_DISABLED
             };
             crossing::rearm(
-                &mut transaction,
+                &mut *connection,
                 account_id,
                 live.as_of,
                 reason,
@@ -153,7 +171,7 @@ impl TopUps {
             .await?;
         }
         let ensured = crossing::ensure_top_up(
-            &mut transaction,
+            &mut *connection,
             &settings,
             live,
             false,
@@ -161,12 +179,7 @@ impl TopUps {
             self.clock.as_ref(),
         )
         .await?;
-        transaction.commit().await?;
-        let started = matches!(ensured, Ensured::Started(_));
-        if started {
-            self.wake.notify_one();
-        }
-        Ok(started)
+        Ok(matches!(ensured, Ensured::Started(_)))
     }
 
     /// Drives a top-up this driver holds the lease of until it needs nothing
@@ -1212,7 +1225,7 @@ impl<E: Into<BillingError>> From<E> for SettleError {
 
 /// Locks the account row (every top-up decision and settlement holds it)
 /// and returns its currency.
-async fn lock_account(
+pub(super) async fn lock_account(
     connection: &mut PgConnection,
     account: &AccountId,
 ) -> Result<crate::money::Currency, BillingError> {
