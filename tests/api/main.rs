@@ -10,6 +10,7 @@ mod helpers;
 mod hostile_input;
 mod keys;
 mod limits;
+mod model;
 mod notifications;
 mod payment_methods;
 mod permissions;

@@ -6,7 +6,6 @@ mod clocked;
 mod confirm;
 mod crossings;
 mod live_state;
-mod model;
 mod policy_api;
 
 use std::sync::Arc;

@@ -36,9 +36,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 
-use super::engine_settings;
 use crate::helpers::{TestApp, authed, spawn_app_with};
 use crate::payment_methods::{card, client, unique_visa};
+use crate::top_ups::engine_settings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
