@@ -303,7 +303,7 @@ impl Runner {
                 threshold,
                 refill,
             } => {
-                let result = super::policy(&self.app)
+                let result = crate::top_ups::policy(&self.app)
                     .apply_low_balance_settings(authed(
                         &admin,
                         proto::ApplyLowBalanceSettingsRequest {
@@ -552,7 +552,7 @@ impl Runner {
         .fetch_one(&self.app.pool)
         .await
         .unwrap();
-        let top_ups = super::policy(&self.app)
+        let top_ups = crate::top_ups::policy(&self.app)
             .list_top_ups(authed(
                 &admin,
                 proto::ListTopUpsRequest {
