@@ -297,6 +297,7 @@ fn prepare_data_dir(path: &std::path::Path) -> anyhow::Result<()> {
 
 /// `billing serve`: find or start Postgres, migrate, serve until SIGINT/SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let signalled = shutdown_signal();
     prepare_data_dir(&args.database.data_dir)?;
     // The ports first: one in use is reported at once, naming the setting to change.
     let listener = bind(args.listen, "gRPC", "--listen", "BILLING_LISTEN")?;
@@ -385,7 +386,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let (stop_sender, stop_receiver) = watch::channel(false);
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signalled.await;
         let _ = stop_sender.send(true);
     });
     let mut drain_deadline = stop_receiver.clone();
@@ -745,20 +746,24 @@ async fn report_status(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                let _ = interrupt.await;
-                return;
+/// Registers the SIGINT and SIGTERM handlers now and returns a future that
+/// completes on the first of them. Registered before anything else starts,
+/// a signal that arrives during start-up (binding, Postgres, migrations) is
+/// kept, not fatal: the service finishes starting, then stops cleanly.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        match (interrupt, terminate) {
+            (Ok(mut interrupt), Ok(mut terminate)) => tokio::select! {
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            },
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::error!(%error, "cannot listen for SIGINT/SIGTERM; stop with SIGKILL");
+                std::future::pending::<()>().await;
             }
-        };
-    tokio::select! {
-        _ = interrupt => tracing::info!("SIGINT received"),
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        }
     }
 }
