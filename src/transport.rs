@@ -5,10 +5,9 @@
 //!   is closed; with TLS the handshake itself has the same timeout (tonic's).
 //! - **Connection caps**: open connections in total and per peer IP address.
 //!   A connection beyond the per-peer cap is closed at once. At the total
-//!   cap, the oldest connection still waiting for its opening bytes is
-//!   closed to make room (silent connections cannot lock clients — or
-//!   health probes — out); when every connection is active, the new one is
-//!   closed.
+//!   cap, the oldest connection that has waited for its opening bytes for
+//!   a second or more is closed to make room (silent connections cannot lock
+//!   clients — or health probes — out); otherwise the new one is closed.
 //! - **Streams per connection**: HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`
 //!   (set on the tonic builder); [`StreamsPerConnectionLayer`] logs when a
 //!   connection reaches it.
@@ -23,7 +22,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,6 +36,10 @@ use crate::telemetry::metrics;
 
 /// The HTTP/2 client preface is 24 bytes; a TLS ClientHello is longer.
 const OPENING_BYTES: usize = 24;
+
+/// At the connection cap, a connection that has sent nothing for this long
+/// (or half the handshake timeout, if shorter) is closed to make room.
+const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
 
 /// The transport limits (`billing serve` flags).
 #[derive(Debug, Clone)]
@@ -94,8 +97,9 @@ struct Census {
 struct CensusState {
     total: usize,
     per_peer: HashMap<IpAddr, usize>,
-    /// Connections still waiting for their opening bytes, oldest first.
-    waiting: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// Connections still waiting for their opening bytes, oldest first:
+    /// id, when admitted, and the way to close it.
+    waiting: VecDeque<(u64, Instant, oneshot::Sender<()>)>,
     next_id: u64,
 }
 
@@ -112,11 +116,20 @@ impl Census {
             return Err(&PER_PEER_LOG);
         }
         if state.total >= self.limits.max_connections {
-            // Make room by closing the oldest connection that has sent nothing yet.
-            let Some((_, evict)) = state.waiting.pop_front() else {
+            // Make room by closing the oldest connection that has sent
+            // nothing for a while (a client that just connected has not
+            // been read yet: it is not silent).
+            let grace = EVICTABLE_AFTER.min(self.limits.handshake_timeout / 2);
+            let silent = state
+                .waiting
+                .front()
+                .is_some_and(|(_, admitted, _)| admitted.elapsed() >= grace);
+            if !silent {
                 return Err(&TOTAL_LOG);
-            };
-            let _ = evict.send(());
+            }
+            if let Some((_, _, evict)) = state.waiting.pop_front() {
+                let _ = evict.send(());
+            }
             EVICTED_LOG.refused(&peer);
         }
         state.total += 1;
@@ -124,7 +137,7 @@ impl Census {
         let id = state.next_id;
         state.next_id += 1;
         let (evict, evicted) = oneshot::channel();
-        state.waiting.push_back((id, evict));
+        state.waiting.push_back((id, Instant::now(), evict));
         metrics::connections_open_add(1);
         Ok(Admitted {
             permit: Permit {
@@ -139,7 +152,11 @@ impl Census {
     /// The connection `id` sent its opening bytes (or is gone): not evictable any more.
     fn opened(&self, id: u64) {
         let mut state = self.lock();
-        if let Some(index) = state.waiting.iter().position(|(waiting, _)| *waiting == id) {
+        if let Some(index) = state
+            .waiting
+            .iter()
+            .position(|(waiting, ..)| *waiting == id)
+        {
             state.waiting.remove(index);
         }
     }

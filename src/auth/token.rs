@@ -154,8 +154,14 @@ impl KeySet {
                 BillingError::Unauthenticated(format!("invalid bearer token: {}", describe(&error)))
             })?;
         let claims = data.claims;
-        let valid_until =
-            UNIX_EPOCH + Duration::from_secs(claims.exp.saturating_add(self.validation.leeway));
+        // `decode` refuses a token once `now` (whole seconds) exceeds `exp + leeway`.
+        let valid_until = UNIX_EPOCH
+            + Duration::from_secs(
+                claims
+                    .exp
+                    .saturating_add(self.validation.leeway)
+                    .saturating_add(1),
+            );
         let roles: Vec<Role> = claims.roles.iter().filter_map(|r| Role::parse(r)).collect();
         let is_service = roles.contains(&Role::Service);
         let account = match claims.account.as_deref() {

@@ -119,10 +119,12 @@ async fn at_the_connection_cap_the_oldest_silent_connection_makes_room_for_a_hea
         ..TransportLimits::default()
     }))
     .await;
-    // With the test client's connection, the server is full. Connections are
-    // accepted in the order they were made: these two before the check below.
+    // With the test client's connection, the server is full.
     let mut oldest = TcpStream::connect(app.address).await.unwrap();
     let _newer = TcpStream::connect(app.address).await.unwrap();
+    // Arrange connections that have been silent for longer than the 1 s
+    // after which one may be closed to make room (not synchronization).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     health_check(app.address)
         .await
         .expect("a health check gets through a server full of silent connections");
