@@ -809,3 +809,72 @@ async fn a_slow_consumer_falls_behind_the_shared_reader_and_misses_nothing() {
     feed.stop();
     app.stop().await;
 }
+
+#[tokio::test]
+async fn over_tls_the_handshake_timeout_closes_a_stalled_handshake_and_clients_still_connect() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let cert = std::fs::read(fixtures.join("grpc-tls-cert.pem")).unwrap();
+    let key = std::fs::read(fixtures.join("grpc-tls-key.pem")).unwrap();
+    let ca = std::fs::read(fixtures.join("grpc-tls-ca.pem")).unwrap();
+    let (pool, _) = crate::helpers::fresh_database().await;
+    let database = sqlx::PgPool::connect_options(&pool)
+        .get_database()
+        .map(str::to_owned);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(billing::server::serve(
+        listener,
+        pool.clone(),
+        test_keys(),
+        ServerSettings {
+            tls: Some(ServerTlsConfig::new().identity(Identity::from_pem(&cert, &key))),
+            transport: TransportLimits {
+                handshake_timeout: Duration::from_millis(500),
+                ..TransportLimits::default()
+            },
+            ..ServerSettings::default()
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // A TLS client gets through the limited listener.
+    let channel = Channel::from_shared(format!("https://localhost:{}", address.port()))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .expect("a TLS client connects");
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("a health check over TLS");
+    // A handshake that starts (a record header announcing a ClientHello)
+    // and never finishes is closed by the TLS handshake timeout.
+    let mut stalled = TcpStream::connect(address).await.unwrap();
+    let mut opening = vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc];
+    opening.resize(40, 0x03);
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, &opening)
+        .await
+        .unwrap();
+    closed_by_server(&mut stalled, "a TLS handshake that never finishes").await;
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, server)
+        .await
+        .expect("the server stops")
+        .unwrap()
+        .unwrap();
+    pool.close().await;
+    if let Some(name) = database {
+        crate::helpers::drop_database(&name);
+    }
+}
