@@ -259,6 +259,8 @@ async fn open(
     let opening = tokio::select! {
         read = tokio::time::timeout(timeout, read_opening(&mut stream)) => read,
         _ = evicted => return,
+        // The server stopped accepting.
+        _ = ready.closed() => return,
     };
     census.opened(id);
     let prefix = match opening {
