@@ -97,6 +97,7 @@ run spread_half debit-spread "${COMMON[@]}" --accounts "$ACCOUNTS" --rate "$HALF
 run events events --concurrency 4 --rate 200 --duration-secs "$SECONDS_EACH"
 run topup top-up-reaction --samples 30
 run idle_streams idle-streams --streams "$STREAMS" --server-pid "$SERVER_PID" --duration-secs 3
+run stream_flood stream-flood --streams "$STREAMS" "${COMMON[@]}"
 
 kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
 trap - EXIT
@@ -114,7 +115,7 @@ python3 - "$OUT" "$PG_SPREAD" "$PG_HOT" "$SERVING_MS" "$IDLE_RSS_KB" "$CALLERS" 
 import json, sys
 out, pg_spread, pg_hot, serving_ms, idle_kb, callers = sys.argv[1:]
 r = {n: json.load(open(f"{out}/{n}.json")) for n in
-     ["noop", "spread", "hot", "spread_half", "events", "topup", "idle_streams"]}
+     ["noop", "spread", "hot", "spread_half", "events", "topup", "idle_streams", "stream_flood"]}
 pg_spread, pg_hot = float(pg_spread), float(pg_hot)
 t = lambda n: r[n]["throughput_per_s"]
 p99 = lambda n: r[n]["latency_ms"]["p99"]
@@ -135,6 +136,10 @@ line(f"debit p99 at half max ({t('spread_half'):.0f}/s)", f"{p99('spread_half'):
 line("event delivery p99", f"{p99('events'):.2f} ms", "<= 10 ms", p99('events') <= 10)
 held, rss = e["streams_held"], e["server_rss_mib_held"] or 0
 line(f"{held} idle streams: server RSS", f"{rss:.1f} MiB", "<= 256 MiB", rss <= 256 and r["idle_streams"]["errors"] == 0)
+f = r["stream_flood"]["extra"]
+line(f"other tenant's debit p99, {f['streams_open']} idle streams open",
+     f"{f['with_flood_ms']['p99']:.2f} vs {f['without_flood_ms']['p99']:.2f} ms", "<= 2x without",
+     f["p99_within_2x"] and f["streams_refused"] == 0)
 line("top-up reaction p99", f"{p99('topup'):.2f} ms", "<= 50 ms", p99('topup') <= 50 and r["topup"]["errors"] == 0)
 line("idle RSS", f"{int(idle_kb)/1024:.1f} MiB", "<= 50 MiB", int(idle_kb)/1024 <= 50)
 line("start to SERVING (migrated)", f"{serving_ms} ms", "<= 1000 ms", int(serving_ms) <= 1000)

@@ -174,6 +174,40 @@ pub struct ServeArgs {
     /// How long a keep-alive ping may go unanswered before the connection is closed (seconds).
     #[arg(long, env = "BILLING_KEEPALIVE_TIMEOUT_SECS", default_value_t = 10)]
     pub keepalive_timeout_secs: u64,
+    /// How long a new connection may take to send its opening bytes (the HTTP/2 preface or
+    /// the TLS hello) and, with TLS, to finish the handshake (milliseconds); then it is closed.
+    #[arg(long, env = "BILLING_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// Open gRPC connections, all peers; at the cap the oldest connection that has sent
+    /// nothing yet is closed to make room, else the new one is refused.
+    #[arg(long, env = "BILLING_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Open gRPC connections of one peer IP address; beyond it new ones are closed at once.
+    #[arg(long, env = "BILLING_MAX_CONNECTIONS_PER_PEER", default_value_t = 256)]
+    pub max_connections_per_peer: usize,
+    /// HTTP/2 streams (calls) open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "BILLING_MAX_CONCURRENT_STREAMS", default_value_t = 200)]
+    pub max_concurrent_streams: u32,
+    /// Open WatchBalanceEvents streams of one caller (token subject and watched account)
+    /// on this replica; beyond it RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BILLING_STREAMS_PER_CALLER", default_value_t = 50)]
+    pub streams_per_caller: usize,
+    /// Open WatchBalanceEvents streams on this replica, all callers; beyond it RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BILLING_STREAMS_PER_REPLICA", default_value_t = 10_000)]
+    pub streams_per_replica: usize,
+    /// SendTestNotification calls per account per hour on this replica (a token bucket of this size).
+    #[arg(long, env = "BILLING_TEST_NOTIFICATIONS_PER_HOUR", default_value_t = 5)]
+    pub test_notifications_per_hour: u32,
+    /// UpdateNotificationSettings calls per account per hour on this replica (a token bucket of this size).
+    #[arg(
+        long,
+        env = "BILLING_NOTIFICATION_SETTINGS_CHANGES_PER_HOUR",
+        default_value_t = 30
+    )]
+    pub notification_settings_changes_per_hour: u32,
+    /// Seconds a bearer token is still accepted after its `exp` (clock skew); streams end then.
+    #[arg(long, env = "BILLING_JWT_LEEWAY_SECS", default_value_t = crate::auth::DEFAULT_LEEWAY_SECS)]
+    pub jwt_leeway_secs: u64,
 }
 
 impl ServeArgs {

@@ -12,17 +12,19 @@ use anyhow::Context;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
 
-use crate::api::{BalancePolicyApi, BalancesApi, NotificationsApi, PaymentMethodsApi};
+use crate::api::{
+    BalancePolicyApi, BalancesApi, CallerLimitSettings, CallerLimits, NotificationsApi,
+    PaymentMethodsApi,
+};
 use crate::auth::{AuthLayer, KeySet};
 use crate::config::ServeArgs;
 use crate::db::{self, Database};
-use crate::events::{EventFeed, FeedSettings, WatchSettings};
+use crate::events::{EventFeed, EventHub, FeedSettings, HubSettings, WatchSettings};
 use crate::gateway::{PaymentGateway, SandboxGateway};
 use crate::ledger::DebitBatcher;
 use crate::limits::{DeadlineLayer, LimitExceptHealthLayer};
@@ -31,6 +33,7 @@ use crate::payment_methods::PaymentMethods;
 use crate::proto;
 use crate::telemetry::rpc_log::RpcLogLayer;
 use crate::topup::{self, Clock, PolicyConfig, PolicyDecider, SystemClock, TopUpEngine, TopUps};
+use crate::transport::{StreamsPerConnectionLayer, TransportLimits};
 
 /// The liveness health service: SERVING while the process can serve,
 /// whatever the database does (the readiness statuses follow the database).
@@ -63,6 +66,12 @@ pub struct ServerSettings {
     pub events: FeedSettings,
     /// Per-stream buffers of `WatchBalanceEvents`.
     pub watch: WatchSettings,
+    /// The shared event reader's batch size and per-stream hand-over buffer.
+    pub hub: HubSettings,
+    /// Handshake timeout, connection caps, HTTP/2 streams per connection.
+    pub transport: TransportLimits,
+    /// Streams per caller and per replica; rates of test emails and settings changes.
+    pub caller_limits: CallerLimitSettings,
     /// Low-balance settings bounds, top-up retries and caps.
     pub policy: PolicyConfig,
     /// Run the balance-policy decisions and the top-up engine in this process.
@@ -103,6 +112,9 @@ impl Default for ServerSettings {
             sender: SenderSettings::default(),
             events: FeedSettings::default(),
             watch: WatchSettings::default(),
+            hub: HubSettings::default(),
+            transport: TransportLimits::default(),
+            caller_limits: CallerLimitSettings::default(),
             policy: PolicyConfig::default(),
             engines: false,
             engine_poll: Duration::from_millis(250),
@@ -325,7 +337,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         db::check_schema(&database.pool).await?;
     }
     tracing::info!(database = %database.description, migrated = args.migrate, "database ready");
-    let keys = Arc::new(KeySet::load(&args.auth, &args.database.data_dir)?);
+    let keys = Arc::new(
+        KeySet::load(&args.auth, &args.database.data_dir)?.with_leeway_secs(args.jwt_leeway_secs),
+    );
     if let Some(path) = &keys.development_key {
         tracing::warn!(
             key = %path.display(),
@@ -382,8 +396,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         stripe_webhook_secret: webhook_secret,
         webhook_listener,
         tls,
+        transport: TransportLimits {
+            handshake_timeout: Duration::from_millis(args.handshake_timeout_ms.max(1)),
+            max_connections: args.max_connections.max(1),
+            max_connections_per_peer: args.max_connections_per_peer.max(1),
+            max_concurrent_streams: args.max_concurrent_streams.max(1),
+        },
+        caller_limits: CallerLimitSettings {
+            streams_per_caller: args.streams_per_caller.max(1),
+            streams_per_replica: args.streams_per_replica.max(1),
+            test_notifications_per_hour: args.test_notifications_per_hour.max(1),
+            settings_changes_per_hour: args.notification_settings_changes_per_hour.max(1),
+        },
         ..ServerSettings::default()
     };
+    warn_if_descriptors_short(settings.transport.max_connections);
     let (stop_sender, stop_receiver) = watch::channel(false);
     tokio::spawn(async move {
         signalled.await;
@@ -493,8 +520,10 @@ pub async fn serve(
             stop_receiver.clone(),
         ))
     });
-    // One feed per process: every stream of this server follows it.
+    // One feed per process, and one shared reader on it that every stream of this server follows.
     let feed = EventFeed::start(pool.clone(), settings.events.clone());
+    let hub = EventHub::start(&feed, settings.hub.clone());
+    let caller_limits = CallerLimits::new(&settings.caller_limits);
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -586,6 +615,9 @@ pub async fn serve(
     }
 
     let layers = ServiceBuilder::new()
+        .layer(StreamsPerConnectionLayer::new(
+            settings.transport.max_concurrent_streams,
+        ))
         .layer(RpcLogLayer)
         .layer(DeadlineLayer::new(settings.request_timeout))
         // Health checks skip the load limits: probes must not fail because of load.
@@ -596,7 +628,7 @@ pub async fn serve(
     let mut builder = Server::builder();
     if let Some(tls) = settings.tls.clone() {
         builder = builder
-            .tls_config(tls)
+            .tls_config(tls.timeout(settings.transport.handshake_timeout))
             .context("the gRPC TLS certificate and key")?;
     }
     if first_status == ServingStatus::Serving {
@@ -612,6 +644,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(settings.keepalive_interval))
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
         .http2_max_header_list_size(settings.max_header_list_bytes)
+        .max_concurrent_streams(settings.transport.max_concurrent_streams)
         .layer(layers)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -620,8 +653,9 @@ pub async fn serve(
             proto::balances_server::BalancesServer::new(BalancesApi::new(
                 pool.clone(),
                 DebitBatcher::new(pool.clone(), settings.debit_batch_max),
-                feed.clone(),
+                hub.clone(),
                 settings.watch.clone(),
+                caller_limits.clone(),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
@@ -647,19 +681,25 @@ pub async fn serve(
         .add_service(
             proto::notifications_server::NotificationsServer::new(NotificationsApi::new(
                 pool.clone(),
+                caller_limits.clone(),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
-            let feed = feed.clone();
-            async move {
-                shutdown.await;
-                tracing::info!("shutting down: ending event streams, draining in-flight requests");
-                // Streams end (clients resume from their cursor) so the drain can finish.
-                feed.stop();
-            }
-        })
+        .serve_with_incoming_shutdown(
+            crate::transport::incoming(listener, settings.transport.clone()),
+            {
+                let feed = feed.clone();
+                async move {
+                    shutdown.await;
+                    tracing::info!(
+                        "shutting down: ending event streams, draining in-flight requests"
+                    );
+                    // Streams end (clients resume from their cursor) so the drain can finish.
+                    feed.stop();
+                }
+            },
+        )
         .await;
     feed.stop();
     let _ = stop_sender.send(true);
@@ -743,6 +783,23 @@ async fn report_status(reporter: &HealthReporter, status: ServingStatus) {
     reporter.set_service_status("", status).await;
     for name in SERVICE_NAMES {
         reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Warns when the process may run out of file descriptors before it
+/// reaches its connection cap (each connection is one descriptor; the
+/// database pool, files and listeners need some more).
+fn warn_if_descriptors_short(max_connections: usize) {
+    const RESERVE: u64 = 256;
+    if let Ok((soft, _)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        && soft < max_connections as u64 + RESERVE
+    {
+        tracing::warn!(
+            descriptor_limit = soft,
+            max_connections,
+            "the open-file limit is below --max-connections plus {RESERVE}: lower BILLING_MAX_CONNECTIONS or raise the limit (ulimit -n)"
+        );
     }
 }
 

@@ -3,13 +3,17 @@
 
 mod balance_policy;
 mod balances;
+mod caller_limits;
 mod convert;
 mod error;
 mod notifications;
 mod payment_methods;
 
 pub use balance_policy::BalancePolicyApi;
-pub use balances::BalancesApi;
+pub use balances::{BalancesApi, RESUME_CURSOR_METADATA_KEY};
+pub use caller_limits::{
+    CallerLimitSettings, CallerLimits, LIMIT_METADATA_KEY, RETRY_AFTER_METADATA_KEY, StreamPermit,
+};
 pub use notifications::NotificationsApi;
 pub use payment_methods::PaymentMethodsApi;
 

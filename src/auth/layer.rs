@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use tonic::Status;
 use tower::{Layer, Service};
 
-use super::{Access, Caller, KeySet, permissions};
+use super::{Access, Caller, KeySet, TokenValidUntil, permissions};
 use crate::error::BillingError;
 
 #[derive(Clone)]
@@ -69,8 +69,11 @@ where
             return Box::pin(inner.call(request));
         };
         match authenticate(&self.keys, request.headers(), access) {
-            Ok(caller) => {
+            Ok((caller, valid_until)) => {
                 request.extensions_mut().insert(caller);
+                request
+                    .extensions_mut()
+                    .insert(TokenValidUntil(valid_until));
                 request.extensions_mut().insert(access);
                 Box::pin(inner.call(request))
             }
@@ -86,7 +89,7 @@ fn authenticate(
     keys: &KeySet,
     headers: &http::HeaderMap,
     access: Access,
-) -> Result<Caller, Status> {
+) -> Result<(Caller, std::time::SystemTime), Status> {
     let header = headers
         .get(http::header::AUTHORIZATION)
         .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
@@ -101,7 +104,7 @@ fn authenticate(
         .map(str::trim)
         .filter(|token| !token.is_empty())
         .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?;
-    let caller = keys.verify(token).map_err(|error| match error {
+    let (caller, valid_until) = keys.verify_until(token).map_err(|error| match error {
         BillingError::Unauthenticated(message) => Status::unauthenticated(message),
         _ => Status::unauthenticated("invalid bearer token"),
     })?;
@@ -115,5 +118,5 @@ fn authenticate(
             }
         )));
     }
-    Ok(caller)
+    Ok((caller, valid_until))
 }

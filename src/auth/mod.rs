@@ -11,7 +11,7 @@ mod token;
 
 pub use layer::AuthLayer;
 pub use permissions::{Access, known_method, required_access};
-pub use token::{Claims, KeySet};
+pub use token::{Claims, DEFAULT_LEEWAY_SECS, KeySet};
 
 use crate::error::BillingError;
 use crate::ids::AccountId;
@@ -49,6 +49,12 @@ impl Role {
         }
     }
 }
+
+/// When the caller's token stops being accepted (its `exp` plus the
+/// leeway); put into the request extensions by [`AuthLayer`] next to the
+/// [`Caller`]. Streams end then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenValidUntil(pub std::time::SystemTime);
 
 /// An authenticated caller, put into the request extensions by [`AuthLayer`].
 #[derive(Debug, Clone)]

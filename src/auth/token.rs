@@ -6,6 +6,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -15,6 +16,10 @@ use super::{Caller, Role};
 use crate::config::AuthArgs;
 use crate::error::BillingError;
 use crate::ids::AccountId;
+
+/// Seconds past `exp` a token is still accepted unless configured otherwise
+/// (`--jwt-leeway-secs`).
+pub const DEFAULT_LEEWAY_SECS: u64 = 30;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
@@ -95,7 +100,7 @@ impl KeySet {
             };
         let mut validation = Validation::new(algorithm);
         validation.validate_nbf = true;
-        validation.leeway = 30;
+        validation.leeway = DEFAULT_LEEWAY_SECS;
         // A configured issuer or audience must be present, not only right when present.
         let mut required = vec!["exp", "sub"];
         if args.jwt_issuer.is_some() {
@@ -124,14 +129,39 @@ impl KeySet {
         })
     }
 
+    /// How far past `exp` a token is still accepted (clock skew), in seconds.
+    pub fn leeway_secs(&self) -> u64 {
+        self.validation.leeway
+    }
+
+    /// The same keys with another leeway past `exp` (and before `nbf`).
+    pub fn with_leeway_secs(mut self, leeway_secs: u64) -> KeySet {
+        self.validation.leeway = leeway_secs;
+        self
+    }
+
     /// Verifies a bearer token and turns its claims into a [`Caller`].
     pub fn verify(&self, token: &str) -> Result<Caller, BillingError> {
+        self.verify_until(token).map(|(caller, _)| caller)
+    }
+
+    /// Like [`KeySet::verify`], also returning when the token stops being
+    /// accepted: its `exp` plus the leeway. Long streams end then.
+    pub fn verify_until(&self, token: &str) -> Result<(Caller, SystemTime), BillingError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|error| {
                 tracing::debug!(%error, "token rejected");
                 BillingError::Unauthenticated(format!("invalid bearer token: {}", describe(&error)))
             })?;
         let claims = data.claims;
+        // `decode` refuses a token once `now` (whole seconds) exceeds `exp + leeway`.
+        let valid_until = UNIX_EPOCH
+            + Duration::from_secs(
+                claims
+                    .exp
+                    .saturating_add(self.validation.leeway)
+                    .saturating_add(1),
+            );
         let roles: Vec<Role> = claims.roles.iter().filter_map(|r| Role::parse(r)).collect();
         let is_service = roles.contains(&Role::Service);
         let account = match claims.account.as_deref() {
@@ -145,11 +175,14 @@ impl KeySet {
                 ));
             }
         };
-        Ok(Caller {
-            subject: claims.sub,
-            account,
-            roles,
-        })
+        Ok((
+            Caller {
+                subject: claims.sub,
+                account,
+                roles,
+            },
+            valid_until,
+        ))
     }
 
     /// Mints a token (the `billing token` command and tests).

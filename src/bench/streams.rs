@@ -103,8 +103,9 @@ pub(super) async fn events(bench: &Bench) -> anyhow::Result<Report> {
     })
 }
 
-/// Opens `--streams` streams on an account with no events, holds them, and
-/// reads the server's RSS before and after.
+/// Opens `--streams` streams on an account with no events (viewer tokens of
+/// as many callers as the per-caller limit needs), holds them, and reads the
+/// server's RSS before and after.
 pub(super) async fn idle(bench: &Bench) -> anyhow::Result<Report> {
     let mut setup = BalancesClient::new(bench.channel(0));
     let _ = setup
@@ -125,17 +126,24 @@ pub(super) async fn idle(bench: &Bench) -> anyhow::Result<Report> {
         let chunk_end = (chunk_start + 500).min(bench.args.streams);
         let opening = (chunk_start..chunk_end).map(|index| {
             let mut client = BalancesClient::new(bench.channel(index));
-            let request = bench.request(proto::WatchBalanceEventsRequest {
-                account_id: IDLE_ACCOUNT.into(),
-                after_cursor: 0,
-            });
+            // One caller may hold `--streams-per-caller` streams: as many callers as needed.
+            let subject = format!("idle-{}", index / bench.args.streams_per_caller.max(1));
+            let token = bench.viewer_token(IDLE_ACCOUNT, &subject);
             async move {
+                let request = with_token(
+                    &token?,
+                    proto::WatchBalanceEventsRequest {
+                        account_id: IDLE_ACCOUNT.into(),
+                        after_cursor: 0,
+                    },
+                );
                 let began = Instant::now();
                 let opened = client.watch_balance_events(request).await;
-                (opened, began.elapsed())
+                anyhow::Ok((opened, began.elapsed()))
             }
         });
-        for (opened, took) in futures::future::join_all(opening).await {
+        for result in futures::future::join_all(opening).await {
+            let (opened, took) = result?;
             match opened {
                 Ok(stream) => {
                     report::record(&mut latency, took);

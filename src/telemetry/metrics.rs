@@ -23,6 +23,10 @@ struct Metrics {
     declines: IntCounterVec,
     notifications: IntCounterVec,
     event_streams: IntGauge,
+    event_reads: IntCounterVec,
+    event_streams_lagged: IntCounter,
+    limits_refused: IntCounterVec,
+    connections_open: IntGauge,
     outbox_pending: IntGauge,
     subscriber_lag: IntGaugeVec,
     pool_connections: IntGaugeVec,
@@ -101,6 +105,29 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         event_streams: gauge(
             "event_streams_open",
             "WatchBalanceEvents streams open on this replica",
+        ),
+        event_reads: counter(
+            "event_reads_total",
+            "Queries of balance events by reader: `shared` (the process's one reader, per committed range) or `stream` (a stream catching up on its own)",
+            &["reader"],
+        ),
+        event_streams_lagged: {
+            let metric = IntCounter::new(
+                "event_streams_lagged_total",
+                "Streams that fell behind the shared event reader and caught up from the database",
+            )
+            .expect("counter");
+            registry.register(Box::new(metric.clone())).expect("unique");
+            metric
+        },
+        limits_refused: counter(
+            "limits_refused_total",
+            "Connections, streams and calls refused by an abuse limit, by limit",
+            &["limit"],
+        ),
+        connections_open: gauge(
+            "grpc_connections_open",
+            "gRPC connections open on this replica (those still waiting for their first bytes included)",
         ),
         outbox_pending: gauge(
             "outbox_pending",
@@ -182,6 +209,31 @@ pub fn stream_opened() {
 
 pub fn stream_closed() {
     METRICS.event_streams.dec();
+}
+
+/// The shared event reader ran one query.
+pub fn event_reader_read() {
+    METRICS.event_reads.with_label_values(&["shared"]).inc();
+}
+
+/// A stream ran a query of its own (catch-up).
+pub fn event_stream_read() {
+    METRICS.event_reads.with_label_values(&["stream"]).inc();
+}
+
+/// A stream fell behind the shared reader (it catches up from the database).
+pub fn event_stream_lagged() {
+    METRICS.event_streams_lagged.inc();
+}
+
+/// An abuse limit refused a connection, stream or call; `limit` is a fixed name.
+pub fn limit_refused(limit: &'static str) {
+    METRICS.limits_refused.with_label_values(&[limit]).inc();
+}
+
+/// A gRPC connection was accepted (+1) or closed (-1).
+pub fn connections_open_add(delta: i64) {
+    METRICS.connections_open.add(delta);
 }
 
 /// Counts an open event stream for as long as it lives.

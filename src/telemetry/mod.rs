@@ -2,8 +2,10 @@
 //! containers; `RUST_LOG` filters, default `info`), OpenTelemetry traces
 //! exported over OTLP/gRPC when an endpoint is configured (`otel`), the
 //! per-RPC span, log line and metrics (`rpc_log`), and the Prometheus
-//! metrics facade the domain calls (`metrics`).
+//! metrics facade the domain calls (`metrics`), and the summarised log
+//! lines of the abuse limits (`limit_log`).
 
+pub mod limit_log;
 pub mod metrics;
 pub mod otel;
 pub mod rpc_log;

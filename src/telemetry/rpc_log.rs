@@ -58,6 +58,9 @@ struct Finish {
     span: tracing::Span,
     trace_id: Option<String>,
     done: bool,
+    /// Refused by a per-caller limit (`billing-limit` metadata): logged by
+    /// the limit itself, not counted as load shedding.
+    limited: bool,
 }
 
 impl Finish {
@@ -75,7 +78,7 @@ impl Finish {
         let trace_id = self.trace_id.as_deref().unwrap_or("");
         // Shed calls are counted, and summarised once per interval: an
         // overload must not turn into a flood of log lines.
-        if code == tonic::Code::ResourceExhausted && error.is_none() {
+        if code == tonic::Code::ResourceExhausted && error.is_none() && !self.limited {
             OVERLOAD.shed(method);
             return;
         }
@@ -220,6 +223,7 @@ where
             span: span.clone(),
             trace_id,
             done: false,
+            limited: false,
         };
         let future = span.in_scope(|| self.inner.call(request));
         Box::pin(
@@ -235,6 +239,9 @@ where
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.parse::<i32>().ok())
                             .unwrap_or(0);
+                        finish.limited = response
+                            .headers()
+                            .contains_key(crate::api::LIMIT_METADATA_KEY);
                         finish.record(tonic::Code::from(code), None);
                     }
                     Err(error) => finish.record(tonic::Code::Unknown, Some(error)),

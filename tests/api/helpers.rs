@@ -168,6 +168,19 @@ pub async fn spawn_app_with_keys(keys: Arc<KeySet>) -> TestApp {
         .owning_its_database()
 }
 
+/// A server on a fresh database with `settings`, verifying tokens with `keys`.
+#[allow(dead_code)]
+pub async fn spawn_app_with_settings_and_keys(
+    settings: ServerSettings,
+    keys: Arc<KeySet>,
+) -> TestApp {
+    init_logs();
+    let (pool, _) = fresh_database().await;
+    spawn_app_on_with_keys(pool, settings, keys)
+        .await
+        .owning_its_database()
+}
+
 async fn spawn_app_on_with_keys(
     pool: PgPool,
     settings: ServerSettings,
@@ -236,7 +249,8 @@ impl TestApp {
                 proto::CreateAccountRequest {
                     account_id: account_id.into(),
                     currency: "USD".into(),
-                    billing_email: format!("{account_id}@example.com"),
+                    // ':' may be in an account id, never in an email's local part.
+                    billing_email: format!("{}@example.com", account_id.replace(':', ".")),
                     ..Default::default()
                 },
             ))

@@ -1,6 +1,7 @@
 //! End-to-end tests: a real server on port 0, a fresh Postgres database per
 //! test, called through tonic clients. `TEST_LOG=1` shows the server's logs.
 
+mod abuse;
 mod alerts;
 mod auth_attacks;
 mod balances;
