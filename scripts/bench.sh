@@ -14,7 +14,8 @@
 # (10000), BENCH_STREAMS (10000), BENCH_TOPUP_SAMPLES (30), BENCH_PORT (50151),
 # BENCH_OUT (bench-results), BENCH_AB (0; 1 adds the A/B runs: the product SQL
 # with the per-transaction NOTIFY trigger put back, and spread debits with
-# one account per transaction), BENCH_REFUSE_BUSY (0), BENCH_PG_URL.
+# one account per transaction), BENCH_REFUSE_BUSY (0), BENCH_PG_URL, BENCH_DB
+# (billing_bench; the bare debit uses <BENCH_DB>_bare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -78,8 +79,10 @@ if [[ -z "${BENCH_PG_URL:-}" ]]; then
   fi
 fi
 PGBENCH="$(command -v pgbench || echo "$PGBIN/pgbench")"
-DB=billing_bench
-BARE_DB=billing_bench_bare
+DB="${BENCH_DB:-billing_bench}"
+BARE_DB="${DB}_bare"
+# The bench scrapes no metrics: any free port, so another server's 9090 is no obstacle.
+export BILLING_METRICS_LISTEN="${BILLING_METRICS_LISTEN:-127.0.0.1:0}"
 log "fresh database $DB on $BENCH_PG_URL"
 psql "$BENCH_PG_URL/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
 psql "$BENCH_PG_URL/postgres" -qc "CREATE DATABASE $DB" >/dev/null
