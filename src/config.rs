@@ -149,9 +149,16 @@ pub struct ServeArgs {
     /// After SIGTERM/SIGINT, how long in-flight RPCs and streams may take to finish (milliseconds).
     #[arg(long, env = "BILLING_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
-    /// Most concurrent debits of one account committed in one transaction (group commit); 1 turns it off.
+    /// Most waiting debits committed in one transaction (group commit); 1 turns it off.
     #[arg(long, env = "BILLING_DEBIT_BATCH_MAX", default_value_t = 128)]
     pub debit_batch_max: usize,
+    /// Most accounts whose debits share one transaction; 1 keeps each
+    /// transaction to one account (group commit per account only).
+    #[arg(long, env = "BILLING_DEBIT_BATCH_ACCOUNTS", default_value_t = 128)]
+    pub debit_batch_accounts: usize,
+    /// Most debit transactions of this replica in flight at once (each holds a pooled connection).
+    #[arg(long, env = "BILLING_DEBIT_BATCH_IN_FLIGHT", default_value_t = 4)]
+    pub debit_batch_in_flight: usize,
     /// Log format (the container image and the Helm chart set json).
     #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

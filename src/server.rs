@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -26,13 +26,15 @@ use crate::config::ServeArgs;
 use crate::db::{self, Database};
 use crate::events::{EventFeed, EventHub, FeedSettings, HubSettings, WatchSettings};
 use crate::gateway::{PaymentGateway, SandboxGateway};
-use crate::ledger::DebitBatcher;
+use crate::ledger::{BatchSettings, DebitBatcher};
 use crate::limits::{DeadlineLayer, LimitExceptHealthLayer};
 use crate::notifications::{self, FileMailer, Mailer, SenderSettings, SmtpMailer, SmtpSettings};
 use crate::payment_methods::PaymentMethods;
 use crate::proto;
 use crate::telemetry::rpc_log::RpcLogLayer;
-use crate::topup::{self, Clock, PolicyConfig, PolicyDecider, SystemClock, TopUpEngine, TopUps};
+use crate::topup::{
+    self, Clock, PolicyConfig, PolicyDecider, SystemClock, TopUpEngine, TopUpReactor, TopUps,
+};
 use crate::transport::{StreamsPerConnectionLayer, TransportLimits};
 
 /// The liveness health service: SERVING while the process can serve,
@@ -88,8 +90,8 @@ pub struct ServerSettings {
     /// Where `/metrics` is served over HTTP; `None`: no HTTP server (tests
     /// bind port 0 and pass the listener).
     pub metrics_listener: Option<Arc<std::net::TcpListener>>,
-    /// Most debits of one account committed together (group commit); 1 turns it off.
-    pub debit_batch_max: usize,
+    /// How waiting debits are grouped into transactions (group commit).
+    pub debit_batches: BatchSettings,
     /// The payment gateway; `None`: the sandbox simulator on this database.
     pub gateway: Option<Arc<dyn PaymentGateway>>,
     /// Verifies the Stripe webhook (`POST /stripe/webhook`).
@@ -124,7 +126,7 @@ impl Default for ServerSettings {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             metrics_listener: None,
-            debit_batch_max: 128,
+            debit_batches: BatchSettings::default(),
             gateway: None,
             stripe_webhook_secret: None,
             webhook_listener: None,
@@ -391,7 +393,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         keepalive_interval: Duration::from_secs(args.keepalive_interval_secs.max(1)),
         keepalive_timeout: Duration::from_secs(args.keepalive_timeout_secs.max(1)),
         metrics_listener: Some(Arc::new(metrics_listener)),
-        debit_batch_max: args.debit_batch_max,
+        debit_batches: BatchSettings {
+            max_debits: args.debit_batch_max,
+            max_accounts: args.debit_batch_accounts,
+            max_in_flight: args.debit_batch_in_flight,
+        },
         gateway: build_gateway(&args, &database.pool)?,
         stripe_webhook_secret: webhook_secret,
         webhook_listener,
@@ -577,7 +583,11 @@ pub async fn serve(
         settings.clock.clone(),
         settings.policy.clone(),
         wake_engine.clone(),
-    );
+    )
+    .with_commit_signal(feed.commits());
+    // Group commit; each commit wakes this process's feed in memory.
+    let mut debits =
+        DebitBatcher::new(pool.clone(), settings.debit_batches).with_commit_signal(feed.commits());
     // `/metrics` reads the database gauges from this snapshot: a scrape never waits on Postgres.
     let gauges_task = settings.metrics_listener.as_ref().map(|_| {
         tokio::spawn(crate::telemetry::metrics::refresh_database_gauges(
@@ -587,6 +597,11 @@ pub async fn serve(
         ))
     });
     let engine_tasks = if settings.engines {
+        // Crossings committed here, and top-ups the subscriber starts, go
+        // straight to the reactor (src/topup/react.rs).
+        let (crossings, crossings_receiver) = mpsc::channel(topup::REACTOR_CHANNEL);
+        let (started, started_receiver) = mpsc::channel(topup::REACTOR_CHANNEL);
+        debits = debits.with_crossings(crossings);
         let decisions = tokio::spawn(topup::run_policy_decisions(
             pool.clone(),
             feed.clone(),
@@ -595,6 +610,12 @@ pub async fn serve(
                 clock: settings.clock.clone(),
             },
             wake_engine.clone(),
+            Some(started),
+            stop_receiver.clone(),
+        ));
+        let reactor = tokio::spawn(TopUpReactor::new(top_ups.clone()).run(
+            crossings_receiver,
+            started_receiver,
             stop_receiver.clone(),
         ));
         let engine = TopUpEngine {
@@ -603,7 +624,7 @@ pub async fn serve(
         };
         let stop = stop_receiver.clone();
         let charging = tokio::spawn(async move { engine.run(stop).await });
-        vec![decisions, charging]
+        vec![decisions, reactor, charging]
     } else {
         Vec::new()
     };
@@ -652,7 +673,7 @@ pub async fn serve(
         .add_service(
             proto::balances_server::BalancesServer::new(BalancesApi::new(
                 pool.clone(),
-                DebitBatcher::new(pool.clone(), settings.debit_batch_max),
+                debits,
                 hub.clone(),
                 settings.watch.clone(),
                 caller_limits.clone(),

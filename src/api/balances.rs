@@ -173,6 +173,8 @@ impl Balances for BalancesApi {
             allow_overdraft: false,
         };
         let result = ledger::post(&self.pool, &caller, posting).await?;
+        // Its event is committed: wake this process's feed, and the other replicas'.
+        self.hub.feed().commits().committed();
         let (transaction, balance, total_balance, version) = posting_to_proto(&result)?;
         Ok(Response::new(proto::CreditResponse {
             transaction: Some(transaction),

@@ -37,9 +37,14 @@
 //! # Delivery
 //!
 //! One [`EventFeed`] per process computes the horizon and publishes it on a
-//! `watch` channel. It recomputes when Postgres notifies `balance_events`
-//! (a statement trigger; delivered at commit, to every replica) and on a
-//! polling interval (a lost notification or a reconnect costs latency only).
+//! `watch` channel. No writing transaction notifies anything (a `NOTIFY` in
+//! the debit transaction serialized every commit; `migrations/0031`): a
+//! writer of this process wakes the feed in memory after its commit
+//! ([`CommitSignal`]); the feed's announcer then sends one coalesced
+//! `NOTIFY balance_events` per few milliseconds, from a connection of its
+//! own, to wake the other replicas' feeds; and every feed also polls on a
+//! short interval, so a lost notification, a reconnect or a writer that
+//! announces nothing costs latency only.
 //!
 //! One [`EventHub`] per process follows that horizon and reads each new
 //! range of events once, for every account, then hands each live gRPC
@@ -63,7 +68,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
-pub use feed::{EventFeed, FeedSettings};
+pub use feed::{CommitSignal, EventFeed, FeedSettings};
 pub use horizon::Horizon;
 pub use hub::{EventHub, HubSettings, HubStats, LiveBatch, Subscription};
 pub use read::{EventFilter, read_events};

@@ -33,6 +33,8 @@ struct Metrics {
     pool_max: IntGauge,
     engine_decisions: IntCounterVec,
     charge_duration: Histogram,
+    batch_debits: Histogram,
+    batch_accounts: Histogram,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -71,6 +73,24 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(charge_duration.clone()))
         .expect("unique");
+    // Group commit: 1, 2, 4 … 128 (the largest batch by default) and beyond.
+    let batch_histogram = |name: &str, help: &str| {
+        let metric = Histogram::with_opts(
+            HistogramOpts::new(name, help)
+                .buckets(prometheus::exponential_buckets(1.0, 2.0, 9).expect("buckets")),
+        )
+        .expect("histogram");
+        registry.register(Box::new(metric.clone())).expect("unique");
+        metric
+    };
+    let batch_debits = batch_histogram(
+        "debit_batch_debits",
+        "Debits written by one group-commit transaction",
+    );
+    let batch_accounts = batch_histogram(
+        "debit_batch_accounts",
+        "Accounts whose debits one group-commit transaction wrote",
+    );
     let debits =
         IntCounter::new("debits_total", "Usage debits posted to the ledger").expect("counter");
     registry.register(Box::new(debits.clone())).expect("unique");
@@ -148,6 +168,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Largest size of this replica's pool",
         ),
         charge_duration,
+        batch_debits,
+        batch_accounts,
         registry,
     }
 });
@@ -168,6 +190,13 @@ pub fn rpc_finished(method: &str, code: &str, seconds: f64) {
 /// A usage debit written to the ledger (idempotent replays do not count).
 pub fn debit_posted() {
     METRICS.debits.inc();
+}
+
+/// A group-commit transaction committed `debits` debits of `accounts` accounts.
+pub fn debit_batch_committed(debits: usize, accounts: usize) {
+    let metrics = &*METRICS;
+    metrics.batch_debits.observe(debits as f64);
+    metrics.batch_accounts.observe(accounts as f64);
 }
 
 /// A top-up reached `outcome` (a top-up status: succeeded, failed,

@@ -158,7 +158,8 @@ impl TopUps {
         let started = Trigger::parse(&trigger) == Some(Trigger::Automatic)
             && self
                 .recheck_locked(&mut transaction, account_id, true)
-                .await?;
+                .await?
+                .is_some();
         transaction.commit().await?;
         crate::telemetry::metrics::top_up_finished(TopUpStatus::Failed.as_str());
         tracing::info!(

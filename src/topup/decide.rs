@@ -26,13 +26,14 @@ pub struct PolicyDecider {
 }
 
 impl PolicyDecider {
-    /// Returns true when a top-up was started (the engine should wake up).
+    /// Returns the id of the automatic top-up it started, if any (to be
+    /// driven once the batch commits).
     #[tracing::instrument(name = "engine.decide", skip_all, fields(account_id = %event.account_id, cursor = event.cursor))]
     pub async fn decide(
         &self,
         connection: &mut PgConnection,
         event: &BalanceEvent,
-    ) -> Result<bool, BillingError> {
+    ) -> Result<Option<String>, BillingError> {
         let settings = settings::load(&mut *connection, &event.account_id, &self.config).await?;
         let after = event.total_balance_after;
         let before = after - event.amount;
@@ -82,8 +83,11 @@ impl PolicyDecider {
                 self.clock.as_ref(),
             )
             .await?;
-            return Ok(matches!(ensured, Ensured::Started(_)));
+            return Ok(match ensured {
+                Ensured::Started(top_up_id) => Some(top_up_id),
+                _ => None,
+            });
         }
-        Ok(false)
+        Ok(None)
     }
 }

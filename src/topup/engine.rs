@@ -72,18 +72,7 @@ impl TopUpEngine {
     pub async fn run_due(&self) -> Result<usize, BillingError> {
         let mut driven = 0;
         while let Some(lease) = self.claim_due().await? {
-            if let Err(error) = self.top_ups.drive(&lease, Driver::Engine).await {
-                tracing::warn!(top_up_id = %lease.top_up_id, %error, "top-up not driven; it will be retried");
-                let config = &self.top_ups.config;
-                self.top_ups
-                    .release(
-                        &lease,
-                        Some(self.top_ups.clock.now() + config.reconcile_after),
-                    )
-                    .await?;
-            } else {
-                self.top_ups.release(&lease, None).await?;
-            }
+            self.top_ups.drive_and_release(&lease).await?;
             driven += 1;
         }
         Ok(driven)
@@ -170,5 +159,20 @@ impl TopUpEngine {
         }
         transaction.commit().await?;
         Ok(cards.len())
+    }
+}
+
+impl TopUps {
+    /// Drives a top-up the engine (or the reactor) holds the lease of, then
+    /// gives the lease back; a top-up that could not be driven comes back
+    /// after `reconcile_after`.
+    pub(super) async fn drive_and_release(&self, lease: &Lease) -> Result<(), BillingError> {
+        if let Err(error) = self.drive(lease, Driver::Engine).await {
+            tracing::warn!(top_up_id = %lease.top_up_id, %error, "top-up not driven; it will be retried");
+            self.release(lease, Some(self.clock.now() + self.config.reconcile_after))
+                .await
+        } else {
+            self.release(lease, None).await
+        }
     }
 }

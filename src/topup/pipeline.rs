@@ -34,6 +34,7 @@ use super::{
     gateway_key, ledger_key, store,
 };
 use crate::error::BillingError;
+use crate::events::CommitSignal;
 use crate::gateway::{Charge, ChargeRequest, GatewayError, Outcome, PaymentGateway};
 use crate::ids::AccountId;
 use crate::ledger::{self, EntryKind, Posting};
@@ -51,6 +52,8 @@ pub struct TopUps {
     pub(super) config: PolicyConfig,
     /// Woken when a top-up was started or reopened (the engine drives it).
     pub(super) wake: Arc<Notify>,
+    /// Given after a settlement credited the ledger (its balance event).
+    pub(super) commits: CommitSignal,
 }
 
 /// Who drives a top-up: the customer's request (present, on-session) or
@@ -121,7 +124,15 @@ impl TopUps {
             clock,
             config,
             wake,
+            commits: CommitSignal::default(),
         }
+    }
+
+    /// Tells this process's event feed about the credits settlements commit
+    /// (otherwise readers learn of them by polling).
+    pub fn with_commit_signal(mut self, commits: CommitSignal) -> Self {
+        self.commits = commits;
+        self
     }
 
     /// Decides again, on the live state of `account_id`, whether an automatic
@@ -132,27 +143,38 @@ impl TopUps {
         account_id: &str,
         rearm: bool,
     ) -> Result<bool, BillingError> {
+        let started = self.decide_crossing(account_id, rearm).await?;
+        if started.is_some() {
+            self.wake.notify_one();
+        }
+        Ok(started.is_some())
+    }
+
+    /// [`TopUps::recheck_crossing`] without waking the engine: the id of the
+    /// automatic top-up it started, for a caller that drives it itself.
+    pub(super) async fn decide_crossing(
+        &self,
+        account_id: &str,
+        rearm: bool,
+    ) -> Result<Option<String>, BillingError> {
         let mut transaction = self.pool.begin().await?;
         lock_account(&mut transaction, &AccountId::parse(account_id)?).await?;
         let started = self
             .recheck_locked(&mut transaction, account_id, rearm)
             .await?;
         transaction.commit().await?;
-        if started {
-            self.wake.notify_one();
-        }
         Ok(started)
     }
 
-    /// [`TopUps::recheck_crossing`] inside the caller's transaction, which
+    /// [`TopUps::decide_crossing`] inside the caller's transaction, which
     /// holds the account row lock; the caller commits and, when this returns
-    /// true, wakes the engine.
+    /// the id of a started top-up, wakes the engine or drives it.
     pub(super) async fn recheck_locked(
         &self,
         connection: &mut PgConnection,
         account_id: &str,
         rearm: bool,
-    ) -> Result<bool, BillingError> {
+    ) -> Result<Option<String>, BillingError> {
         let settings = settings::load(&mut *connection, account_id, &self.config).await?;
         let live = Observed::live(&ledger::load_account(&mut *connection, account_id).await?);
         if rearm || !settings.auto_refill_enabled {
@@ -179,7 +201,10 @@ impl TopUps {
             self.clock.as_ref(),
         )
         .await?;
-        Ok(matches!(ensured, Ensured::Started(_)))
+        Ok(match ensured {
+            Ensured::Started(top_up_id) => Some(top_up_id),
+            _ => None,
+        })
     }
 
     /// Drives a top-up this driver holds the lease of until it needs nothing
@@ -806,6 +831,7 @@ impl TopUps {
         )
         .await?;
 
+        let mut credited = false;
         let next = match &charge.outcome {
             Outcome::Succeeded => {
                 let posting = Posting {
@@ -833,6 +859,7 @@ impl TopUps {
                 let posted = ledger::post_in_transaction(&mut transaction, &caller, &posting)
                     .await
                     .map_err(SettleError::CreditFailed)?;
+                credited = true;
                 payment_methods::restore_after_success(
                     &mut transaction,
                     &card.payment_method_id,
@@ -968,6 +995,10 @@ impl TopUps {
             }
         };
         transaction.commit().await?;
+        if credited {
+            // The credit's balance event is committed.
+            self.commits.committed();
+        }
         Ok(next)
     }
 
