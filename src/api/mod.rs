@@ -1,6 +1,7 @@
 //! The gRPC adapters: one per service, each thin — authorize, parse the
 //! request into domain types, call the domain, convert the result.
 
+mod audit;
 mod balance_policy;
 mod balances;
 mod convert;
@@ -8,6 +9,7 @@ mod error;
 mod notifications;
 mod payment_methods;
 
+pub use audit::AuditApi;
 pub use balance_policy::BalancePolicyApi;
 pub use balances::BalancesApi;
 pub use notifications::NotificationsApi;

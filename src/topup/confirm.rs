@@ -111,6 +111,7 @@ impl TopUps {
     /// starts at once when it is still below its threshold.
     pub(super) async fn expire_waiting(&self) -> Result<usize, BillingError> {
         let now = self.clock.now();
+        let mut transaction = self.pool.begin().await?;
         let expired: Vec<(String, String, String)> = sqlx::query_as(
             "UPDATE top_ups SET status = 'FAILED', failure_reason = 'authentication_expired', \
                     updated_at = $2, lease_until = NULL, lease_owner = NULL \
@@ -119,8 +120,24 @@ impl TopUps {
         )
         .bind(now - self.config.action_expiry)
         .bind(now)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *transaction)
         .await?;
+        for (top_up_id, account_id, trigger) in &expired {
+            audit::record(
+                &mut transaction,
+                &super::engine_caller(),
+                "finish_top_up",
+                Some(account_id.as_str()),
+                serde_json::json!({
+                    "top_up_id": top_up_id,
+                    "status": TopUpStatus::Failed.as_str(),
+                    "trigger": trigger,
+                    "reason": "authentication_expired",
+                }),
+            )
+            .await?;
+        }
+        transaction.commit().await?;
         for (top_up_id, account_id, trigger) in &expired {
             crate::telemetry::metrics::top_up_finished(TopUpStatus::Failed.as_str());
             tracing::info!(

@@ -2,12 +2,14 @@
 //! test, called through tonic clients. `TEST_LOG=1` shows the server's logs.
 
 mod alerts;
+mod audit;
 mod auth_attacks;
 mod balances;
 mod events;
 mod group_commit;
 mod helpers;
 mod hostile_input;
+mod identity;
 mod keys;
 mod limits;
 mod notifications;
