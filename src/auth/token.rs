@@ -63,7 +63,8 @@ pub struct KeySet {
     reload_interval: Duration,
     jwks: Option<Jwks>,
     encoding: Option<(Algorithm, EncodingKey)>,
-    validation: Validation,
+    /// The claim rules, one copy per algorithm a key may have (each accepts only its own).
+    validations: Vec<(Algorithm, Validation)>,
     claims: ClaimMapping,
     /// Whether the claim settings are billing's own (what `mint` writes).
     default_claims: bool,
@@ -166,7 +167,19 @@ impl KeySet {
             reload_interval: Duration::from_secs(args.jwt_key_reload_secs.max(1)),
             jwks,
             encoding,
-            validation,
+            validations: [
+                Algorithm::HS256,
+                Algorithm::RS256,
+                Algorithm::ES256,
+                Algorithm::EdDSA,
+            ]
+            .into_iter()
+            .map(|algorithm| {
+                let mut for_algorithm = validation.clone();
+                for_algorithm.algorithms = vec![algorithm];
+                (algorithm, for_algorithm)
+            })
+            .collect(),
             claims: ClaimMapping::from_args(args),
             default_claims: args.jwt_roles_claim == defaults.jwt_roles_claim
                 && args.jwt_role_map.is_empty()
@@ -358,10 +371,11 @@ impl KeySet {
                 key.algorithm == header.alg
                     && (header.kid.is_none() || key.kid.as_deref() == header.kid.as_deref())
             }));
-        let mut validation = self.validation.clone();
-        validation.algorithms = vec![header.alg];
+        let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == header.alg) else {
+            return Err(rejected("algorithm not accepted"));
+        };
         for key in candidates {
-            match jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation) {
+            match jsonwebtoken::decode::<serde_json::Value>(token, &key.key, validation) {
                 Ok(data) => return self.claims.caller(&data.claims).map_err(Rejection::Invalid),
                 // Signed by another key: try the next one of this algorithm.
                 Err(error) if *error.kind() == ErrorKind::InvalidSignature => continue,

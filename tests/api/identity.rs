@@ -216,10 +216,13 @@ async fn a_keycloak_token_signed_by_a_key_of_the_jwks_is_accepted() {
     let key = Signer::rsa("key-2025");
     let provider = Provider::start(&[&key]).await;
     let app = spawn_app_with_keys(key_set(&keycloak_args(provider.jwks_url()))).await;
-    assert_eq!(provider.fetches(), 1, "fetched once at start");
-
     let service = key.sign(&keycloak_claims(&["svc"], None));
     create_account(&app, &service, ACCT).await;
+    assert_eq!(
+        provider.fetches(),
+        1,
+        "fetched once, at start (before serving)"
+    );
     let admin = key.sign(&keycloak_claims(
         &["offline_access", "billing-admin"],
         Some(ACCT),
