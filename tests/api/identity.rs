@@ -356,6 +356,38 @@ async fn an_unknown_kid_refreshes_again_once_the_minimum_interval_passed() {
 }
 
 #[tokio::test]
+async fn the_jwks_is_refreshed_on_schedule_and_a_failed_fetch_keeps_the_cached_keys() {
+    let first = Signer::rsa("first");
+    let second = Signer::other_rsa("second");
+    let provider = Provider::start(&[&first]).await;
+    let args = AuthArgs {
+        jwt_jwks_refresh_secs: 1,
+        ..keycloak_args(provider.jwks_url())
+    };
+    let app = spawn_app_with_keys(key_set(&args)).await;
+    create_account(&app, &first.sign(&keycloak_claims(&["svc"], None)), ACCT).await;
+    let viewer_claims = keycloak_claims(&["billing-viewer"], Some(ACCT));
+    // This hour's refresh for unknown kids is spent here.
+    let token = second.sign(&viewer_claims);
+    assert_eq!(get_balance(&app, &token, ACCT).await, Code::Unauthenticated);
+    provider.publish(&[&first, &second]);
+    eventually("the scheduled refresh brings the second key", || async {
+        get_balance(&app, &token, ACCT).await == Code::Ok
+    })
+    .await;
+
+    // The provider fails: the keys fetched before stay in use.
+    provider.publish(&[]);
+    let fetches = provider.fetches();
+    eventually("a scheduled refresh that finds no key", || async {
+        provider.fetches() > fetches + 1
+    })
+    .await;
+    assert_eq!(get_balance(&app, &token, ACCT).await, Code::Ok);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn the_jwks_is_discovered_from_the_issuers_openid_configuration() {
     let key = Signer::new("es256-private.pem", Algorithm::ES256, "ec-1");
     let provider = Provider::start(&[&key]).await;
