@@ -13,6 +13,7 @@ use crate::proto::{self, audit_server::Audit};
 /// Longest actor subject or action name a filter may hold.
 const MAX_FILTER_CHARS: usize = 256;
 
+/// The `Audit` service: reads the trail `crate::audit` writes.
 #[derive(Clone)]
 pub struct AuditApi {
     pool: PgPool,
