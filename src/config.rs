@@ -28,7 +28,7 @@ pub enum Command {
     /// Apply database migrations and exit.
     Migrate(MigrateArgs),
     /// Mint a bearer token with the configured (or development) key.
-    Token(TokenArgs),
+    Token(Box<TokenArgs>),
     /// Load and latency scenarios against a running server (see BENCHMARKS.md).
     Bench(Box<crate::bench::BenchArgs>),
 }
@@ -79,26 +79,90 @@ pub fn read_secret_file(path: &std::path::Path, setting: &str) -> anyhow::Result
     Ok(text)
 }
 
+/// How bearer tokens are verified: static keys (an HS256 secret, or PEM
+/// public keys), an identity provider's JWKS, or both; and how the claims of
+/// a verified token become a caller (see README "Identity providers").
 #[derive(Debug, Clone, Args)]
 pub struct AuthArgs {
     /// HS256 shared secret for bearer tokens.
     #[arg(long, env = "BILLING_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// File holding the HS256 shared secret.
+    /// File holding the HS256 shared secret (re-read when it changes).
     #[arg(long, env = "BILLING_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
-    /// PEM public key (RS256 or ES256) that verifies tokens; production setting.
-    #[arg(long, env = "BILLING_JWT_PUBLIC_KEY_FILE")]
-    pub jwt_public_key_file: Option<PathBuf>,
-    /// PEM private key matching the public key; only `billing token` uses it.
+    /// PEM public key (RS256, ES256 or EdDSA) that verifies tokens, or a directory of `*.pem`
+    /// keys; repeat (or comma-separate) to accept several keys, e.g. the old and the new one
+    /// during a rotation. Re-read when the files change, without a restart.
+    #[arg(long, env = "BILLING_JWT_PUBLIC_KEY_FILE", value_delimiter = ',')]
+    pub jwt_public_key_file: Vec<PathBuf>,
+    /// PEM private key matching a public key; only `billing token` uses it.
     #[arg(long, env = "BILLING_JWT_PRIVATE_KEY_FILE")]
     pub jwt_private_key_file: Option<PathBuf>,
-    /// Required `iss` claim, when set.
+    /// Required `iss` claim, when set (also the OIDC issuer of --jwt-oidc-discovery).
     #[arg(long, env = "BILLING_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
-    /// Required `aud` claim, when set.
+    /// Required audience, when set: the token's `aud` (a string, or an array) must contain it.
     #[arg(long, env = "BILLING_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// URL of the identity provider's JWK set (RS256, ES256 and EdDSA keys, chosen by `kid`).
+    #[arg(long, env = "BILLING_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// Find the JWK set's URL (`jwks_uri`) in `<--jwt-issuer>/.well-known/openid-configuration`.
+    #[arg(
+        long,
+        env = "BILLING_JWT_OIDC_DISCOVERY",
+        conflicts_with = "jwt_jwks_url",
+        requires = "jwt_issuer"
+    )]
+    pub jwt_oidc_discovery: bool,
+    /// Seconds between scheduled refreshes of the JWK set.
+    #[arg(long, env = "BILLING_JWT_JWKS_REFRESH_SECS", default_value_t = 300)]
+    pub jwt_jwks_refresh_secs: u64,
+    /// Least seconds between two refreshes caused by a token whose `kid` is not in the set
+    /// (a token with an unknown `kid` never causes more fetches than this allows).
+    #[arg(long, env = "BILLING_JWT_JWKS_MIN_REFRESH_SECS", default_value_t = 30)]
+    pub jwt_jwks_min_refresh_secs: u64,
+    /// Seconds between checks of the key files (--jwt-public-key-file, --jwt-secret-file) for changes.
+    #[arg(long, env = "BILLING_JWT_KEY_RELOAD_SECS", default_value_t = 10)]
+    pub jwt_key_reload_secs: u64,
+    /// Claim(s) holding the caller's roles: a name or a dotted path (`realm_access.roles`),
+    /// an array of strings or a space-separated string (`scope`); comma-separate several.
+    #[arg(
+        long,
+        env = "BILLING_JWT_ROLES_CLAIM",
+        value_delimiter = ',',
+        default_value = "roles"
+    )]
+    pub jwt_roles_claim: Vec<String>,
+    /// Provider role names to billing roles, `NAME=ROLE,…` (e.g. `billing-admin=admin,svc=service`).
+    /// When set, only mapped names grant a role; unset, names are billing's own.
+    #[arg(long, env = "BILLING_JWT_ROLE_MAP", value_delimiter = ',', value_parser = crate::auth::RoleMapping::parse)]
+    pub jwt_role_map: Vec<crate::auth::RoleMapping>,
+    /// Claim holding the one account a token may reach: a name or a dotted path.
+    #[arg(long, env = "BILLING_JWT_ACCOUNT_CLAIM", default_value = "account")]
+    pub jwt_account_claim: String,
+}
+
+impl Default for AuthArgs {
+    /// No key configured (the development key) and every other setting at its default.
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            jwt_secret_file: None,
+            jwt_public_key_file: Vec::new(),
+            jwt_private_key_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_jwks_url: None,
+            jwt_oidc_discovery: false,
+            jwt_jwks_refresh_secs: 300,
+            jwt_jwks_min_refresh_secs: 30,
+            jwt_key_reload_secs: 10,
+            jwt_roles_claim: vec!["roles".into()],
+            jwt_role_map: Vec::new(),
+            jwt_account_claim: "account".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -482,7 +546,8 @@ pub struct TokenArgs {
     /// admin, commercial, billing, viewer or service.
     #[arg(long, default_value = "service")]
     pub role: String,
-    /// The account the token may reach (required for every role but service).
+    /// The one account the token may reach: required for every role but service; a service
+    /// token with an account reaches only that account, without one it reaches every account.
     #[arg(long)]
     pub account: Option<String>,
     /// The `sub` claim: who is calling.

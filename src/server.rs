@@ -18,7 +18,7 @@ use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
 
 use crate::api::{
-    BalancePolicyApi, BalancesApi, CallerLimitSettings, CallerLimits, NotificationsApi,
+    AuditApi, BalancePolicyApi, BalancesApi, CallerLimitSettings, CallerLimits, NotificationsApi,
     PaymentMethodsApi,
 };
 use crate::auth::{AuthLayer, KeySet};
@@ -42,11 +42,12 @@ use crate::transport::{StreamsPerConnectionLayer, TransportLimits};
 pub const LIVENESS_SERVICE: &str = "liveness";
 
 /// The health-checked service names, besides the overall "", that follow the database.
-pub const SERVICE_NAMES: [&str; 4] = [
+pub const SERVICE_NAMES: [&str; 5] = [
     "billing.v1.Balances",
     "billing.v1.BalancePolicy",
     "billing.v1.PaymentMethods",
     "billing.v1.Notifications",
+    "billing.v1.Audit",
 ];
 
 /// The largest request message any billing RPC decodes; larger ones are
@@ -160,12 +161,16 @@ pub fn check(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
         )),
     }
     let auth = &args.auth;
-    if auth.jwt_public_key_file.is_some()
+    if !auth.jwt_public_key_file.is_empty()
         || auth.jwt_secret.is_some()
         || auth.jwt_secret_file.is_some()
+        || auth.jwt_jwks_url.is_some()
+        || auth.jwt_oidc_discovery
     {
-        KeySet::load(auth, &args.database.data_dir).context("loading the JWT verification key")?;
-        report.push("jwt: verification key loaded".into());
+        // Keys in files are read; a JWK set is fetched only by `serve`.
+        let keys = KeySet::load(auth, &args.database.data_dir)
+            .context("loading the JWT verification key")?;
+        report.push(format!("jwt: {}", keys.describe()));
     } else {
         report.push(
             "jwt: none configured: a development key would be used (not for production)".into(),
@@ -342,6 +347,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let keys = Arc::new(
         KeySet::load(&args.auth, &args.database.data_dir)?.with_leeway_secs(args.jwt_leeway_secs),
     );
+    tracing::info!(keys = %keys.describe(), "bearer tokens verified with");
     if let Some(path) = &keys.development_key {
         tracing::warn!(
             key = %path.display(),
@@ -635,6 +641,8 @@ pub async fn serve(
         );
     }
 
+    // The first JWKS fetch happens before serving; then refreshes and key-file reloads.
+    let keys_task = keys.start(stop_receiver.clone()).await;
     let layers = ServiceBuilder::new()
         .layer(StreamsPerConnectionLayer::new(
             settings.transport.max_concurrent_streams,
@@ -707,6 +715,11 @@ pub async fn serve(
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         )
+        .add_service(
+            proto::audit_server::AuditServer::new(AuditApi::new(pool.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
         .serve_with_incoming_shutdown(
             crate::transport::incoming(listener, settings.transport.clone()),
             {
@@ -731,7 +744,7 @@ pub async fn serve(
     if let Some(task) = sender_task {
         let _ = task.await;
     }
-    for task in [metrics_task, webhook_task, gauges_task]
+    for task in [metrics_task, webhook_task, gauges_task, keys_task]
         .into_iter()
         .flatten()
     {

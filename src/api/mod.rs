@@ -1,6 +1,7 @@
 //! The gRPC adapters: one per service, each thin — authorize, parse the
 //! request into domain types, call the domain, convert the result.
 
+mod audit;
 mod balance_policy;
 mod balances;
 mod caller_limits;
@@ -9,6 +10,7 @@ mod error;
 mod notifications;
 mod payment_methods;
 
+pub use audit::AuditApi;
 pub use balance_policy::BalancePolicyApi;
 pub use balances::{BalancesApi, RESUME_CURSOR_METADATA_KEY};
 pub use caller_limits::{

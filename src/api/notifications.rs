@@ -121,11 +121,12 @@ impl Notifications for NotificationsApi {
                 "the account has no recipient: set recipients or a billing email".into(),
             )
         })?;
-        crate::audit::record(
+        crate::audit::record_keyed(
             &mut transaction,
             &caller,
             "send_test_notification",
             Some(account_id.as_str()),
+            Some(&key),
             serde_json::json!({ "notification_id": queued.notification_id }),
         )
         .await?;

@@ -806,6 +806,8 @@ mod tests {
                 subject: "test".into(),
                 account: None,
                 roles: vec![Role::Service],
+                trace_id: None,
+                engine: false,
             },
             posting: Posting {
                 account_id: AccountId::parse(account).unwrap(),

@@ -11,7 +11,7 @@
 -- Per debit: $5 account_id, $6 entry_id, $7 transaction_id, $8 signed amount,
 -- $9 balance_after, $10 total_balance_after, $11 sequence, $12 description,
 -- $13 metadata, $14 idempotency key, $15 request hash, $16 stored response,
--- $17 actor, $18 role, $19 audit details
+-- $17 actor, $18 role, $19 audit details, $20 actor type, $21 trace id
 WITH moved AS (
     UPDATE accounts a
        SET balance = m.balance, version = m.version
@@ -22,9 +22,10 @@ WITH moved AS (
     SELECT *
       FROM unnest($5::TEXT[], $6::BIGINT[], $7::UUID[], $8::NUMERIC[], $9::NUMERIC[], $10::NUMERIC[],
                   $11::BIGINT[], $12::TEXT[], $13::TEXT[], $14::TEXT[], $15::TEXT[], $16::TEXT[],
-                  $17::TEXT[], $18::TEXT[], $19::TEXT[]) WITH ORDINALITY
+                  $17::TEXT[], $18::TEXT[], $19::TEXT[], $20::TEXT[], $21::TEXT[]) WITH ORDINALITY
         AS b (account_id, entry_id, transaction_id, amount, balance_after, total_balance_after, sequence,
-              description, metadata, idempotency_key, request_hash, response, actor, role, details, position)
+              description, metadata, idempotency_key, request_hash, response, actor, role, details,
+              actor_type, trace_id, position)
 ), entries AS (
     INSERT INTO ledger_entries (entry_id, transaction_id, account_id, kind, amount, balance_after, description, metadata, idempotency_key, created_at)
     SELECT entry_id, transaction_id, account_id, 'usage', amount, balance_after, description, metadata::JSONB, idempotency_key, $4
@@ -39,7 +40,8 @@ WITH moved AS (
         ON CONFLICT DO NOTHING
  RETURNING 1
 ), audit AS (
-    INSERT INTO audit_log (actor, role, action, account_id, details)
-    SELECT actor, role, 'debit', account_id, details::JSONB FROM batch ORDER BY position
+    INSERT INTO audit_log (actor, role, actor_type, action, account_id, details, idempotency_key, trace_id)
+    SELECT actor, role, actor_type, 'debit', account_id, details::JSONB, idempotency_key, trace_id
+      FROM batch ORDER BY position
 )
 SELECT (SELECT count(*) FROM moved) AS accounts_moved, (SELECT count(*) FROM keys) AS keys_stored

@@ -57,6 +57,8 @@ pub(super) async fn write(
         .bind(columns.actors)
         .bind(columns.roles)
         .bind(columns.details)
+        .bind(columns.actor_types)
+        .bind(columns.trace_ids)
         .fetch_one(connection)
         .await?;
     Ok(Written {
@@ -91,6 +93,8 @@ struct Columns {
     actors: Vec<String>,
     roles: Vec<String>,
     details: Vec<String>,
+    actor_types: Vec<&'static str>,
+    trace_ids: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -115,6 +119,9 @@ impl Columns {
         self.responses.push(json(serde_json::to_string(result))?);
         self.actors.push(waiting.caller.subject.clone());
         self.roles.push(waiting.caller.roles_label());
+        self.actor_types
+            .push(crate::audit::ActorType::of(&waiting.caller).as_str());
+        self.trace_ids.push(waiting.caller.trace_id.clone());
         self.details
             .push(json(serde_json::to_string(&serde_json::json!({
                 "transaction_id": entry.transaction_id,

@@ -181,7 +181,7 @@ pub async fn post_in_transaction(
         idempotency::encode(&result)?,
     )
     .await?;
-    audit::record(
+    audit::record_keyed(
         connection,
         caller,
         if posting.kind.is_debit() {
@@ -190,6 +190,7 @@ pub async fn post_in_transaction(
             "credit"
         },
         Some(account.account_id.as_str()),
+        Some(&posting.idempotency_key),
         serde_json::json!({
             "transaction_id": transaction_id,
             "kind": posting.kind.as_str(),

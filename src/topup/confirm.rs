@@ -155,6 +155,19 @@ impl TopUps {
             transaction.rollback().await?;
             return Ok(false);
         };
+        audit::record(
+            &mut transaction,
+            &super::engine_caller(),
+            "finish_top_up",
+            Some(account_id),
+            serde_json::json!({
+                "top_up_id": top_up_id,
+                "status": TopUpStatus::Failed.as_str(),
+                "trigger": trigger,
+                "reason": "authentication_expired",
+            }),
+        )
+        .await?;
         let started = Trigger::parse(&trigger) == Some(Trigger::Automatic)
             && self
                 .recheck_locked(&mut transaction, account_id, true)

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::pipeline::{Driver, Lease, TopUps};
-use crate::auth::{Caller, Role};
+use crate::auth::Caller;
 use crate::error::BillingError;
 use crate::ids::AccountId;
 use crate::notifications::{self, CardLabel, Notice};
@@ -29,11 +29,7 @@ pub struct TopUpEngine {
 
 /// The engine acts as a service of its own in the ledger and the audit log.
 pub fn engine_caller() -> Caller {
-    Caller {
-        subject: "auto-top-up-engine".into(),
-        account: None,
-        roles: vec![Role::Service],
-    }
+    Caller::engine("auto-top-up-engine")
 }
 
 impl TopUpEngine {

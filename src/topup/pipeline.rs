@@ -33,6 +33,7 @@ use super::{
     AttemptOutcome, Clock, PendingChallenge, TopUp, TopUpStatus, Trigger, cancel_reason,
     gateway_key, ledger_key, store,
 };
+use crate::audit;
 use crate::error::BillingError;
 use crate::events::CommitSignal;
 use crate::gateway::{Charge, ChargeRequest, GatewayError, Outcome, PaymentGateway};
@@ -860,12 +861,25 @@ impl TopUps {
                     .await
                     .map_err(SettleError::CreditFailed)?;
                 credited = true;
-                payment_methods::restore_after_success(
+                if payment_methods::restore_after_success(
                     &mut transaction,
                     &card.payment_method_id,
                     top_up.trigger == Trigger::Retry,
                 )
-                .await?;
+                .await?
+                {
+                    audit::record(
+                        &mut transaction,
+                        &super::engine_caller(),
+                        "restore_payment_method",
+                        Some(account.as_str()),
+                        serde_json::json!({
+                            "payment_method_id": card.payment_method_id,
+                            "top_up_id": top_up.top_up_id,
+                        }),
+                    )
+                    .await?;
+                }
                 sqlx::query("UPDATE top_ups SET amount = $2 WHERE top_up_id = $1")
                     .bind(&top_up.top_up_id)
                     .bind(attempt.amount)
@@ -927,6 +941,19 @@ impl TopUps {
                     )
                     .await?
                 {
+                    audit::record(
+                        &mut transaction,
+                        &super::engine_caller(),
+                        "disable_payment_method",
+                        Some(account.as_str()),
+                        serde_json::json!({
+                            "payment_method_id": card.payment_method_id,
+                            "top_up_id": top_up.top_up_id,
+                            "reason": code,
+                            "hard_decline": hard,
+                        }),
+                    )
+                    .await?;
                     let notice = Notice::PaymentMethodDisabled {
                         card: label,
                         reason: code.clone(),
@@ -1156,6 +1183,25 @@ impl TopUps {
         .execute(&mut *connection)
         .await?;
         metrics::top_up_finished(status.as_str());
+        audit::record(
+            &mut *connection,
+            &super::engine_caller(),
+            if last_round {
+                "finish_top_up"
+            } else {
+                "schedule_top_up_retry"
+            },
+            Some(account_id),
+            serde_json::json!({
+                "top_up_id": top_up.top_up_id,
+                "status": status.as_str(),
+                "trigger": top_up.trigger.as_str(),
+                "reason": reason,
+                "rounds": rounds,
+                "next_attempt_at": next.map(|at| at.to_rfc3339()),
+            }),
+        )
+        .await?;
         if last_round || rounds == 1 {
             let notice = Notice::TopUpFailed {
                 top_up_id: top_up.top_up_id.clone(),
@@ -1189,7 +1235,7 @@ impl TopUps {
         challenge: Option<&PendingChallenge>,
     ) -> Result<(), BillingError> {
         store::finish(
-            connection,
+            &mut *connection,
             &top_up.top_up_id,
             status,
             transaction_id,
@@ -1199,7 +1245,20 @@ impl TopUps {
         )
         .await?;
         metrics::top_up_finished(status.as_str());
-        Ok(())
+        audit::record(
+            connection,
+            &super::engine_caller(),
+            "finish_top_up",
+            Some(top_up.account_id.as_str()),
+            serde_json::json!({
+                "top_up_id": top_up.top_up_id,
+                "transaction_id": transaction_id,
+                "status": status.as_str(),
+                "trigger": top_up.trigger.as_str(),
+                "reason": reason,
+            }),
+        )
+        .await
     }
 
     /// A charge result that arrived on its own (a processor's webhook) for

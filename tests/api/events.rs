@@ -156,6 +156,8 @@ fn service_caller() -> Caller {
         subject: "test".into(),
         account: None,
         roles: vec![Role::Service],
+        trace_id: None,
+        engine: false,
     }
 }
 

@@ -367,6 +367,8 @@ fn service_caller() -> billing::auth::Caller {
         subject: "test".into(),
         account: None,
         roles: vec![billing::auth::Role::Service],
+        trace_id: None,
+        engine: false,
     }
 }
 

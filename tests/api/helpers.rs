@@ -121,11 +121,7 @@ pub async fn fresh_database() -> (PgPool, PgConnectOptions) {
 pub fn test_keys() -> Arc<KeySet> {
     let args = AuthArgs {
         jwt_secret: Some(TEST_SECRET.into()),
-        jwt_secret_file: None,
-        jwt_public_key_file: None,
-        jwt_private_key_file: None,
-        jwt_issuer: None,
-        jwt_audience: None,
+        ..Default::default()
     };
     Arc::new(KeySet::load(&args, std::path::Path::new("/nonexistent")).expect("test keys"))
 }

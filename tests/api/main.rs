@@ -3,12 +3,14 @@
 
 mod abuse;
 mod alerts;
+mod audit;
 mod auth_attacks;
 mod balances;
 mod events;
 mod group_commit;
 mod helpers;
 mod hostile_input;
+mod identity;
 mod keys;
 mod limits;
 mod model;

@@ -7,3 +7,4 @@ mod embedded_default;
 mod grpcurl;
 mod health;
 mod process;
+mod token;
