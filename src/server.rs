@@ -592,7 +592,7 @@ pub async fn serve(
     )
     .with_commit_signal(feed.commits());
     // Group commit; each commit wakes this process's feed in memory.
-    let mut debits =
+    let debits =
         DebitBatcher::new(pool.clone(), settings.debit_batches).with_commit_signal(feed.commits());
     // `/metrics` reads the database gauges from this snapshot: a scrape never waits on Postgres.
     let gauges_task = settings.metrics_listener.as_ref().map(|_| {
@@ -603,11 +603,13 @@ pub async fn serve(
         ))
     });
     let engine_tasks = if settings.engines {
-        // Crossings committed here, and top-ups the subscriber starts, go
-        // straight to the reactor (src/topup/react.rs).
-        let (crossings, crossings_receiver) = mpsc::channel(topup::REACTOR_CHANNEL);
+        // Top-ups the subscriber starts go straight to the reactor
+        // (src/topup/react.rs), not through an engine pass. Crossings seen by
+        // the debit batch are not sent to it: the subscriber enqueues the
+        // low-balance email in the transaction that starts the top-up, and a
+        // reaction ahead of it sent the receipt before that email.
+        let (_, crossings_receiver) = mpsc::channel(topup::REACTOR_CHANNEL);
         let (started, started_receiver) = mpsc::channel(topup::REACTOR_CHANNEL);
-        debits = debits.with_crossings(crossings);
         let decisions = tokio::spawn(topup::run_policy_decisions(
             pool.clone(),
             feed.clone(),
