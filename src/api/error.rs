@@ -1,24 +1,230 @@
-//! Domain errors become gRPC statuses here, once. Unexpected errors are
-//! logged with their cause and reach the client only as "internal error".
+//! Domain errors become gRPC statuses here, once, with the rich error
+//! details of the gRPC richer error model (`google.rpc.Status` in
+//! `grpc-status-details-bin`): `ErrorInfo` (stable reason, domain
+//! `billing.v1`) on every error, `BadRequest` with every bad field on
+//! INVALID_ARGUMENT, `PreconditionFailure` on FAILED_PRECONDITION and
+//! `RetryInfo` on UNAVAILABLE and RESOURCE_EXHAUSTED. The contract is
+//! written in `proto/billing/v1/errors.proto`. Unexpected errors are logged
+//! with their cause and reach the client only as "internal error".
 
-use tonic::Status;
+use std::collections::HashMap;
 
-use crate::error::BillingError;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::error::{BillingError, Reason};
+
+/// `ErrorInfo.domain` of every billing error.
+pub const ERROR_DOMAIN: &str = "billing.v1";
 
 impl From<BillingError> for Status {
     fn from(error: BillingError) -> Status {
-        match error {
-            BillingError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
-            BillingError::NotFound(_) => Status::not_found(error.to_string()),
-            BillingError::AlreadyExists(message) => Status::already_exists(message),
-            BillingError::FailedPrecondition(message) => Status::failed_precondition(message),
-            BillingError::PermissionDenied(message) => Status::permission_denied(message),
-            BillingError::Unauthenticated(message) => Status::unauthenticated(message),
-            BillingError::Unavailable(message) => Status::unavailable(message),
+        let reason = error.reason();
+        let mut details = ErrorDetails::new();
+        details.set_error_info(reason.as_str(), ERROR_DOMAIN, HashMap::new());
+        let (code, message) = match error {
+            BillingError::InvalidArgument(violations) => {
+                let message = BillingError::InvalidArgument(violations.clone()).to_string();
+                details.set_bad_request(
+                    violations
+                        .into_iter()
+                        .map(|violation| {
+                            let mut field =
+                                FieldViolation::new(violation.field, violation.description);
+                            field.reason = violation.reason.as_str().to_owned();
+                            field
+                        })
+                        .collect::<Vec<_>>(),
+                );
+                (Code::InvalidArgument, message)
+            }
+            BillingError::NotFound(_) => (Code::NotFound, error.to_string()),
+            BillingError::AlreadyExists { message, .. } => (Code::AlreadyExists, message),
+            BillingError::FailedPrecondition {
+                subject, message, ..
+            } => {
+                details.add_precondition_failure_violation(reason.as_str(), subject, &message);
+                (Code::FailedPrecondition, message)
+            }
+            BillingError::PermissionDenied(message) => (Code::PermissionDenied, message),
+            BillingError::Unauthenticated(message) => (Code::Unauthenticated, message),
+            BillingError::Unavailable { message, .. } => {
+                details.set_retry_info(Some(reason.retry_delay()));
+                (Code::Unavailable, message)
+            }
+            BillingError::ResourceExhausted { message, .. } => {
+                details.set_retry_info(Some(reason.retry_delay()));
+                (Code::ResourceExhausted, message)
+            }
             BillingError::Unexpected(cause) => {
                 tracing::error!(error = ?cause, "unexpected error");
-                Status::internal("internal error")
+                (Code::Internal, "internal error".to_owned())
+            }
+        };
+        Status::with_error_details(code, message, details)
+    }
+}
+
+/// A status for an error of the tower layers under the RPC log (load
+/// shedding's `Overloaded`, anything else tonic would turn into a status),
+/// with the same details as every other error.
+pub fn status_from_layer_error(error: tower::BoxError) -> Status {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        return BillingError::ResourceExhausted {
+            reason: Reason::Overloaded,
+            message: "the server is overloaded; retry later".into(),
+        }
+        .into();
+    }
+    let status = Status::from_error(error);
+    let reason = match status.code() {
+        Code::DeadlineExceeded => Reason::DeadlineExceeded,
+        Code::Unavailable => Reason::ServerShuttingDown,
+        Code::ResourceExhausted => Reason::Overloaded,
+        _ => Reason::Internal,
+    };
+    with_reason(status.code(), status.message(), reason)
+}
+
+/// DEADLINE_EXCEEDED, with its `ErrorInfo`.
+pub fn deadline_exceeded() -> Status {
+    with_reason(
+        Code::DeadlineExceeded,
+        "deadline exceeded",
+        Reason::DeadlineExceeded,
+    )
+}
+
+fn with_reason(code: Code, message: &str, reason: Reason) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(reason.as_str(), ERROR_DOMAIN, HashMap::new());
+    if matches!(code, Code::Unavailable | Code::ResourceExhausted) {
+        details.set_retry_info(Some(reason.retry_delay()));
+    }
+    Status::with_error_details(code, message, details)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Violations;
+    use crate::proto;
+
+    #[test]
+    fn every_reason_is_a_value_of_the_proto_error_reason_enum_in_the_same_order() {
+        for (index, reason) in Reason::ALL.into_iter().enumerate() {
+            let value = proto::ErrorReason::from_str_name(&format!("ERROR_REASON_{reason}"))
+                .unwrap_or_else(|| panic!("{reason} is not in errors.proto"));
+            assert_eq!(value as usize, index + 1, "{reason}");
+        }
+        // And the proto has no value the code never sends.
+        let last = Reason::ALL.len() as i32;
+        assert!(proto::ErrorReason::try_from(last + 1).is_err());
+    }
+
+    #[test]
+    fn every_not_found_of_the_code_base_has_its_own_reason() {
+        for what in [
+            "account",
+            "payment method",
+            "top-up",
+            "notification",
+            "subscriber",
+        ] {
+            assert_ne!(Reason::not_found(what), Reason::ResourceNotFound, "{what}");
+        }
+        let sources = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path());
+        let mut pending: Vec<_> = sources.collect();
+        while let Some(path) = pending.pop() {
+            if path.is_dir() {
+                pending.extend(std::fs::read_dir(&path).unwrap().flatten().map(|e| e.path()));
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for (_, rest) in text.match_indices("NotFound(\"").map(|(i, _)| text.split_at(i + 10)) {
+                let what = rest.split('"').next().unwrap_or_default();
+                assert_ne!(
+                    Reason::not_found(what),
+                    Reason::ResourceNotFound,
+                    "NotFound({what:?}) in {} has no reason of its own",
+                    path.display()
+                );
             }
         }
+    }
+
+    #[test]
+    fn invalid_argument_lists_every_violation_in_bad_request() {
+        let mut violations = Violations::new();
+        violations.add("card.exp_month", "must be 1 to 12");
+        violations.add("card.cvc", "must be 3 digits for this card");
+        let status = Status::from(violations.into_error());
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "card.exp_month: must be 1 to 12; card.cvc: must be 3 digits for this card"
+        );
+        let details = status.get_error_details();
+        let fields: Vec<_> = details
+            .bad_request()
+            .expect("BadRequest")
+            .field_violations
+            .iter()
+            .map(|v| (v.field.as_str(), v.reason.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("card.exp_month", "INVALID_FIELD"),
+                ("card.cvc", "INVALID_FIELD")
+            ]
+        );
+        let info = details.error_info().expect("ErrorInfo");
+        assert_eq!((info.reason.as_str(), info.domain.as_str()), ("INVALID_FIELD", "billing.v1"));
+    }
+
+    #[test]
+    fn failed_precondition_carries_a_precondition_failure_and_its_reason() {
+        let status = Status::from(BillingError::precondition(
+            Reason::InsufficientFunds,
+            "accounts/acme",
+            "insufficient funds: total_balance is $1.00, the debit is $2.00",
+        ));
+        let details = status.get_error_details();
+        assert_eq!(details.error_info().unwrap().reason, "INSUFFICIENT_FUNDS");
+        let violation = &details.precondition_failure().unwrap().violations[0];
+        assert_eq!(violation.r#type, "INSUFFICIENT_FUNDS");
+        assert_eq!(violation.subject, "accounts/acme");
+        assert!(details.retry_info().is_none());
+    }
+
+    #[test]
+    fn unavailable_and_resource_exhausted_say_when_to_retry() {
+        for status in [
+            Status::from(BillingError::unavailable(
+                Reason::DatabaseUnavailable,
+                "the database is unavailable; retry later",
+            )),
+            status_from_layer_error(Box::new(tower::load_shed::error::Overloaded::new())),
+        ] {
+            assert!(matches!(
+                status.code(),
+                Code::Unavailable | Code::ResourceExhausted
+            ));
+            let details = status.get_error_details();
+            assert!(details.retry_info().and_then(|r| r.retry_delay).is_some());
+            assert!(details.error_info().is_some());
+        }
+    }
+
+    #[test]
+    fn internal_errors_say_nothing_of_their_cause() {
+        let status = Status::from(BillingError::Unexpected(anyhow::anyhow!("secret: db password")));
+        assert_eq!(status.message(), "internal error");
+        assert_eq!(status.get_error_details().error_info().unwrap().reason, "INTERNAL");
     }
 }

@@ -34,7 +34,7 @@ use super::accounts::account_from_row;
 use super::postings::BALANCE_LIMIT;
 use super::{Account, EntryKind, LedgerEntry, Posting, PostingResult, idempotency};
 use crate::auth::Caller;
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason};
 
 type Reply = oneshot::Sender<Result<PostingResult, BillingError>>;
 
@@ -114,8 +114,9 @@ impl DebitBatcher {
                 Ok(None) => batch
                     .iter()
                     .map(|_| {
-                        Err(BillingError::Unavailable(
-                            "a concurrent change conflicted; retry".into(),
+                        Err(BillingError::unavailable(
+                            Reason::ConcurrentChange,
+                            "a concurrent change conflicted; retry",
                         ))
                     })
                     .collect(),
@@ -143,10 +144,12 @@ impl DebitBatcher {
 fn copy_error(error: &BillingError) -> BillingError {
     match error {
         BillingError::NotFound(what) => BillingError::NotFound(what),
-        BillingError::Unavailable(message) => BillingError::Unavailable(message.clone()),
-        BillingError::FailedPrecondition(message) => {
-            BillingError::FailedPrecondition(message.clone())
-        }
+        BillingError::Unavailable { reason, message } => BillingError::unavailable(*reason, message),
+        BillingError::FailedPrecondition {
+            reason,
+            subject,
+            message,
+        } => BillingError::precondition(*reason, subject, message),
         other => BillingError::Unexpected(anyhow::anyhow!("{other:#}")),
     }
 }
@@ -294,8 +297,9 @@ fn decide(
         // A caller cut off (timeout, disconnect) while the batch waited for
         // the lock withdraws its debit, as a rolled-back transaction would.
         if waiting.reply.is_closed() {
-            results[index] = Some(Err(BillingError::Unavailable(
-                "the request was cancelled".into(),
+            results[index] = Some(Err(BillingError::unavailable(
+                Reason::RequestCancelled,
+                "the request was cancelled",
             )));
             continue;
         }
@@ -383,8 +387,9 @@ fn parse_stored_keys(json: Option<String>) -> Result<StoredKeys, BillingError> {
 }
 
 fn reused_key() -> BillingError {
-    BillingError::AlreadyExists(
-        "idempotency_key was already used for a different request on this account".into(),
+    BillingError::already_exists(
+        Reason::IdempotencyKeyReused,
+        "idempotency_key was already used for a different request on this account",
     )
 }
 
@@ -397,15 +402,21 @@ fn next_balance(
     let new_balance = balance + posting.signed_amount();
     let total_before = balance + account.credit_limit;
     if !posting.allow_overdraft && new_balance + account.credit_limit < Decimal::ZERO {
-        return Err(BillingError::FailedPrecondition(format!(
-            "insufficient funds: total_balance is {}, the debit is {}",
-            account.currency.display(total_before),
-            account.currency.display(posting.amount)
-        )));
+        return Err(BillingError::precondition(
+            Reason::InsufficientFunds,
+            format!("accounts/{}", account.account_id),
+            format!(
+                "insufficient funds: total_balance is {}, the debit is {}",
+                account.currency.display(total_before),
+                account.currency.display(posting.amount)
+            ),
+        ));
     }
     if new_balance.abs() >= Decimal::from(BALANCE_LIMIT) {
-        return Err(BillingError::FailedPrecondition(
-            "the balance would exceed the largest allowed".into(),
+        return Err(BillingError::precondition(
+            Reason::BalanceLimitExceeded,
+            format!("accounts/{}", account.account_id),
+            "the balance would exceed the largest allowed",
         ));
     }
     Ok(new_balance)

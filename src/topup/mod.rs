@@ -43,7 +43,8 @@ pub use funds::{FundsRequest, FundsResult};
 pub use pipeline::TopUps;
 pub use runner::run_policy_decisions;
 pub use settings::{
-    LowBalanceSettings, PolicyConfig, SettingsChange, apply_settings, get_settings,
+    LowBalanceSettings, PolicyConfig, SettingsChange, apply_settings, check_refill_amount,
+    get_settings,
 };
 pub use store::{get, list, owner};
 
