@@ -300,8 +300,8 @@ mod tests {
         let error =
             CardDetails::parse("4242424242424242", 13, 2030, "1", "Ada", today()).unwrap_err();
         assert_eq!(fields_of(error), ["card.exp_month", "card.cvc"]);
-        let error = CardDetails::parse("4242424242424241", 0, 30, "12345", "A\u{0}", today())
-            .unwrap_err();
+        let error =
+            CardDetails::parse("4242424242424241", 0, 30, "12345", "A\u{0}", today()).unwrap_err();
         assert_eq!(
             fields_of(error),
             [

@@ -80,7 +80,9 @@ where
         Box::pin(async move {
             match tokio::time::timeout(limit, future).await {
                 Ok(Ok(response)) => Ok(response),
-                Ok(Err(error)) => Ok(crate::api::error::status_from_layer_error(error.into()).into_http()),
+                Ok(Err(error)) => {
+                    Ok(crate::api::error::status_from_layer_error(error.into()).into_http())
+                }
                 Err(_) => Ok(crate::api::error::deadline_exceeded().into_http()),
             }
         })

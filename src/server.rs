@@ -1,6 +1,6 @@
 //! The gRPC server: router, tower layers (RPC span/log/metrics, deadline,
 //! load shedding, a global concurrency limit, auth), message and header
-//! size limits, keep-alive, health, reflection, the metrics HTTP server and
+//! size limits, gzip compression, keep-alive, health, reflection, the metrics HTTP server and
 //! graceful shutdown.
 
 use std::future::Future;
@@ -43,6 +43,10 @@ pub const SERVICE_NAMES: [&str; 4] = [
     "billing.v1.PaymentMethods",
     "billing.v1.Notifications",
 ];
+
+/// Every service accepts gzip-compressed requests and compresses its
+/// responses with gzip when the client accepts it (`grpc-accept-encoding`).
+const GZIP: tonic::codec::CompressionEncoding = tonic::codec::CompressionEncoding::Gzip;
 
 /// The largest request message any billing RPC decodes; larger ones are
 /// refused (tonic answers `OUT_OF_RANGE`) before a handler runs.
@@ -612,9 +616,13 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
         .http2_max_header_list_size(settings.max_header_list_bytes)
         .layer(layers)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(health_service.accept_compressed(GZIP).send_compressed(GZIP))
+        .add_service(reflection_v1.accept_compressed(GZIP).send_compressed(GZIP))
+        .add_service(
+            reflection_v1alpha
+                .accept_compressed(GZIP)
+                .send_compressed(GZIP),
+        )
         .add_service(
             proto::balances_server::BalancesServer::new(BalancesApi::new(
                 pool.clone(),
@@ -623,7 +631,9 @@ pub async fn serve(
                 settings.watch.clone(),
             ))
             .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+            .max_encoding_message_size(max_message)
+            .accept_compressed(GZIP)
+            .send_compressed(GZIP),
         )
         .add_service(
             proto::balance_policy_server::BalancePolicyServer::new(BalancePolicyApi::new(
@@ -633,7 +643,9 @@ pub async fn serve(
                 wake_engine.clone(),
             ))
             .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+            .max_encoding_message_size(max_message)
+            .accept_compressed(GZIP)
+            .send_compressed(GZIP),
         )
         .add_service(
             proto::payment_methods_server::PaymentMethodsServer::new(PaymentMethodsApi::new(
@@ -641,14 +653,18 @@ pub async fn serve(
                 top_ups.clone(),
             ))
             .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+            .max_encoding_message_size(max_message)
+            .accept_compressed(GZIP)
+            .send_compressed(GZIP),
         )
         .add_service(
             proto::notifications_server::NotificationsServer::new(NotificationsApi::new(
                 pool.clone(),
             ))
             .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+            .max_encoding_message_size(max_message)
+            .accept_compressed(GZIP)
+            .send_compressed(GZIP),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
             let feed = feed.clone();

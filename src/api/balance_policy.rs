@@ -92,13 +92,24 @@ impl BalancePolicy for BalancePolicyApi {
                 )
                 .map(|cap| Some(Some(cap))),
         };
-        let parsed = (
-            violations.check(settings_amount("threshold", &message.threshold, currency)),
-            violations.check(settings_amount(
-                "refill_amount",
-                &message.refill_amount,
+        let threshold =
+            violations.check(settings_amount("threshold", &message.threshold, currency));
+        let refill_amount = violations.check(settings_amount(
+            "refill_amount",
+            &message.refill_amount,
+            currency,
+        ));
+        if let Some(refill_amount) = refill_amount {
+            violations.check(topup::check_refill_amount(
+                message.auto_refill_enabled,
+                refill_amount,
                 currency,
-            )),
+                &self.config,
+            ));
+        }
+        let parsed = (
+            threshold,
+            refill_amount,
             violations.check(settings_amount(
                 "notification_threshold",
                 &message.notification_threshold,
@@ -126,8 +137,7 @@ impl BalancePolicy for BalancePolicyApi {
             max_top_ups_per_day,
             max_amount_per_day,
         };
-        // The refill bounds are checked with the other fields (and again by the domain).
-        violations.check(topup::check_refill_amount(&change, currency, &self.config));
+        // A refill amount out of bounds alone passes the let-else above.
         violations.finish()?;
         let (settings, started) = topup::apply_settings(
             &self.pool,

@@ -141,11 +141,19 @@ mod tests {
         let mut pending: Vec<_> = sources.collect();
         while let Some(path) = pending.pop() {
             if path.is_dir() {
-                pending.extend(std::fs::read_dir(&path).unwrap().flatten().map(|e| e.path()));
+                pending.extend(
+                    std::fs::read_dir(&path)
+                        .unwrap()
+                        .flatten()
+                        .map(|e| e.path()),
+                );
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            for (_, rest) in text.match_indices("NotFound(\"").map(|(i, _)| text.split_at(i + 10)) {
+            for (_, rest) in text
+                .match_indices("NotFound(\"")
+                .map(|(i, _)| text.split_at(i + 10))
+            {
                 let what = rest.split('"').next().unwrap_or_default();
                 assert_ne!(
                     Reason::not_found(what),
@@ -184,7 +192,10 @@ mod tests {
             ]
         );
         let info = details.error_info().expect("ErrorInfo");
-        assert_eq!((info.reason.as_str(), info.domain.as_str()), ("INVALID_FIELD", "billing.v1"));
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("INVALID_FIELD", "billing.v1")
+        );
     }
 
     #[test]
@@ -223,8 +234,13 @@ mod tests {
 
     #[test]
     fn internal_errors_say_nothing_of_their_cause() {
-        let status = Status::from(BillingError::Unexpected(anyhow::anyhow!("secret: db password")));
+        let status = Status::from(BillingError::Unexpected(anyhow::anyhow!(
+            "secret: db password"
+        )));
         assert_eq!(status.message(), "internal error");
-        assert_eq!(status.get_error_details().error_info().unwrap().reason, "INTERNAL");
+        assert_eq!(
+            status.get_error_details().error_info().unwrap().reason,
+            "INTERNAL"
+        );
     }
 }

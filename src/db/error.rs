@@ -13,19 +13,15 @@ impl From<sqlx::Error> for BillingError {
             }
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 // serialization_failure, deadlock_detected: safe to retry.
-                Some("40001") | Some("40P01") => {
-                    BillingError::unavailable(
-                        Reason::ConcurrentChange,
-                        "a concurrent change conflicted; retry",
-                    )
-                }
+                Some("40001") | Some("40P01") => BillingError::unavailable(
+                    Reason::ConcurrentChange,
+                    "a concurrent change conflicted; retry",
+                ),
                 // admin_shutdown, crash_shutdown, cannot_connect_now
-                Some("57P01") | Some("57P02") | Some("57P03") => {
-                    BillingError::unavailable(
-                        Reason::DatabaseUnavailable,
-                        "the database is unavailable; retry later",
-                    )
-                }
+                Some("57P01") | Some("57P02") | Some("57P03") => BillingError::unavailable(
+                    Reason::DatabaseUnavailable,
+                    "the database is unavailable; retry later",
+                ),
                 _ => BillingError::Unexpected(anyhow::Error::new(error)),
             },
             _ => BillingError::Unexpected(anyhow::Error::new(error)),

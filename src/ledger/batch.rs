@@ -144,7 +144,9 @@ impl DebitBatcher {
 fn copy_error(error: &BillingError) -> BillingError {
     match error {
         BillingError::NotFound(what) => BillingError::NotFound(what),
-        BillingError::Unavailable { reason, message } => BillingError::unavailable(*reason, message),
+        BillingError::Unavailable { reason, message } => {
+            BillingError::unavailable(*reason, message)
+        }
         BillingError::FailedPrecondition {
             reason,
             subject,

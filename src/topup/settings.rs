@@ -152,13 +152,14 @@ pub async fn load(
 /// `refill_amount` lies within the refill bounds of `currency`, whenever
 /// auto refill is on or an amount is given (`REFILL_OUT_OF_BOUNDS`).
 pub fn check_refill_amount(
-    change: &SettingsChange,
+    auto_refill_enabled: bool,
+    refill_amount: Decimal,
     currency: Currency,
     config: &PolicyConfig,
 ) -> Result<(), BillingError> {
-    let refill_checked = change.auto_refill_enabled || !change.refill_amount.is_zero();
+    let refill_checked = auto_refill_enabled || !refill_amount.is_zero();
     let (min_refill, max_refill) = config.refill_bounds.of(currency);
-    if refill_checked && (change.refill_amount < min_refill || change.refill_amount > max_refill) {
+    if refill_checked && (refill_amount < min_refill || refill_amount > max_refill) {
         return Err(BillingError::invalid_because(
             Reason::RefillOutOfBounds,
             "refill_amount",
@@ -194,7 +195,12 @@ pub async fn apply_settings(
         return Err(BillingError::NotFound("account"));
     }
     let current = load(&mut transaction, account_id.as_str(), config).await?;
-    check_refill_amount(&change, current.currency, config)?;
+    check_refill_amount(
+        change.auto_refill_enabled,
+        change.refill_amount,
+        current.currency,
+        config,
+    )?;
     if change.auto_refill_enabled {
         let usable =
             crate::payment_methods::has_active_auto_charge_method(&mut transaction, account_id)

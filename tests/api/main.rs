@@ -13,6 +13,7 @@ mod limits;
 mod notifications;
 mod payment_methods;
 mod permissions;
+mod rich_errors;
 mod stripe;
 mod subscribers;
 mod telemetry;

@@ -7,3 +7,5 @@ mod embedded_default;
 mod grpcurl;
 mod health;
 mod process;
+mod proto_compatibility;
+mod python_client;
