@@ -510,15 +510,18 @@ pub async fn serve(
         .build_v1alpha()
         .context("building reflection v1alpha")?;
 
-    // The sandbox simulator (its state in this database) unless another gateway is given.
-    let gateway: Arc<dyn PaymentGateway> = settings
-        .gateway
-        .clone()
-        .unwrap_or_else(|| Arc::new(SandboxGateway::new(pool.clone())));
+    // The sandbox simulator (its state in this database) unless another
+    // gateway is given; every call to it timed and traced.
+    let gateway = crate::telemetry::gateway::InstrumentedGateway::wrap(
+        settings
+            .gateway
+            .clone()
+            .unwrap_or_else(|| Arc::new(SandboxGateway::new(pool.clone()))),
+    );
     let wake_engine = Arc::new(Notify::new());
     // The payment gateway's webhook (Stripe): on its own listener, else on the metrics one.
     let webhook = match (&settings.stripe_webhook_secret, &settings.gateway) {
-        (Some(secret), Some(gateway)) => Some(crate::gateway::stripe::webhook::webhook_router(
+        (Some(secret), Some(_)) => Some(crate::gateway::stripe::webhook::webhook_router(
             crate::gateway::stripe::webhook::WebhookState::new(
                 pool.clone(),
                 gateway.clone(),

@@ -148,7 +148,11 @@ impl BalancePolicy for BalancePolicyApi {
             self.clock.as_ref(),
         )
         .await?;
-        if started.is_some() {
+        if let Some(top_up_id) = &started {
+            // The engine's drive of this top-up links back to this call.
+            crate::telemetry::links::remember(crate::telemetry::links::Cause::TopUp(
+                top_up_id.clone(),
+            ));
             self.wake.notify_one();
         }
         Ok(Response::new(proto::ApplyLowBalanceSettingsResponse {

@@ -22,6 +22,7 @@ use crate::ledger::{
 use crate::money::{self, Currency, USAGE_SCALE};
 use crate::paging::{self, Page};
 use crate::proto::{self, balances_server::Balances};
+use crate::telemetry::links::{self, Cause};
 
 #[derive(Clone)]
 pub struct BalancesApi {
@@ -163,6 +164,7 @@ impl Balances for BalancesApi {
             allow_overdraft: message.allow_overdraft,
         };
         let result = self.debits.debit(&caller, posting).await?;
+        links::remember(Cause::Transaction(result.entry.transaction_id));
         let (transaction, balance, total_balance, version) = posting_to_proto(&result)?;
         Ok(Response::new(proto::DebitResponse {
             transaction: Some(transaction),
@@ -213,6 +215,7 @@ impl Balances for BalancesApi {
             allow_overdraft: false,
         };
         let result = ledger::post(&self.pool, &caller, posting).await?;
+        links::remember(Cause::Transaction(result.entry.transaction_id));
         let (transaction, balance, total_balance, version) = posting_to_proto(&result)?;
         Ok(Response::new(proto::CreditResponse {
             transaction: Some(transaction),
