@@ -303,6 +303,9 @@ impl BillingError {
     }
 }
 
+/// The most field violations one error lists (see [`Violations::into_error`]).
+pub const MAX_REPORTED_VIOLATIONS: usize = 20;
+
 /// Collects every field violation of a request instead of stopping at the
 /// first. Parse each field through [`Violations::check`], then turn the
 /// collected `Option`s into values with a `let … else` that returns
@@ -374,14 +377,29 @@ impl Violations {
     }
 
     /// The error naming every bad field recorded (an error other than a bad
-    /// field first, if one was met).
+    /// field first, if one was met). At most [`MAX_REPORTED_VIOLATIONS`] are
+    /// listed, then one entry (field `request`) counting the rest: the
+    /// message and the details travel in HTTP/2 headers, which clients
+    /// bound.
     pub fn into_error(self) -> BillingError {
         match self.other {
             Some(other) => other,
             None if self.found.is_empty() => BillingError::Unexpected(anyhow::anyhow!(
                 "a request failed validation without a recorded violation"
             )),
-            None => BillingError::InvalidArgument(self.found),
+            None => {
+                let mut found = self.found;
+                if found.len() > MAX_REPORTED_VIOLATIONS {
+                    let more = found.len() - MAX_REPORTED_VIOLATIONS;
+                    found.truncate(MAX_REPORTED_VIOLATIONS);
+                    found.push(FieldViolation {
+                        field: "request".into(),
+                        description: format!("and {more} more invalid fields not listed"),
+                        reason: Reason::InvalidField,
+                    });
+                }
+                BillingError::InvalidArgument(found)
+            }
         }
     }
 }
@@ -422,6 +440,24 @@ mod tests {
             other => panic!("not INVALID_ARGUMENT: {other:?}"),
         }
         assert!(Violations::new().finish().is_ok());
+    }
+
+    #[test]
+    fn a_flood_of_violations_is_listed_up_to_a_bound_then_counted() {
+        let mut violations = Violations::new();
+        for index in 0..500 {
+            violations.add(format!("payment_method_ids[{index}]"), "is not a valid id");
+        }
+        let BillingError::InvalidArgument(listed) = violations.into_error() else {
+            panic!("not INVALID_ARGUMENT");
+        };
+        assert_eq!(listed.len(), MAX_REPORTED_VIOLATIONS + 1);
+        assert_eq!(listed[MAX_REPORTED_VIOLATIONS].field, "request");
+        assert!(
+            listed[MAX_REPORTED_VIOLATIONS]
+                .description
+                .contains("480 more")
+        );
     }
 
     #[test]

@@ -7,35 +7,84 @@
 //! written in `proto/billing/v1/errors.proto`. Unexpected errors are logged
 //! with their cause and reach the client only as "internal error".
 
-use std::collections::HashMap;
+use std::time::Duration;
 
+use prost::Message;
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+use tonic_types::pb;
 
 use crate::error::{BillingError, Reason};
 
 /// `ErrorInfo.domain` of every billing error.
 pub const ERROR_DOMAIN: &str = "billing.v1";
 
+/// The `details` of a `google.rpc.Status`, built from the `google.rpc`
+/// messages of `tonic_types::pb`. (tonic-types 0.14's `ErrorDetails` drops
+/// `FieldViolation.reason` when it encodes, so the messages are encoded here.)
+struct Details(Vec<prost_types::Any>);
+
+impl Details {
+    /// Starts with the `ErrorInfo` every error carries.
+    fn new(reason: Reason) -> Self {
+        let mut details = Details(Vec::new());
+        details.add(
+            "ErrorInfo",
+            &pb::ErrorInfo {
+                reason: reason.as_str().to_owned(),
+                domain: ERROR_DOMAIN.to_owned(),
+                metadata: Default::default(),
+            },
+        );
+        details
+    }
+
+    fn add(&mut self, name: &str, message: &impl Message) {
+        self.0.push(prost_types::Any {
+            type_url: format!("type.googleapis.com/google.rpc.{name}"),
+            value: message.encode_to_vec(),
+        });
+    }
+
+    fn retry_after(&mut self, delay: Duration) {
+        self.add(
+            "RetryInfo",
+            &pb::RetryInfo {
+                retry_delay: Some(prost_types::Duration {
+                    seconds: i64::try_from(delay.as_secs()).unwrap_or(i64::MAX),
+                    nanos: i32::try_from(delay.subsec_nanos()).unwrap_or(0),
+                }),
+            },
+        );
+    }
+
+    /// The status, its details in `grpc-status-details-bin`.
+    fn into_status(self, code: Code, message: String) -> Status {
+        let status = pb::Status {
+            code: code as i32,
+            message: message.clone(),
+            details: self.0,
+        };
+        Status::with_details(code, message, status.encode_to_vec().into())
+    }
+}
+
 impl From<BillingError> for Status {
     fn from(error: BillingError) -> Status {
         let reason = error.reason();
-        let mut details = ErrorDetails::new();
-        details.set_error_info(reason.as_str(), ERROR_DOMAIN, HashMap::new());
+        let mut details = Details::new(reason);
         let (code, message) = match error {
             BillingError::InvalidArgument(violations) => {
                 let message = BillingError::InvalidArgument(violations.clone()).to_string();
-                details.set_bad_request(
-                    violations
-                        .into_iter()
-                        .map(|violation| {
-                            let mut field =
-                                FieldViolation::new(violation.field, violation.description);
-                            field.reason = violation.reason.as_str().to_owned();
-                            field
-                        })
-                        .collect::<Vec<_>>(),
-                );
+                let field_violations = violations
+                    .into_iter()
+                    .map(|violation| pb::bad_request::FieldViolation {
+                        field: violation.field,
+                        description: violation.description,
+                        reason: violation.reason.as_str().to_owned(),
+                        localized_message: None,
+                    })
+                    .collect();
+                details.add("BadRequest", &pb::BadRequest { field_violations });
                 (Code::InvalidArgument, message)
             }
             BillingError::NotFound(_) => (Code::NotFound, error.to_string()),
@@ -43,17 +92,27 @@ impl From<BillingError> for Status {
             BillingError::FailedPrecondition {
                 subject, message, ..
             } => {
-                details.add_precondition_failure_violation(reason.as_str(), subject, &message);
+                let violation = pb::precondition_failure::Violation {
+                    r#type: reason.as_str().to_owned(),
+                    subject,
+                    description: message.clone(),
+                };
+                details.add(
+                    "PreconditionFailure",
+                    &pb::PreconditionFailure {
+                        violations: vec![violation],
+                    },
+                );
                 (Code::FailedPrecondition, message)
             }
             BillingError::PermissionDenied(message) => (Code::PermissionDenied, message),
             BillingError::Unauthenticated(message) => (Code::Unauthenticated, message),
             BillingError::Unavailable { message, .. } => {
-                details.set_retry_info(Some(reason.retry_delay()));
+                details.retry_after(reason.retry_delay());
                 (Code::Unavailable, message)
             }
             BillingError::ResourceExhausted { message, .. } => {
-                details.set_retry_info(Some(reason.retry_delay()));
+                details.retry_after(reason.retry_delay());
                 (Code::ResourceExhausted, message)
             }
             BillingError::Unexpected(cause) => {
@@ -61,7 +120,7 @@ impl From<BillingError> for Status {
                 (Code::Internal, "internal error".to_owned())
             }
         };
-        Status::with_error_details(code, message, details)
+        details.into_status(code, message)
     }
 }
 
@@ -96,16 +155,17 @@ pub fn deadline_exceeded() -> Status {
 }
 
 fn with_reason(code: Code, message: &str, reason: Reason) -> Status {
-    let mut details = ErrorDetails::new();
-    details.set_error_info(reason.as_str(), ERROR_DOMAIN, HashMap::new());
+    let mut details = Details::new(reason);
     if matches!(code, Code::Unavailable | Code::ResourceExhausted) {
-        details.set_retry_info(Some(reason.retry_delay()));
+        details.retry_after(reason.retry_delay());
     }
-    Status::with_error_details(code, message, details)
+    details.into_status(code, message.to_owned())
 }
 
 #[cfg(test)]
 mod tests {
+    use tonic_types::StatusExt;
+
     use super::*;
     use crate::error::Violations;
     use crate::proto;

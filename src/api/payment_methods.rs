@@ -194,7 +194,6 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
         let mut violations = Violations::new();
-        violations.check(amount_shape(&message.amount, true));
         let payment_method_id = violations.check(
             Some(message.payment_method_id)
                 .filter(|id| !id.is_empty())
@@ -202,6 +201,7 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
                 .transpose(),
         );
         let idempotency_key = violations.check(IdempotencyKey::parse(&message.idempotency_key));
+        violations.check(amount_shape(&message.amount, true));
         let (Some(payment_method_id), Some(idempotency_key)) = (payment_method_id, idempotency_key)
         else {
             return Err(violations.into_error().into());
@@ -229,10 +229,10 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
         let mut violations = Violations::new();
-        violations.check(amount_shape(&message.amount, false));
         let payment_method_id =
             violations.check(required_id("payment_method_id", &message.payment_method_id));
         let idempotency_key = violations.check(IdempotencyKey::parse(&message.idempotency_key));
+        violations.check(amount_shape(&message.amount, false));
         let (Some(payment_method_id), Some(idempotency_key)) = (payment_method_id, idempotency_key)
         else {
             return Err(violations.into_error().into());
