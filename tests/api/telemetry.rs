@@ -72,7 +72,7 @@ fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 #[tokio::test]
-async fn metrics_count_rpcs_by_method_and_code_and_debits() {
+async fn rpc_metrics_use_the_grpc_server_names_by_service_method_and_code_and_debits_are_counted() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let metrics_address = listener.local_addr().unwrap();
     let app = spawn_app_with(ServerSettings {
