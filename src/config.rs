@@ -28,7 +28,7 @@ pub enum Command {
     /// Apply database migrations and exit.
     Migrate(MigrateArgs),
     /// Mint a bearer token with the configured (or development) key.
-    Token(TokenArgs),
+    Token(Box<TokenArgs>),
     /// Load and latency scenarios against a running server (see BENCHMARKS.md).
     Bench(Box<crate::bench::BenchArgs>),
 }
@@ -79,26 +79,90 @@ pub fn read_secret_file(path: &std::path::Path, setting: &str) -> anyhow::Result
     Ok(text)
 }
 
+/// How bearer tokens are verified: static keys (an HS256 secret, or PEM
+/// public keys), an identity provider's JWKS, or both; and how the claims of
+/// a verified token become a caller (see README "Identity providers").
 #[derive(Debug, Clone, Args)]
 pub struct AuthArgs {
     /// HS256 shared secret for bearer tokens.
     #[arg(long, env = "BILLING_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// File holding the HS256 shared secret.
+    /// File holding the HS256 shared secret (re-read when it changes).
     #[arg(long, env = "BILLING_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
-    /// PEM public key (RS256 or ES256) that verifies tokens; production setting.
-    #[arg(long, env = "BILLING_JWT_PUBLIC_KEY_FILE")]
-    pub jwt_public_key_file: Option<PathBuf>,
-    /// PEM private key matching the public key; only `billing token` uses it.
+    /// PEM public key (RS256, ES256 or EdDSA) that verifies tokens, or a directory of `*.pem`
+    /// keys; repeat (or comma-separate) to accept several keys, e.g. the old and the new one
+    /// during a rotation. Re-read when the files change, without a restart.
+    #[arg(long, env = "BILLING_JWT_PUBLIC_KEY_FILE", value_delimiter = ',')]
+    pub jwt_public_key_file: Vec<PathBuf>,
+    /// PEM private key matching a public key; only `billing token` uses it.
     #[arg(long, env = "BILLING_JWT_PRIVATE_KEY_FILE")]
     pub jwt_private_key_file: Option<PathBuf>,
-    /// Required `iss` claim, when set.
+    /// Required `iss` claim, when set (also the OIDC issuer of --jwt-oidc-discovery).
     #[arg(long, env = "BILLING_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
-    /// Required `aud` claim, when set.
+    /// Required audience, when set: the token's `aud` (a string, or an array) must contain it.
     #[arg(long, env = "BILLING_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// URL of the identity provider's JWK set (RS256, ES256 and EdDSA keys, chosen by `kid`).
+    #[arg(long, env = "BILLING_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// Find the JWK set's URL (`jwks_uri`) in `<--jwt-issuer>/.well-known/openid-configuration`.
+    #[arg(
+        long,
+        env = "BILLING_JWT_OIDC_DISCOVERY",
+        conflicts_with = "jwt_jwks_url",
+        requires = "jwt_issuer"
+    )]
+    pub jwt_oidc_discovery: bool,
+    /// Seconds between scheduled refreshes of the JWK set.
+    #[arg(long, env = "BILLING_JWT_JWKS_REFRESH_SECS", default_value_t = 300)]
+    pub jwt_jwks_refresh_secs: u64,
+    /// Least seconds between two refreshes caused by a token whose `kid` is not in the set
+    /// (a token with an unknown `kid` never causes more fetches than this allows).
+    #[arg(long, env = "BILLING_JWT_JWKS_MIN_REFRESH_SECS", default_value_t = 30)]
+    pub jwt_jwks_min_refresh_secs: u64,
+    /// Seconds between checks of the key files (--jwt-public-key-file, --jwt-secret-file) for changes.
+    #[arg(long, env = "BILLING_JWT_KEY_RELOAD_SECS", default_value_t = 10)]
+    pub jwt_key_reload_secs: u64,
+    /// Claim(s) holding the caller's roles: a name or a dotted path (`realm_access.roles`),
+    /// an array of strings or a space-separated string (`scope`); comma-separate several.
+    #[arg(
+        long,
+        env = "BILLING_JWT_ROLES_CLAIM",
+        value_delimiter = ',',
+        default_value = "roles"
+    )]
+    pub jwt_roles_claim: Vec<String>,
+    /// Provider role names to billing roles, `NAME=ROLE,…` (e.g. `billing-admin=admin,svc=service`).
+    /// When set, only mapped names grant a role; unset, names are billing's own.
+    #[arg(long, env = "BILLING_JWT_ROLE_MAP", value_delimiter = ',', value_parser = crate::auth::RoleMapping::parse)]
+    pub jwt_role_map: Vec<crate::auth::RoleMapping>,
+    /// Claim holding the one account a token may reach: a name or a dotted path.
+    #[arg(long, env = "BILLING_JWT_ACCOUNT_CLAIM", default_value = "account")]
+    pub jwt_account_claim: String,
+}
+
+impl Default for AuthArgs {
+    /// No key configured (the development key) and every other setting at its default.
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            jwt_secret_file: None,
+            jwt_public_key_file: Vec::new(),
+            jwt_private_key_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_jwks_url: None,
+            jwt_oidc_discovery: false,
+            jwt_jwks_refresh_secs: 300,
+            jwt_jwks_min_refresh_secs: 30,
+            jwt_key_reload_secs: 10,
+            jwt_roles_claim: vec!["roles".into()],
+            jwt_role_map: Vec::new(),
+            jwt_account_claim: "account".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -149,9 +213,16 @@ pub struct ServeArgs {
     /// After SIGTERM/SIGINT, how long in-flight RPCs and streams may take to finish (milliseconds).
     #[arg(long, env = "BILLING_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
-    /// Most concurrent debits of one account committed in one transaction (group commit); 1 turns it off.
+    /// Most waiting debits committed in one transaction (group commit); 1 turns it off.
     #[arg(long, env = "BILLING_DEBIT_BATCH_MAX", default_value_t = 128)]
     pub debit_batch_max: usize,
+    /// Most accounts whose debits share one transaction; 1 keeps each
+    /// transaction to one account (group commit per account only).
+    #[arg(long, env = "BILLING_DEBIT_BATCH_ACCOUNTS", default_value_t = 128)]
+    pub debit_batch_accounts: usize,
+    /// Most debit transactions of this replica in flight at once (each holds a pooled connection).
+    #[arg(long, env = "BILLING_DEBIT_BATCH_IN_FLIGHT", default_value_t = 4)]
+    pub debit_batch_in_flight: usize,
     /// Log format (the container image and the Helm chart set json).
     #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -174,6 +245,40 @@ pub struct ServeArgs {
     /// How long a keep-alive ping may go unanswered before the connection is closed (seconds).
     #[arg(long, env = "BILLING_KEEPALIVE_TIMEOUT_SECS", default_value_t = 10)]
     pub keepalive_timeout_secs: u64,
+    /// How long a new connection may take to send its opening bytes (the HTTP/2 preface or
+    /// the TLS hello) and, with TLS, to finish the handshake (milliseconds); then it is closed.
+    #[arg(long, env = "BILLING_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// Open gRPC connections, all peers; at the cap the oldest connection that has sent
+    /// nothing yet is closed to make room, else the new one is refused.
+    #[arg(long, env = "BILLING_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Open gRPC connections of one peer IP address; beyond it new ones are closed at once.
+    #[arg(long, env = "BILLING_MAX_CONNECTIONS_PER_PEER", default_value_t = 256)]
+    pub max_connections_per_peer: usize,
+    /// HTTP/2 streams (calls) open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "BILLING_MAX_CONCURRENT_STREAMS", default_value_t = 200)]
+    pub max_concurrent_streams: u32,
+    /// Open WatchBalanceEvents streams of one caller (token subject and watched account)
+    /// on this replica; beyond it RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BILLING_STREAMS_PER_CALLER", default_value_t = 50)]
+    pub streams_per_caller: usize,
+    /// Open WatchBalanceEvents streams on this replica, all callers; beyond it RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BILLING_STREAMS_PER_REPLICA", default_value_t = 10_000)]
+    pub streams_per_replica: usize,
+    /// SendTestNotification calls per account per hour on this replica (a token bucket of this size).
+    #[arg(long, env = "BILLING_TEST_NOTIFICATIONS_PER_HOUR", default_value_t = 5)]
+    pub test_notifications_per_hour: u32,
+    /// UpdateNotificationSettings calls per account per hour on this replica (a token bucket of this size).
+    #[arg(
+        long,
+        env = "BILLING_NOTIFICATION_SETTINGS_CHANGES_PER_HOUR",
+        default_value_t = 30
+    )]
+    pub notification_settings_changes_per_hour: u32,
+    /// Seconds a bearer token is still accepted after its `exp` (clock skew); streams end then.
+    #[arg(long, env = "BILLING_JWT_LEEWAY_SECS", default_value_t = crate::auth::DEFAULT_LEEWAY_SECS)]
+    pub jwt_leeway_secs: u64,
 }
 
 impl ServeArgs {
@@ -441,7 +546,8 @@ pub struct TokenArgs {
     /// admin, commercial, billing, viewer or service.
     #[arg(long, default_value = "service")]
     pub role: String,
-    /// The account the token may reach (required for every role but service).
+    /// The one account the token may reach: required for every role but service; a service
+    /// token with an account reaches only that account, without one it reaches every account.
     #[arg(long)]
     pub account: Option<String>,
     /// The `sub` claim: who is calling.

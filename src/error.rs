@@ -47,6 +47,7 @@ pub enum Reason {
     // PERMISSION_DENIED, UNAUTHENTICATED
     RoleNotAllowed,
     BearerTokenInvalid,
+    BearerTokenExpired,
     // UNAVAILABLE
     DatabaseUnavailable,
     ConcurrentChange,
@@ -57,6 +58,8 @@ pub enum Reason {
     // RESOURCE_EXHAUSTED
     Overloaded,
     SubscriberTooFarBehind,
+    StreamLimitReached,
+    RateLimited,
     // DEADLINE_EXCEEDED, INTERNAL
     DeadlineExceeded,
     Internal,
@@ -64,7 +67,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in the order of `billing.v1.ErrorReason` (value 1 first).
-    pub const ALL: [Reason; 36] = [
+    pub const ALL: [Reason; 39] = [
         Reason::InvalidField,
         Reason::RefillOutOfBounds,
         Reason::CardExpired,
@@ -101,6 +104,9 @@ impl Reason {
         Reason::SubscriberTooFarBehind,
         Reason::DeadlineExceeded,
         Reason::Internal,
+        Reason::BearerTokenExpired,
+        Reason::StreamLimitReached,
+        Reason::RateLimited,
     ];
 
     /// The `ErrorInfo.reason` string, e.g. `"INSUFFICIENT_FUNDS"`.
@@ -142,6 +148,9 @@ impl Reason {
             Reason::SubscriberTooFarBehind => "SUBSCRIBER_TOO_FAR_BEHIND",
             Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Reason::Internal => "INTERNAL",
+            Reason::BearerTokenExpired => "BEARER_TOKEN_EXPIRED",
+            Reason::StreamLimitReached => "STREAM_LIMIT_REACHED",
+            Reason::RateLimited => "RATE_LIMITED",
         }
     }
 
@@ -154,7 +163,9 @@ impl Reason {
             Reason::Overloaded | Reason::StreamInterrupted | Reason::SubscriberTooFarBehind => {
                 Duration::from_millis(500)
             }
-            Reason::GatewayUnavailable => Duration::from_secs(5),
+            Reason::GatewayUnavailable | Reason::StreamLimitReached => Duration::from_secs(5),
+            // A rate limit's refusal carries its own wait (`api::error::limit_refusal`).
+            Reason::RateLimited => Duration::from_secs(60),
             _ => Duration::from_secs(1),
         }
     }

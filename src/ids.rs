@@ -104,8 +104,13 @@ pub fn parse_text(field: &str, text: &str, max_chars: usize) -> Result<String, B
     Ok(text.to_owned())
 }
 
-/// An email address: `local@domain.tld`, no spaces, at most 254 characters.
-/// Deliberately simple: the mail server is the final judge.
+/// An email address as the mailer will take it: lettre's own [`Address`]
+/// parser must accept it (so `ops,team@…`, `x<y@…`, `a;b@…`,
+/// `a(comment)@…` and display names are refused), and on top of it: at
+/// most 254 characters, no whitespace or control characters, and a domain
+/// with a dot. The error names `field` (e.g. `recipients[2]`).
+///
+/// [`Address`]: lettre::Address
 pub fn parse_email(field: &str, text: &str) -> Result<String, BillingError> {
     // Echo a bounded prefix only: a 10k-character value must not become a
     // 10k-character grpc-message header (clients reset such streams).
@@ -120,7 +125,8 @@ pub fn parse_email(field: &str, text: &str) -> Result<String, BillingError> {
     if text.len() > 254 || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid());
     }
-    let (local, domain) = text.split_once('@').ok_or_else(invalid)?;
+    let address: lettre::Address = text.parse().map_err(|_| invalid())?;
+    let domain = address.domain();
     let domain_ok = domain.contains('.')
         && !domain.starts_with('.')
         && !domain.ends_with('.')
@@ -128,7 +134,7 @@ pub fn parse_email(field: &str, text: &str) -> Result<String, BillingError> {
         && domain
             .chars()
             .all(|c| c.is_alphanumeric() || c == '.' || c == '-');
-    if local.is_empty() || local.len() > 64 || local.contains('@') || !domain_ok {
+    if address.user().len() > 64 || !domain_ok {
         return Err(invalid());
     }
     Ok(text.to_owned())
@@ -169,6 +175,24 @@ mod tests {
             "a@b.com\r\nBcc: x@y.z",
         ] {
             assert!(parse_email("e", bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn emails_the_mailer_would_refuse_are_refused_here() {
+        for bad in [
+            "ops,team@a.example",
+            "x<y@a.example",
+            "a;b@a.example",
+            "a(comment)@a.example",
+            "Ops <ops@a.example>",
+            "\"a b\"@a.example",
+        ] {
+            let error = parse_email("recipients[2]", bad).unwrap_err();
+            assert!(error.to_string().starts_with("recipients[2]"), "{error}");
+        }
+        for good in ["ops+alerts@a.example", "o.p-s_1@mail.a-b.example"] {
+            assert_eq!(parse_email("e", good).unwrap(), good);
         }
     }
 }

@@ -26,5 +26,6 @@ pub mod proto;
 pub mod server;
 pub mod telemetry;
 pub mod topup;
+pub mod transport;
 
 pub use error::BillingError;

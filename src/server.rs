@@ -11,37 +11,43 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::sync::{Notify, mpsc, watch};
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
 
-use crate::api::{BalancePolicyApi, BalancesApi, NotificationsApi, PaymentMethodsApi};
+use crate::api::{
+    AuditApi, BalancePolicyApi, BalancesApi, CallerLimitSettings, CallerLimits, NotificationsApi,
+    PaymentMethodsApi,
+};
 use crate::auth::{AuthLayer, KeySet};
 use crate::config::ServeArgs;
 use crate::db::{self, Database};
-use crate::events::{EventFeed, FeedSettings, WatchSettings};
+use crate::events::{EventFeed, EventHub, FeedSettings, HubSettings, WatchSettings};
 use crate::gateway::{PaymentGateway, SandboxGateway};
-use crate::ledger::DebitBatcher;
+use crate::ledger::{BatchSettings, DebitBatcher};
 use crate::limits::{DeadlineLayer, LimitExceptHealthLayer};
 use crate::notifications::{self, FileMailer, Mailer, SenderSettings, SmtpMailer, SmtpSettings};
 use crate::payment_methods::PaymentMethods;
 use crate::proto;
 use crate::telemetry::rpc_log::RpcLogLayer;
-use crate::topup::{self, Clock, PolicyConfig, PolicyDecider, SystemClock, TopUpEngine, TopUps};
+use crate::topup::{
+    self, Clock, PolicyConfig, PolicyDecider, SystemClock, TopUpEngine, TopUpReactor, TopUps,
+};
+use crate::transport::{StreamsPerConnectionLayer, TransportLimits};
 
 /// The liveness health service: SERVING while the process can serve,
 /// whatever the database does (the readiness statuses follow the database).
 pub const LIVENESS_SERVICE: &str = "liveness";
 
 /// The health-checked service names, besides the overall "", that follow the database.
-pub const SERVICE_NAMES: [&str; 4] = [
+pub const SERVICE_NAMES: [&str; 5] = [
     "billing.v1.Balances",
     "billing.v1.BalancePolicy",
     "billing.v1.PaymentMethods",
     "billing.v1.Notifications",
+    "billing.v1.Audit",
 ];
 
 /// Every service accepts gzip-compressed requests and compresses its
@@ -67,6 +73,12 @@ pub struct ServerSettings {
     pub events: FeedSettings,
     /// Per-stream buffers of `WatchBalanceEvents`.
     pub watch: WatchSettings,
+    /// The shared event reader's batch size and per-stream hand-over buffer.
+    pub hub: HubSettings,
+    /// Handshake timeout, connection caps, HTTP/2 streams per connection.
+    pub transport: TransportLimits,
+    /// Streams per caller and per replica; rates of test emails and settings changes.
+    pub caller_limits: CallerLimitSettings,
     /// Low-balance settings bounds, top-up retries and caps.
     pub policy: PolicyConfig,
     /// Run the balance-policy decisions and the top-up engine in this process.
@@ -83,8 +95,8 @@ pub struct ServerSettings {
     /// Where `/metrics` is served over HTTP; `None`: no HTTP server (tests
     /// bind port 0 and pass the listener).
     pub metrics_listener: Option<Arc<std::net::TcpListener>>,
-    /// Most debits of one account committed together (group commit); 1 turns it off.
-    pub debit_batch_max: usize,
+    /// How waiting debits are grouped into transactions (group commit).
+    pub debit_batches: BatchSettings,
     /// The payment gateway; `None`: the sandbox simulator on this database.
     pub gateway: Option<Arc<dyn PaymentGateway>>,
     /// Verifies the Stripe webhook (`POST /stripe/webhook`).
@@ -107,6 +119,9 @@ impl Default for ServerSettings {
             sender: SenderSettings::default(),
             events: FeedSettings::default(),
             watch: WatchSettings::default(),
+            hub: HubSettings::default(),
+            transport: TransportLimits::default(),
+            caller_limits: CallerLimitSettings::default(),
             policy: PolicyConfig::default(),
             engines: false,
             engine_poll: Duration::from_millis(250),
@@ -116,7 +131,7 @@ impl Default for ServerSettings {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             metrics_listener: None,
-            debit_batch_max: 128,
+            debit_batches: BatchSettings::default(),
             gateway: None,
             stripe_webhook_secret: None,
             webhook_listener: None,
@@ -150,12 +165,16 @@ pub fn check(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
         )),
     }
     let auth = &args.auth;
-    if auth.jwt_public_key_file.is_some()
+    if !auth.jwt_public_key_file.is_empty()
         || auth.jwt_secret.is_some()
         || auth.jwt_secret_file.is_some()
+        || auth.jwt_jwks_url.is_some()
+        || auth.jwt_oidc_discovery
     {
-        KeySet::load(auth, &args.database.data_dir).context("loading the JWT verification key")?;
-        report.push("jwt: verification key loaded".into());
+        // Keys in files are read; a JWK set is fetched only by `serve`.
+        let keys = KeySet::load(auth, &args.database.data_dir)
+            .context("loading the JWT verification key")?;
+        report.push(format!("jwt: {}", keys.describe()));
     } else {
         report.push(
             "jwt: none configured: a development key would be used (not for production)".into(),
@@ -301,6 +320,7 @@ fn prepare_data_dir(path: &std::path::Path) -> anyhow::Result<()> {
 
 /// `billing serve`: find or start Postgres, migrate, serve until SIGINT/SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let signalled = shutdown_signal();
     prepare_data_dir(&args.database.data_dir)?;
     // The ports first: one in use is reported at once, naming the setting to change.
     let listener = bind(args.listen, "gRPC", "--listen", "BILLING_LISTEN")?;
@@ -328,7 +348,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         db::check_schema(&database.pool).await?;
     }
     tracing::info!(database = %database.description, migrated = args.migrate, "database ready");
-    let keys = Arc::new(KeySet::load(&args.auth, &args.database.data_dir)?);
+    let keys = Arc::new(
+        KeySet::load(&args.auth, &args.database.data_dir)?.with_leeway_secs(args.jwt_leeway_secs),
+    );
+    tracing::info!(keys = %keys.describe(), "bearer tokens verified with");
     if let Some(path) = &keys.development_key {
         tracing::warn!(
             key = %path.display(),
@@ -380,16 +403,33 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         keepalive_interval: Duration::from_secs(args.keepalive_interval_secs.max(1)),
         keepalive_timeout: Duration::from_secs(args.keepalive_timeout_secs.max(1)),
         metrics_listener: Some(Arc::new(metrics_listener)),
-        debit_batch_max: args.debit_batch_max,
+        debit_batches: BatchSettings {
+            max_debits: args.debit_batch_max,
+            max_accounts: args.debit_batch_accounts,
+            max_in_flight: args.debit_batch_in_flight,
+        },
         gateway: build_gateway(&args, &database.pool)?,
         stripe_webhook_secret: webhook_secret,
         webhook_listener,
         tls,
+        transport: TransportLimits {
+            handshake_timeout: Duration::from_millis(args.handshake_timeout_ms.max(1)),
+            max_connections: args.max_connections.max(1),
+            max_connections_per_peer: args.max_connections_per_peer.max(1),
+            max_concurrent_streams: args.max_concurrent_streams.max(1),
+        },
+        caller_limits: CallerLimitSettings {
+            streams_per_caller: args.streams_per_caller.max(1),
+            streams_per_replica: args.streams_per_replica.max(1),
+            test_notifications_per_hour: args.test_notifications_per_hour.max(1),
+            settings_changes_per_hour: args.notification_settings_changes_per_hour.max(1),
+        },
         ..ServerSettings::default()
     };
+    warn_if_descriptors_short(settings.transport.max_connections);
     let (stop_sender, stop_receiver) = watch::channel(false);
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signalled.await;
         let _ = stop_sender.send(true);
     });
     let mut drain_deadline = stop_receiver.clone();
@@ -496,8 +536,10 @@ pub async fn serve(
             stop_receiver.clone(),
         ))
     });
-    // One feed per process: every stream of this server follows it.
+    // One feed per process, and one shared reader on it that every stream of this server follows.
     let feed = EventFeed::start(pool.clone(), settings.events.clone());
+    let hub = EventHub::start(&feed, settings.hub.clone());
+    let caller_limits = CallerLimits::new(&settings.caller_limits);
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -558,7 +600,11 @@ pub async fn serve(
         settings.clock.clone(),
         settings.policy.clone(),
         wake_engine.clone(),
-    );
+    )
+    .with_commit_signal(feed.commits());
+    // Group commit; each commit wakes this process's feed in memory.
+    let mut debits =
+        DebitBatcher::new(pool.clone(), settings.debit_batches).with_commit_signal(feed.commits());
     // `/metrics` reads the database gauges from this snapshot: a scrape never waits on Postgres.
     let gauges_task = settings.metrics_listener.as_ref().map(|_| {
         tokio::spawn(crate::telemetry::metrics::refresh_database_gauges(
@@ -568,6 +614,11 @@ pub async fn serve(
         ))
     });
     let engine_tasks = if settings.engines {
+        // Crossings committed here, and top-ups the subscriber starts, go
+        // straight to the reactor (src/topup/react.rs).
+        let (crossings, crossings_receiver) = mpsc::channel(topup::REACTOR_CHANNEL);
+        let (started, started_receiver) = mpsc::channel(topup::REACTOR_CHANNEL);
+        debits = debits.with_crossings(crossings);
         let decisions = tokio::spawn(topup::run_policy_decisions(
             pool.clone(),
             feed.clone(),
@@ -576,6 +627,12 @@ pub async fn serve(
                 clock: settings.clock.clone(),
             },
             wake_engine.clone(),
+            Some(started),
+            stop_receiver.clone(),
+        ));
+        let reactor = tokio::spawn(TopUpReactor::new(top_ups.clone()).run(
+            crossings_receiver,
+            started_receiver,
             stop_receiver.clone(),
         ));
         let engine = TopUpEngine {
@@ -584,7 +641,7 @@ pub async fn serve(
         };
         let stop = stop_receiver.clone();
         let charging = tokio::spawn(async move { engine.run(stop).await });
-        vec![decisions, charging]
+        vec![decisions, reactor, charging]
     } else {
         Vec::new()
     };
@@ -595,7 +652,12 @@ pub async fn serve(
         );
     }
 
+    // The first JWKS fetch happens before serving; then refreshes and key-file reloads.
+    let keys_task = keys.start(stop_receiver.clone()).await;
     let layers = ServiceBuilder::new()
+        .layer(StreamsPerConnectionLayer::new(
+            settings.transport.max_concurrent_streams,
+        ))
         .layer(RpcLogLayer)
         .layer(DeadlineLayer::new(settings.request_timeout))
         // Health checks skip the load limits: probes must not fail because of load.
@@ -606,7 +668,7 @@ pub async fn serve(
     let mut builder = Server::builder();
     if let Some(tls) = settings.tls.clone() {
         builder = builder
-            .tls_config(tls)
+            .tls_config(tls.timeout(settings.transport.handshake_timeout))
             .context("the gRPC TLS certificate and key")?;
     }
     if first_status == ServingStatus::Serving {
@@ -622,6 +684,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(settings.keepalive_interval))
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
         .http2_max_header_list_size(settings.max_header_list_bytes)
+        .max_concurrent_streams(settings.transport.max_concurrent_streams)
         .layer(layers)
         .add_service(health_service.accept_compressed(GZIP).send_compressed(GZIP))
         .add_service(reflection_v1.accept_compressed(GZIP).send_compressed(GZIP))
@@ -633,9 +696,10 @@ pub async fn serve(
         .add_service(
             proto::balances_server::BalancesServer::new(BalancesApi::new(
                 pool.clone(),
-                DebitBatcher::new(pool.clone(), settings.debit_batch_max),
-                feed.clone(),
+                debits,
+                hub.clone(),
                 settings.watch.clone(),
+                caller_limits.clone(),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message)
@@ -667,21 +731,32 @@ pub async fn serve(
         .add_service(
             proto::notifications_server::NotificationsServer::new(NotificationsApi::new(
                 pool.clone(),
+                caller_limits.clone(),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message)
             .accept_compressed(GZIP)
             .send_compressed(GZIP),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
-            let feed = feed.clone();
-            async move {
-                shutdown.await;
-                tracing::info!("shutting down: ending event streams, draining in-flight requests");
-                // Streams end (clients resume from their cursor) so the drain can finish.
-                feed.stop();
-            }
-        })
+        .add_service(
+            proto::audit_server::AuditServer::new(AuditApi::new(pool.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .serve_with_incoming_shutdown(
+            crate::transport::incoming(listener, settings.transport.clone()),
+            {
+                let feed = feed.clone();
+                async move {
+                    shutdown.await;
+                    tracing::info!(
+                        "shutting down: ending event streams, draining in-flight requests"
+                    );
+                    // Streams end (clients resume from their cursor) so the drain can finish.
+                    feed.stop();
+                }
+            },
+        )
         .await;
     feed.stop();
     let _ = stop_sender.send(true);
@@ -692,7 +767,7 @@ pub async fn serve(
     if let Some(task) = sender_task {
         let _ = task.await;
     }
-    for task in [metrics_task, webhook_task, gauges_task]
+    for task in [metrics_task, webhook_task, gauges_task, keys_task]
         .into_iter()
         .flatten()
     {
@@ -768,20 +843,41 @@ async fn report_status(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                let _ = interrupt.await;
-                return;
+/// Warns when the process may run out of file descriptors before it
+/// reaches its connection cap (each connection is one descriptor; the
+/// database pool, files and listeners need some more).
+fn warn_if_descriptors_short(max_connections: usize) {
+    const RESERVE: u64 = 256;
+    if let Ok((soft, _)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        && soft < max_connections as u64 + RESERVE
+    {
+        tracing::warn!(
+            descriptor_limit = soft,
+            max_connections,
+            "the open-file limit is below --max-connections plus {RESERVE}: lower BILLING_MAX_CONNECTIONS or raise the limit (ulimit -n)"
+        );
+    }
+}
+
+/// Registers the SIGINT and SIGTERM handlers now and returns a future that
+/// completes on the first of them. Registered before anything else starts,
+/// a signal that arrives during start-up (binding, Postgres, migrations) is
+/// kept, not fatal: the service finishes starting, then stops cleanly.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        match (interrupt, terminate) {
+            (Ok(mut interrupt), Ok(mut terminate)) => tokio::select! {
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            },
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::error!(%error, "cannot listen for SIGINT/SIGTERM; stop with SIGKILL");
+                std::future::pending::<()>().await;
             }
-        };
-    tokio::select! {
-        _ = interrupt => tracing::info!("SIGINT received"),
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        }
     }
 }

@@ -9,11 +9,14 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::caller_limits::CallerLimits;
 use super::convert::{metadata, optional_time, timestamp};
+use super::error::status_with_reason;
 use super::{authorize, authorize_account_id};
+use crate::auth::TokenValidUntil;
 use crate::error::{BillingError, Reason, Violations};
 use crate::events::{
-    self, BalanceEvent, BalanceEventKind, EventFeed, EventFilter, WatchEnd, WatchSettings, Watcher,
+    self, BalanceEvent, BalanceEventKind, EventFilter, EventHub, WatchEnd, WatchSettings, Watcher,
 };
 use crate::ids::{AccountId, IdempotencyKey, parse_email, parse_text};
 use crate::ledger::{
@@ -28,25 +31,32 @@ use crate::telemetry::links::{self, Cause};
 pub struct BalancesApi {
     pool: PgPool,
     debits: ledger::DebitBatcher,
-    feed: EventFeed,
+    hub: EventHub,
     watch_settings: WatchSettings,
+    limits: CallerLimits,
 }
 
 impl BalancesApi {
     pub fn new(
         pool: PgPool,
         debits: ledger::DebitBatcher,
-        feed: EventFeed,
+        hub: EventHub,
         watch_settings: WatchSettings,
+        limits: CallerLimits,
     ) -> Self {
         Self {
             pool,
             debits,
-            feed,
+            hub,
             watch_settings,
+            limits,
         }
     }
 }
+
+/// The metadata key (trailer) of a stream's end status that holds the
+/// cursor to resume after, as decimal digits.
+pub const RESUME_CURSOR_METADATA_KEY: &str = "billing-resume-after-cursor";
 
 type EventStream =
     Pin<Box<dyn Stream<Item = Result<proto::WatchBalanceEventsResponse, Status>> + Send>>;
@@ -216,6 +226,8 @@ impl Balances for BalancesApi {
         };
         let result = ledger::post(&self.pool, &caller, posting).await?;
         links::remember(Cause::Transaction(result.entry.transaction_id));
+        // Its event is committed: wake this process's feed, and the other replicas'.
+        self.hub.feed().commits().committed();
         let (transaction, balance, total_balance, version) = posting_to_proto(&result)?;
         Ok(Response::new(proto::CreditResponse {
             transaction: Some(transaction),
@@ -279,11 +291,23 @@ impl Balances for BalancesApi {
             "" => None,
             text => Some(AccountId::parse(text)?),
         };
-        authorize(&request, account_id.as_ref())?;
+        let caller = authorize(&request, account_id.as_ref())?;
         let after_cursor = request.get_ref().after_cursor;
         if after_cursor < 0 {
             return Err(BillingError::invalid("after_cursor", "must not be negative").into());
         }
+        // Counted from here until the stream ends (the permit lives in the stream).
+        let permit = self
+            .limits
+            .open_stream(&caller.subject, account_id.as_ref().map(AccountId::as_str))?;
+        // The stream ends when the token does (its `exp` plus the leeway).
+        let valid_until = request.extensions().get::<TokenValidUntil>().map(|until| {
+            let left = until
+                .0
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::Instant::now() + left
+        });
         let filter = match account_id {
             Some(account_id) => {
                 // Unknown accounts are NOT_FOUND, as in every other RPC.
@@ -292,12 +316,17 @@ impl Balances for BalancesApi {
             }
             None => EventFilter::AllAccounts,
         };
-        let Watcher { events, end } =
-            events::watch(&self.feed, filter, after_cursor, &self.watch_settings);
+        let Watcher { events, end, .. } = events::watch(
+            &self.hub,
+            filter,
+            after_cursor,
+            &self.watch_settings,
+            valid_until,
+        );
         // The gauge counts the stream until tonic drops it (client gone or ended).
         let open = crate::telemetry::metrics::OpenStream::new();
         let delivered = ReceiverStream::new(events).map(move |event| {
-            let _open = &open;
+            let _held = (&open, &permit);
             Ok(proto::WatchBalanceEventsResponse {
                 event: Some(event_to_proto(&event)),
             })
@@ -333,22 +362,39 @@ impl Balances for BalancesApi {
     }
 }
 
+/// The status that ends a stream: the cursor to resume after is in the
+/// message and, machine-readable, in the `billing-resume-after-cursor` trailer.
 fn watch_end_status(end: WatchEnd) -> Status {
-    match end {
-        WatchEnd::TooFarBehind { resume_after } => BillingError::ResourceExhausted {
+    let resume_after = end.resume_after();
+    let mut status = match end {
+        WatchEnd::TooFarBehind { .. } => BillingError::ResourceExhausted {
             reason: Reason::SubscriberTooFarBehind,
             message: format!("subscriber too far behind: resume with after_cursor {resume_after}"),
-        },
-        WatchEnd::ShuttingDown { resume_after } => BillingError::unavailable(
+        }
+        .into(),
+        WatchEnd::ShuttingDown { .. } => BillingError::unavailable(
             Reason::ServerShuttingDown,
             format!("server shutting down: resume with after_cursor {resume_after}"),
-        ),
-        WatchEnd::Interrupted { resume_after } => BillingError::unavailable(
+        )
+        .into(),
+        WatchEnd::Interrupted { .. } => BillingError::unavailable(
             Reason::StreamInterrupted,
             format!("event stream interrupted: resume with after_cursor {resume_after}"),
+        )
+        .into(),
+        WatchEnd::TokenExpired { .. } => status_with_reason(
+            tonic::Code::Unauthenticated,
+            &format!(
+                "the bearer token expired: reconnect with a fresh token and after_cursor {resume_after}"
+            ),
+            Reason::BearerTokenExpired,
         ),
-    }
-    .into()
+    };
+    status.metadata_mut().insert(
+        RESUME_CURSOR_METADATA_KEY,
+        resume_after.to_string().parse().expect("digits"),
+    );
+    status
 }
 
 fn event_to_proto(event: &BalanceEvent) -> proto::BalanceEvent {

@@ -26,13 +26,19 @@ struct Details(Vec<prost_types::Any>);
 impl Details {
     /// Starts with the `ErrorInfo` every error carries.
     fn new(reason: Reason) -> Self {
+        Self::with_info(reason, Default::default())
+    }
+
+    /// Starts with an `ErrorInfo` that has `metadata` (e.g. the name of the
+    /// limit that refused a call).
+    fn with_info(reason: Reason, metadata: std::collections::HashMap<String, String>) -> Self {
         let mut details = Details(Vec::new());
         details.add(
             "ErrorInfo",
             &pb::ErrorInfo {
                 reason: reason.as_str().to_owned(),
                 domain: ERROR_DOMAIN.to_owned(),
-                metadata: Default::default(),
+                metadata,
             },
         );
         details
@@ -152,6 +158,28 @@ pub fn deadline_exceeded() -> Status {
         "deadline exceeded",
         Reason::DeadlineExceeded,
     )
+}
+
+/// RESOURCE_EXHAUSTED for a per-caller limit: `ErrorInfo` with `reason`
+/// and the limit's name in its metadata (`limit`), and `RetryInfo` with
+/// `retry_after` (the limit's own wait when it knows it, else
+/// `reason.retry_delay()`). The caller adds the `billing-limit` trailer.
+pub fn limit_refusal(
+    reason: Reason,
+    limit: &str,
+    message: String,
+    retry_after: Option<Duration>,
+) -> Status {
+    let mut details = Details::with_info(reason, [("limit".to_owned(), limit.to_owned())].into());
+    details.retry_after(retry_after.unwrap_or_else(|| reason.retry_delay()));
+    details.into_status(Code::ResourceExhausted, message)
+}
+
+/// A status of `code` with the `ErrorInfo` of `reason` (and `RetryInfo` on
+/// UNAVAILABLE and RESOURCE_EXHAUSTED), for statuses no [`BillingError`]
+/// variant describes (e.g. UNAUTHENTICATED because a stream's token expired).
+pub fn status_with_reason(code: Code, message: &str, reason: Reason) -> Status {
+    with_reason(code, message, reason)
 }
 
 fn with_reason(code: Code, message: &str, reason: Reason) -> Status {

@@ -1,15 +1,21 @@
 //! The gRPC adapters: one per service, each thin — authorize, parse the
 //! request into domain types, call the domain, convert the result.
 
+mod audit;
 mod balance_policy;
 mod balances;
+mod caller_limits;
 mod convert;
 pub mod error;
 mod notifications;
 mod payment_methods;
 
+pub use audit::AuditApi;
 pub use balance_policy::BalancePolicyApi;
-pub use balances::BalancesApi;
+pub use balances::{BalancesApi, RESUME_CURSOR_METADATA_KEY};
+pub use caller_limits::{
+    CallerLimitSettings, CallerLimits, LIMIT_METADATA_KEY, RETRY_AFTER_METADATA_KEY, StreamPermit,
+};
 pub use notifications::NotificationsApi;
 pub use payment_methods::PaymentMethodsApi;
 

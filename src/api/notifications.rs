@@ -4,6 +4,7 @@ use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
 use super::authorize_account_id;
+use super::caller_limits::CallerLimits;
 use super::convert::timestamp;
 use crate::error::{BillingError, Reason, Violations};
 use crate::ids::{IdempotencyKey, parse_email};
@@ -18,11 +19,12 @@ const MAX_RECIPIENTS: usize = 10;
 #[derive(Clone)]
 pub struct NotificationsApi {
     pool: PgPool,
+    limits: CallerLimits,
 }
 
 impl NotificationsApi {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, limits: CallerLimits) -> Self {
+        Self { pool, limits }
     }
 }
 
@@ -82,6 +84,8 @@ impl Notifications for NotificationsApi {
                 .unwrap_or_default()
         };
         violations.finish()?;
+        // Valid requests only use up the account's rate (a typo costs nothing).
+        self.limits.settings_change(account_id.as_str())?;
         let settings =
             notifications::update_settings(&self.pool, &caller, &account_id, recipients, kinds)
                 .await?;
@@ -111,6 +115,7 @@ impl Notifications for NotificationsApi {
     ) -> Result<Response<proto::SendTestNotificationResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let key = IdempotencyKey::parse(&request.get_ref().idempotency_key)?;
+        self.limits.test_notification(account_id.as_str())?;
         let mut transaction = self.pool.begin().await.map_err(BillingError::from)?;
         // Scoped by the account (and the kind) in the outbox itself; the key is the client's.
         let dedupe_key = notifications::dedupe_key(&["test", key.as_str()]);
@@ -128,11 +133,12 @@ impl Notifications for NotificationsApi {
                 "the account has no recipient: set recipients or a billing email",
             )
         })?;
-        crate::audit::record(
+        crate::audit::record_keyed(
             &mut transaction,
             &caller,
             "send_test_notification",
             Some(account_id.as_str()),
+            Some(&key),
             serde_json::json!({ "notification_id": queued.notification_id }),
         )
         .await?;

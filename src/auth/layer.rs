@@ -1,6 +1,8 @@
 //! The tower layer in front of every billing RPC: reads the bearer token,
 //! verifies it, checks the caller's role against the permission table, and
-//! puts the [`Caller`] and the RPC's [`Access`] into the request extensions.
+//! puts the [`Caller`] (with the request's trace id, for the audit trail)
+//! and the RPC's [`Access`] into the request extensions. A token naming an
+//! unknown JWKS `kid` may wait for one (rate-limited) refresh of the set.
 //! Health and reflection pass through untouched.
 
 use std::future::Future;
@@ -11,8 +13,9 @@ use std::task::{Context, Poll};
 use tonic::Status;
 use tower::{Layer, Service};
 
-use super::{Access, Caller, KeySet, permissions};
+use super::{Access, Caller, KeySet, TokenValidUntil, permissions};
 use crate::error::BillingError;
+use crate::telemetry::otel;
 
 #[derive(Clone)]
 pub struct AuthLayer {
@@ -68,25 +71,37 @@ where
         let Some(access) = permissions::required_access(request.uri().path()) else {
             return Box::pin(inner.call(request));
         };
-        match authenticate(&self.keys, request.headers(), access) {
-            Ok(caller) => {
-                request.extensions_mut().insert(caller);
-                request.extensions_mut().insert(access);
-                Box::pin(inner.call(request))
+        let keys = self.keys.clone();
+        Box::pin(async move {
+            match authenticate(&keys, request.headers(), access).await {
+                Ok((mut caller, valid_until)) => {
+                    caller.trace_id = trace_id(request.headers());
+                    request.extensions_mut().insert(caller);
+                    request
+                        .extensions_mut()
+                        .insert(TokenValidUntil(valid_until));
+                    request.extensions_mut().insert(access);
+                    inner.call(request).await
+                }
+                Err(status) => Ok(status.into_http::<tonic::body::Body>()),
             }
-            Err(status) => {
-                let response = status.into_http::<tonic::body::Body>();
-                Box::pin(async move { Ok(response) })
-            }
-        }
+        })
     }
 }
 
-fn authenticate(
+/// The trace id the audit trail records: the RPC span's (traces on), else
+/// the caller's W3C `traceparent`.
+fn trace_id(headers: &http::HeaderMap) -> Option<String> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    otel::trace_id_of(&tracing::Span::current().context())
+        .or_else(|| otel::trace_id_of(&otel::extract_parent(headers)))
+}
+
+async fn authenticate(
     keys: &KeySet,
     headers: &http::HeaderMap,
     access: Access,
-) -> Result<Caller, Status> {
+) -> Result<(Caller, std::time::SystemTime), Status> {
     let header = headers
         .get(http::header::AUTHORIZATION)
         .ok_or_else(|| unauthenticated("missing authorization: Bearer <token>"))?;
@@ -101,10 +116,13 @@ fn authenticate(
         .map(str::trim)
         .filter(|token| !token.is_empty())
         .ok_or_else(|| unauthenticated("authorization must be \"Bearer <token>\""))?;
-    let caller = keys.verify(token).map_err(|error| match error {
-        BillingError::Unauthenticated(message) => unauthenticated(&message),
-        _ => unauthenticated("invalid bearer token"),
-    })?;
+    let (caller, valid_until) = keys
+        .authenticate(token)
+        .await
+        .map_err(|error| match error {
+            BillingError::Unauthenticated(message) => unauthenticated(&message),
+            _ => unauthenticated("invalid bearer token"),
+        })?;
     if !caller.may(access) {
         return Err(BillingError::PermissionDenied(format!(
             "the caller's roles ({}) do not allow this call",
@@ -116,7 +134,7 @@ fn authenticate(
         ))
         .into());
     }
-    Ok(caller)
+    Ok((caller, valid_until))
 }
 
 /// UNAUTHENTICATED with its `ErrorInfo` (`BEARER_TOKEN_INVALID`).

@@ -1,17 +1,24 @@
 //! Who is calling and what they may do.
 //!
-//! `token` verifies and mints JWTs; `permissions` is the one table of which
-//! role may call which RPC; `layer` is the tower layer that authenticates
-//! every billing RPC and checks the role; [`authorize_account`] is the one
-//! place an account-scoped request is matched against the caller's account.
+//! `token` verifies and mints JWTs with the keys of `keys` (files and
+//! secrets, re-read on change) and `jwks` (an identity provider's JWK set);
+//! `claims` turns a verified token's claims into a [`Caller`];
+//! `permissions` is the one table of which role may call which RPC; `layer`
+//! is the tower layer that authenticates every billing RPC and checks the
+//! role; [`authorize_account`] is the one place an account-scoped request is
+//! matched against the caller's account.
 
+mod claims;
+mod jwks;
+mod keys;
 mod layer;
 mod permissions;
 mod token;
 
+pub use claims::RoleMapping;
 pub use layer::AuthLayer;
 pub use permissions::{Access, known_method, required_access};
-pub use token::{Claims, KeySet};
+pub use token::{Claims, DEFAULT_LEEWAY_SECS, KeySet};
 
 use crate::error::BillingError;
 use crate::ids::AccountId;
@@ -22,7 +29,8 @@ pub enum Role {
     Commercial,
     Billing,
     Viewer,
-    /// Internal microservices: any account, debits and credits.
+    /// Internal microservices: debits and credits; every account, or only
+    /// the one of its token's account claim.
     Service,
 }
 
@@ -50,17 +58,41 @@ impl Role {
     }
 }
 
+/// When the caller's token stops being accepted (its `exp` plus the
+/// leeway); put into the request extensions by [`AuthLayer`] next to the
+/// [`Caller`]. Streams end then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenValidUntil(pub std::time::SystemTime);
+
 /// An authenticated caller, put into the request extensions by [`AuthLayer`].
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub subject: String,
-    /// The one account a user token may reach; `None` for service tokens.
+    /// The one account the token may reach, whatever its roles; `None` only
+    /// for service tokens without an account claim, which reach every account.
     pub account: Option<AccountId>,
     /// Known roles only; unknown role strings grant nothing.
     pub roles: Vec<Role>,
+    /// The request's W3C trace id (32 hex digits), written to the audit
+    /// trail; `None` when the request carried none and traces are off.
+    pub trace_id: Option<String>,
+    /// One of billing's own engines (the top-up engine, a payment
+    /// processor's webhook), not the bearer of a token.
+    pub engine: bool,
 }
 
 impl Caller {
+    /// Billing's own engine `subject`, acting with the service role on any account.
+    pub fn engine(subject: &str) -> Caller {
+        Caller {
+            subject: subject.to_owned(),
+            account: None,
+            roles: vec![Role::Service],
+            trace_id: None,
+            engine: true,
+        }
+    }
+
     pub fn may(&self, access: Access) -> bool {
         self.roles
             .iter()
@@ -73,10 +105,14 @@ impl Caller {
         names.join(",")
     }
 
+    /// A service token without an account claim (or an engine), for an
+    /// access the service role grants. A token bound to an account never is.
     fn reaches_every_account(&self, access: Access) -> bool {
-        self.roles
-            .iter()
-            .any(|role| *role == Role::Service && permissions::grants(*role, access))
+        self.account.is_none()
+            && self
+                .roles
+                .iter()
+                .any(|role| *role == Role::Service && permissions::grants(*role, access))
     }
 }
 
@@ -99,7 +135,8 @@ pub fn authorize_account(
     }
     match account {
         None => Err(BillingError::PermissionDenied(
-            "only the service role may read every account; set account_id".into(),
+            "only a service token without an account claim may read every account; set account_id"
+                .into(),
         )),
         Some(requested) if caller.account.as_ref() == Some(requested) => Ok(()),
         Some(_) => Err(BillingError::NotFound("account")),

@@ -11,6 +11,9 @@ pub enum Access {
     Manage,
     /// Internal operations: create accounts, debit, credit.
     Service,
+    /// Read an account's audit trail (who changed what): the account's
+    /// admin, and services.
+    Audit,
 }
 
 const TABLE: &[(&str, Access)] = &[
@@ -66,6 +69,7 @@ const TABLE: &[(&str, Access)] = &[
         "/billing.v1.Notifications/SendTestNotification",
         Access::Manage,
     ),
+    ("/billing.v1.Audit/ListAuditEvents", Access::Audit),
 ];
 
 /// `path` as a `&'static str` when it is a billing RPC of the table (a
@@ -100,7 +104,11 @@ pub(super) fn grants(role: Role, access: Access) -> bool {
             Role::Admin | Role::Commercial | Role::Billing,
             Access::Read | Access::Manage
         ) | (Role::Viewer, Access::Read)
-            | (Role::Service, Access::Read | Access::Service)
+            | (
+                Role::Service,
+                Access::Read | Access::Service | Access::Audit
+            )
+            | (Role::Admin, Access::Audit)
     )
 }
 
@@ -157,10 +165,26 @@ mod tests {
                 Access::Read => "Roles: admin, commercial, billing, viewer (own account), service",
                 Access::Manage => "Roles: admin, commercial, billing (own account).",
                 Access::Service => "Roles: service.",
+                Access::Audit => "Roles: admin (own account), service.",
             };
             assert!(
                 comment.contains(roles),
                 "{method} ({access:?}) should say {roles:?}: {comment}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_admins_and_services_read_the_audit_trail() {
+        assert_eq!(
+            required_access("/billing.v1.Audit/ListAuditEvents"),
+            Some(Access::Audit)
+        );
+        for role in Role::ALL {
+            assert_eq!(
+                grants(role, Access::Audit),
+                matches!(role, Role::Admin | Role::Service),
+                "{role:?}"
             );
         }
     }

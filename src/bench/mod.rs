@@ -4,9 +4,11 @@
 //! `debit-spread` and `debit-hot` run closed-loop callers (or paced ones with
 //! `--rate`); `noop` calls `grpc.health.v1.Health/Check` (the transport and
 //! middleware, no database); `events`, `idle-streams` and `top-up-reaction`
-//! measure the event stream and the top-up engine. Latencies are kept in an
+//! measure the event stream and the top-up engine; `stream-flood` what one
+//! tenant's idle streams cost another tenant's debits. Latencies are kept in an
 //! HDR histogram in microseconds.
 
+mod flood;
 mod load;
 mod overload;
 mod report;
@@ -41,6 +43,8 @@ pub enum Scenario {
     TopUpReaction,
     /// Far more callers than the server admits: shed vs admitted, memory, recovery.
     Overload,
+    /// Another tenant's debit latency without, then with `--streams` idle streams of one tenant.
+    StreamFlood,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -74,9 +78,13 @@ pub struct BenchArgs {
     /// HTTP/2 connections the callers share.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
-    /// Streams of `idle-streams`.
+    /// Streams of `idle-streams` and `stream-flood`.
     #[arg(long, default_value_t = 10_000)]
     pub streams: usize,
+    /// Streams one viewer token may hold in `stream-flood` (the server's
+    /// `BILLING_STREAMS_PER_CALLER`): the flood uses as many subjects as it needs.
+    #[arg(long, default_value_t = 50)]
+    pub streams_per_caller: usize,
     /// Server process whose RSS is read from /proc/<pid>/status.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -118,6 +126,19 @@ impl Bench {
             "this scenario mints account tokens: configure the signing key, not --token",
         )?;
         let token = keys.mint("bench", "admin", Some(account_id), 3600)?;
+        Ok(format!("Bearer {token}").parse()?)
+    }
+
+    /// A viewer token of `account_id` for the caller `subject`.
+    pub fn viewer_token(
+        &self,
+        account_id: &str,
+        subject: &str,
+    ) -> anyhow::Result<MetadataValue<Ascii>> {
+        let keys = self.keys.as_ref().context(
+            "this scenario mints account tokens: configure the signing key, not --token",
+        )?;
+        let token = keys.mint(subject, "viewer", Some(account_id), 3600)?;
         Ok(format!("Bearer {token}").parse()?)
     }
 }
@@ -165,6 +186,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::IdleStreams => streams::idle(&bench).await?,
         Scenario::TopUpReaction => topup::reaction(&bench).await?,
         Scenario::Overload => overload::run(&bench).await?,
+        Scenario::StreamFlood => flood::run(&bench).await?,
     };
     if bench.args.json {
         println!("{}", report.to_json());

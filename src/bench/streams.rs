@@ -1,5 +1,7 @@
 //! The event stream: delivery latency under debits, and many idle streams.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -11,10 +13,16 @@ use crate::proto::{self, balances_client::BalancesClient};
 const EVENTS_ACCOUNT: &str = "bench-events";
 const IDLE_ACCOUNT: &str = "bench-idle";
 
-/// Latency = the subscriber's receive time − the event's `created_at`.
-/// `created_at` is the debit transaction's start (`now()`), a little before
-/// its commit, so this is commit → subscriber plus the transaction's own time:
-/// an upper bound. Both clocks are this machine's.
+/// Commit → subscriber, bounded on both sides (the commit itself is not
+/// observable from a client):
+/// - the reported latency is the subscriber's receive time − the event's
+///   `created_at`, the debit transaction's *start* (`now()`): commit →
+///   subscriber plus the transaction's own time, an upper bound;
+/// - `extra.from_answer_ms` is receive − the time the writer got its `Debit`
+///   answer, which the server sends right after the commit: a lower bound
+///   (zero when the event arrived first).
+///
+/// Both clocks are this machine's.
 pub(super) async fn events(bench: &Bench) -> anyhow::Result<Report> {
     load::ensure_funded(bench, &[EVENTS_ACCOUNT.to_owned()]).await?;
     let started = SystemTime::now();
@@ -32,10 +40,13 @@ pub(super) async fn events(bench: &Bench) -> anyhow::Result<Report> {
     let pace = Duration::from_secs_f64(
         bench.args.concurrency as f64 / bench.args.rate.unwrap_or(200.0).max(0.001),
     );
+    // transaction_id → when its Debit was answered.
+    let answered: Arc<Mutex<HashMap<String, SystemTime>>> = Arc::default();
     let mut writers = Vec::new();
     for worker in 0..bench.args.concurrency.max(1) {
         let mut client = BalancesClient::new(bench.channel(worker + 1));
         let token = bench.token.clone();
+        let answered = answered.clone();
         let (amount, run_id) = (bench.args.amount.clone(), bench.run_id.clone());
         writers.push(tokio::spawn(async move {
             let mut ticker = tokio::time::interval(pace);
@@ -56,13 +67,26 @@ pub(super) async fn events(bench: &Bench) -> anyhow::Result<Report> {
                         },
                     ))
                     .await;
-                if debit.is_ok() { ok += 1 } else { errors += 1 }
+                let at = SystemTime::now();
+                match debit {
+                    Ok(response) => {
+                        ok += 1;
+                        if let Some(transaction) = response.into_inner().transaction {
+                            answered
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(transaction.transaction_id, at);
+                        }
+                    }
+                    Err(_) => errors += 1,
+                }
             }
             (ok, errors)
         }));
     }
     let mut latency = report::histogram();
     let mut received = 0u64;
+    let mut arrivals: Vec<(String, SystemTime)> = Vec::new();
     let listen_until = deadline + Duration::from_secs(2);
     loop {
         let message = match tokio::time::timeout_at(listen_until.into(), stream.message()).await {
@@ -71,7 +95,10 @@ pub(super) async fn events(bench: &Bench) -> anyhow::Result<Report> {
             Ok(Err(status)) => return Err(status).context("the event stream failed"),
         };
         let now = SystemTime::now();
-        let Some(created_at) = message.event.and_then(|e| e.created_at) else {
+        let Some(event) = message.event else {
+            continue;
+        };
+        let Some(created_at) = event.created_at else {
             continue;
         };
         let created_at = SystemTime::try_from(created_at).unwrap_or(now);
@@ -83,6 +110,7 @@ pub(super) async fn events(bench: &Bench) -> anyhow::Result<Report> {
             &mut latency,
             now.duration_since(created_at).unwrap_or_default(),
         );
+        arrivals.push((event.transaction_id, now));
     }
     let (mut ok, mut errors) = (0, 0);
     for writer in writers {
@@ -90,21 +118,50 @@ pub(super) async fn events(bench: &Bench) -> anyhow::Result<Report> {
         ok += writer_ok;
         errors += writer_errors;
     }
+    let mut from_answer = report::histogram();
+    {
+        let answered = answered.lock().unwrap_or_else(|e| e.into_inner());
+        for (transaction_id, at) in &arrivals {
+            if let Some(answer) = answered.get(transaction_id) {
+                report::record(
+                    &mut from_answer,
+                    at.duration_since(*answer).unwrap_or_default(),
+                );
+            }
+        }
+    }
+    let quantile = |q: f64| {
+        if from_answer.is_empty() {
+            0.0
+        } else {
+            from_answer.value_at_quantile(q) as f64 / 1000.0
+        }
+    };
     Ok(Report {
         scenario: "Events".into(),
         concurrency: bench.args.concurrency,
         elapsed: measure,
         ok: received,
         errors,
-        latency_of: "event created_at (transaction start) to subscriber receive".into(),
+        latency_of: "event created_at (transaction start) to subscriber receive: an upper bound of commit to subscriber".into(),
         latency,
-        extra: serde_json::json!({ "debits_ok": ok, "events_received": received }),
+        extra: serde_json::json!({
+            "debits_ok": ok,
+            "events_received": received,
+            "from_answer_ms": {
+                "of": "Debit answered (just after its commit) to subscriber receive: a lower bound of commit to subscriber",
+                "p50": quantile(0.50),
+                "p99": quantile(0.99),
+                "samples": from_answer.len(),
+            },
+        }),
         error_samples: Vec::new(),
     })
 }
 
-/// Opens `--streams` streams on an account with no events, holds them, and
-/// reads the server's RSS before and after.
+/// Opens `--streams` streams on an account with no events (viewer tokens of
+/// as many callers as the per-caller limit needs), holds them, and reads the
+/// server's RSS before and after.
 pub(super) async fn idle(bench: &Bench) -> anyhow::Result<Report> {
     let mut setup = BalancesClient::new(bench.channel(0));
     let _ = setup
@@ -125,17 +182,24 @@ pub(super) async fn idle(bench: &Bench) -> anyhow::Result<Report> {
         let chunk_end = (chunk_start + 500).min(bench.args.streams);
         let opening = (chunk_start..chunk_end).map(|index| {
             let mut client = BalancesClient::new(bench.channel(index));
-            let request = bench.request(proto::WatchBalanceEventsRequest {
-                account_id: IDLE_ACCOUNT.into(),
-                after_cursor: 0,
-            });
+            // One caller may hold `--streams-per-caller` streams: as many callers as needed.
+            let subject = format!("idle-{}", index / bench.args.streams_per_caller.max(1));
+            let token = bench.viewer_token(IDLE_ACCOUNT, &subject);
             async move {
+                let request = with_token(
+                    &token?,
+                    proto::WatchBalanceEventsRequest {
+                        account_id: IDLE_ACCOUNT.into(),
+                        after_cursor: 0,
+                    },
+                );
                 let began = Instant::now();
                 let opened = client.watch_balance_events(request).await;
-                (opened, began.elapsed())
+                anyhow::Ok((opened, began.elapsed()))
             }
         });
-        for (opened, took) in futures::future::join_all(opening).await {
+        for result in futures::future::join_all(opening).await {
+            let (opened, took) = result?;
             match opened {
                 Ok(stream) => {
                     report::record(&mut latency, took);

@@ -37,16 +37,29 @@
 //! # Delivery
 //!
 //! One [`EventFeed`] per process computes the horizon and publishes it on a
-//! `watch` channel. It recomputes when Postgres notifies `balance_events`
-//! (a statement trigger; delivered at commit, to every replica) and on a
-//! polling interval (a lost notification or a reconnect costs latency only).
-//! Every reader — a gRPC stream ([`watch`]) or an engine ([`Subscriber`]) —
-//! pulls from the table after its own cursor up to the horizon, at its own
-//! pace, so catch-up and live delivery are the same query, and a slow reader
-//! holds no lock and blocks no writer and no other reader.
+//! `watch` channel. No writing transaction notifies anything (a `NOTIFY` in
+//! the debit transaction serialized every commit; `migrations/0031`): a
+//! writer of this process wakes the feed in memory after its commit
+//! ([`CommitSignal`]); the feed's announcer then sends one coalesced
+//! `NOTIFY balance_events` per few milliseconds, from a connection of its
+//! own, to wake the other replicas' feeds; and every feed also polls on a
+//! short interval, so a lost notification, a reconnect or a writer that
+//! announces nothing costs latency only.
+//!
+//! One [`EventHub`] per process follows that horizon and reads each new
+//! range of events once, for every account, then hands each live gRPC
+//! stream ([`watch`]) the events of the account it watches (all of them to
+//! service-role all-accounts streams). A stream reads the table itself only
+//! to catch up: from its `after_cursor` at the start, and after it fell
+//! behind the shared reader (its bounded buffer overflowed); then it
+//! registers again. A stream of an account without events is never woken
+//! and never queries. The engines ([`Subscriber`]) keep their own
+//! persisted cursors and pull from the table at their own pace. A slow
+//! reader holds no lock and blocks no writer and no other reader.
 
 mod feed;
 mod horizon;
+mod hub;
 mod read;
 mod subscriber;
 mod watch;
@@ -55,11 +68,12 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
-pub use feed::{EventFeed, FeedSettings};
+pub use feed::{CommitSignal, EventFeed, FeedSettings};
 pub use horizon::Horizon;
+pub use hub::{EventHub, HubSettings, HubStats, LiveBatch, Subscription};
 pub use read::{EventFilter, read_events};
 pub use subscriber::{Batch, EventHandler, Subscriber};
-pub use watch::{WatchEnd, WatchSettings, Watcher, watch};
+pub use watch::{WatchEnd, WatchSettings, WatchStats, Watcher, watch};
 
 use crate::money::Currency;
 

@@ -110,11 +110,12 @@ pub async fn create_account(
         )
         .await?;
     }
-    audit::record(
+    audit::record_keyed(
         &mut transaction,
         caller,
         "create_account",
         Some(new.account_id.as_str()),
+        new.idempotency_key.as_ref(),
         serde_json::json!({ "currency": new.currency.code(), "credit_limit": new.credit_limit.to_string() }),
     )
     .await?;

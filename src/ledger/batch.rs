@@ -1,33 +1,56 @@
-//! Group commit for debits: concurrent debits to one account share one
+//! Group commit for debits: the waiting debits of many accounts share one
 //! transaction.
 //!
-//! Each account has an in-process queue. The first debit to find it empty
-//! starts a leader task, which repeatedly takes up to `max_batch` waiting
-//! debits and applies them, in arrival order, inside one transaction under one
-//! row lock: each is checked on its own for idempotency (stored keys and keys
-//! earlier in the batch) and for funds (against the balance left by the debits
-//! before it), so a refused debit writes nothing and spoils nothing. The
-//! accepted ones are written by one statement ([`batch_debit.sql`]). Every
-//! caller is answered only after the commit that holds its entry; a caller
-//! that is gone (timed out) before its debit is applied withdraws it; if the
-//! transaction fails, every accepted debit of the batch gets the error.
+//! Every debit joins one in-process queue, in arrival order. Up to
+//! [`BatchSettings::max_in_flight`] leader tasks each take a batch from it —
+//! up to `max_debits` debits of up to `max_accounts` accounts, leaving out
+//! the accounts that are in another leader's batch right now, so one
+//! account's debits are applied in arrival order, one batch after the
+//! other — and apply it in one transaction, in four round trips:
+//!
+//! 1. BEGIN;
+//! 2. one statement ([`batch_lock.sql`]) locks every account of the batch
+//!    **in account id order** — so two replicas whose batches share accounts
+//!    wait for each other and cannot deadlock — reads the batch's keys
+//!    already stored and takes one entry id per debit;
+//! 3. each debit is checked on its own, in arrival order within its account:
+//!    withdrawn (its caller is gone), a stored key, a key earlier in the
+//!    batch, then the funds left by the debits before it; a refused debit
+//!    writes nothing and spoils nothing. One statement
+//!    ([`batch_debit.sql`]) writes the accepted debits of every account;
+//! 4. COMMIT. Every caller is answered only after the commit that holds its
+//!    entry; if the transaction fails, every accepted debit of the batch
+//!    gets the error.
 //!
 //! The stored keys are read optimistically with the lock; an acceptance is
 //! verified by the write (a key stored meanwhile is noticed and the batch
 //! redone), and a refusal is never answered from that read: the keys are
-//! read again under the lock before any debit is refused.
+//! read again under the locks before any debit is refused.
 //!
-//! With no contention a batch holds one debit, and the cost is that of a plain
-//! debit in four round trips (BEGIN, lock with the key lookup, write, COMMIT). The row lock
-//! still serializes against other replicas and other writers (credits, top-ups).
+//! Batches lock in one order, but other writers that lock several accounts
+//! in one transaction (the balance-policy decider, in event order) may not:
+//! a batch that Postgres picks as a deadlock victim has written nothing and
+//! is redone, a few times, before its callers are told to retry.
+//!
+//! After the commit the batch wakes this process's event feed
+//! ([`CommitSignal`]) and hands the accounts whose total balance it took
+//! below their auto-refill threshold to the top-up reactor, when one listens
+//! (`with_crossings`): the reaction starts without waiting for the event to
+//! travel through the database. The decision is taken again there, under
+//! the account lock; the balance-policy subscriber still sees every event.
+//!
+//! With no contention a batch holds one debit and costs what a plain debit
+//! costs. The row locks still serialize against other replicas and other
+//! writers (credits, top-ups).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
+use opentelemetry::trace::SpanContext;
 use rust_decimal::Decimal;
-use sqlx::{PgConnection, PgPool, Row};
-use tokio::sync::oneshot;
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::accounts::account_from_row;
@@ -35,32 +58,112 @@ use super::postings::BALANCE_LIMIT;
 use super::{Account, EntryKind, LedgerEntry, Posting, PostingResult, idempotency};
 use crate::auth::Caller;
 use crate::error::{BillingError, Reason};
+use crate::events::CommitSignal;
+use crate::telemetry::links::{self, Cause};
 
 type Reply = oneshot::Sender<Result<PostingResult, BillingError>>;
+
+/// Deadlocks a batch survives (it is redone) before its callers are told to retry.
+const DEADLOCK_REDOS: u32 = 3;
+
+/// How debits are grouped into transactions.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSettings {
+    /// Most debits in one transaction; 1 turns group commit off.
+    pub max_debits: usize,
+    /// Most accounts in one transaction; 1 keeps each transaction to one
+    /// account (group commit per account only).
+    pub max_accounts: usize,
+    /// Most batch transactions of this process in flight at once (each
+    /// holds one pooled connection while it runs).
+    pub max_in_flight: usize,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_debits: 128,
+            max_accounts: 128,
+            max_in_flight: 4,
+        }
+    }
+}
 
 pub(super) struct Waiting {
     pub(super) caller: Caller,
     pub(super) posting: Posting,
     pub(super) fingerprint: String,
     reply: Reply,
+    /// The span of the call that queued it (the Debit RPC), when traced:
+    /// the cause a crossing it makes is linked to.
+    span: Option<SpanContext>,
 }
 
-/// Coalesces concurrent debits per account (see the module header).
+impl Waiting {
+    fn account(&self) -> &str {
+        self.posting.account_id.as_str()
+    }
+}
+
+/// The queue every leader takes its batches from.
+#[derive(Default)]
+struct Queue {
+    /// In arrival order.
+    waiting: VecDeque<Waiting>,
+    /// Accounts in a batch that has not answered yet.
+    busy: HashSet<String>,
+    /// Leader tasks running.
+    leaders: usize,
+}
+
+/// Coalesces concurrent debits of any accounts (see the module header).
 #[derive(Clone)]
 pub struct DebitBatcher {
     pool: PgPool,
-    max_batch: usize,
-    /// An account is present while its leader runs; the vector is what waits.
-    queues: Arc<Mutex<HashMap<String, Vec<Waiting>>>>,
+    settings: BatchSettings,
+    queue: Arc<Mutex<Queue>>,
+    commits: CommitSignal,
+    crossings: Option<mpsc::Sender<String>>,
 }
 
 impl DebitBatcher {
-    pub fn new(pool: PgPool, max_batch: usize) -> Self {
+    pub fn new(pool: PgPool, settings: BatchSettings) -> Self {
         Self {
             pool,
-            max_batch: max_batch.max(1),
-            queues: Arc::default(),
+            settings: BatchSettings {
+                max_debits: settings.max_debits.max(1),
+                max_accounts: settings.max_accounts.max(1),
+                max_in_flight: settings.max_in_flight.max(1),
+            },
+            queue: Arc::default(),
+            commits: CommitSignal::default(),
+            crossings: None,
         }
+    }
+
+    /// Given after every commit that wrote debits (wakes this process's
+    /// event feed and, through it, the other replicas).
+    pub fn with_commit_signal(mut self, commits: CommitSignal) -> Self {
+        self.commits = commits;
+        self
+    }
+
+    /// Receives the id of every account whose total balance a committed
+    /// batch took from at or above its auto-refill threshold to below it.
+    /// Best effort: when the channel is full the nudge is dropped (the
+    /// balance-policy subscriber decides on the event anyway).
+    pub fn with_crossings(mut self, crossings: mpsc::Sender<String>) -> Self {
+        self.crossings = Some(crossings);
+        self
+    }
+
+    /// Debits queued and not yet taken into a batch.
+    pub fn waiting(&self) -> usize {
+        self.lock_queue().waiting.len()
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Debits the account; answers after the commit that contains this debit.
@@ -72,72 +175,138 @@ impl DebitBatcher {
         debug_assert!(posting.kind.is_debit(), "the batcher posts debits only");
         debug_assert!(posting.amount > Decimal::ZERO);
         let (reply, answer) = oneshot::channel();
-        let account_id = posting.account_id.as_str().to_owned();
         let waiting = Waiting {
             caller: caller.clone(),
             fingerprint: posting.fingerprint(),
             posting,
             reply,
+            span: links::current(),
         };
         let lead = {
-            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-            match queues.get_mut(&account_id) {
-                Some(queue) => {
-                    queue.push(waiting);
-                    None
-                }
-                None => {
-                    queues.insert(account_id.clone(), Vec::new());
-                    Some(waiting)
-                }
+            let mut queue = self.lock_queue();
+            // A busy account's leader takes this debit when its batch ends.
+            let free = !queue.busy.contains(waiting.account());
+            queue.waiting.push_back(waiting);
+            let lead = free && queue.leaders < self.settings.max_in_flight;
+            if lead {
+                queue.leaders += 1;
             }
+            lead
         };
-        if let Some(first) = lead {
+        if lead {
             // A task, not this future: a cancelled caller must not strand the queue.
             let batcher = self.clone();
-            tokio::spawn(async move { batcher.lead(account_id, vec![first]).await });
+            tokio::spawn(async move { batcher.lead().await });
         }
         answer.await.map_err(|_| {
             BillingError::Unexpected(anyhow::anyhow!("the debit batch ended without an answer"))
         })?
     }
 
-    async fn lead(self, account_id: String, mut batch: Vec<Waiting>) {
-        loop {
-            let mut outcome = apply_batch(&self.pool, &account_id, &batch, Read::Optimistic).await;
-            if matches!(outcome, Ok(None)) {
-                tracing::debug!(%account_id, "a key of the batch was stored concurrently; redoing it");
-                outcome = apply_batch(&self.pool, &account_id, &batch, Read::AfterLock).await;
-            }
-            let results = match outcome {
-                Ok(Some(results)) => results,
-                Ok(None) => batch
-                    .iter()
-                    .map(|_| {
-                        Err(BillingError::unavailable(
-                            Reason::ConcurrentChange,
-                            "a concurrent change conflicted; retry",
-                        ))
-                    })
-                    .collect(),
-                Err(error) => batch.iter().map(|_| Err(copy_error(&error))).collect(),
-            };
+    async fn lead(self) {
+        let mut batch = self.next_batch(&[]);
+        while !batch.is_empty() {
+            let results = self.apply(&batch).await;
+            let mut accounts: Vec<String> = batch.iter().map(|w| w.account().to_owned()).collect();
+            accounts.sort_unstable();
+            accounts.dedup();
             for (waiting, result) in batch.drain(..).zip(results) {
                 // A caller that went away just misses its answer; its debit stands.
                 let _ = waiting.reply.send(result);
             }
-            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(queue) = queues.get_mut(&account_id) else {
-                return;
-            };
-            if queue.is_empty() {
-                queues.remove(&account_id);
-                return;
-            }
-            let take = queue.len().min(self.max_batch);
-            batch.extend(queue.drain(..take));
+            batch = self.next_batch(&accounts);
         }
     }
+
+    /// Frees the accounts of the batch just answered and takes the next
+    /// batch; a leader that gets none ends (counted under the same lock, so
+    /// a debit queued meanwhile starts a new one).
+    fn next_batch(&self, done: &[String]) -> Vec<Waiting> {
+        let mut queue = self.lock_queue();
+        for account in done {
+            queue.busy.remove(account);
+        }
+        let batch = take(&mut queue, &self.settings);
+        if batch.is_empty() {
+            queue.leaders -= 1;
+        }
+        batch
+    }
+
+    /// Applies one batch, redoing it after a missed key or a deadlock;
+    /// one result per debit.
+    async fn apply(&self, batch: &[Waiting]) -> BatchResults {
+        let mut read = Read::Optimistic;
+        let mut deadlocks = 0;
+        loop {
+            match apply_batch(&self.pool, batch, read).await {
+                Ok(Applied::Done(done)) => {
+                    if done.committed {
+                        self.commits.committed();
+                    }
+                    if let Some(crossings) = &self.crossings {
+                        for (account_id, span) in done.crossed {
+                            if let Some(span) = span {
+                                links::remember_span(Cause::Crossing(account_id.clone()), span);
+                            }
+                            let _ = crossings.try_send(account_id);
+                        }
+                    }
+                    return done.results;
+                }
+                Ok(Applied::KeyMissed) => {
+                    tracing::debug!("a key of the batch was stored concurrently; redoing it");
+                    read = Read::AfterLock;
+                }
+                Ok(Applied::Deadlock) if deadlocks < DEADLOCK_REDOS => {
+                    deadlocks += 1;
+                    tracing::info!(deadlocks, "a debit batch was a deadlock victim; redoing it");
+                }
+                Ok(Applied::Deadlock) => {
+                    return batch
+                        .iter()
+                        .map(|_| {
+                            Err(BillingError::unavailable(
+                                Reason::ConcurrentChange,
+                                "a concurrent change conflicted; retry",
+                            ))
+                        })
+                        .collect();
+                }
+                Err(error) => return batch.iter().map(|_| Err(copy_error(&error))).collect(),
+            }
+        }
+    }
+}
+
+/// Takes the next batch off the queue: debits in arrival order, skipping
+/// accounts busy in another batch, up to the settings' limits. Once one of
+/// an account's debits is skipped, so are its later ones (the reasons —
+/// busy, too many accounts, a full batch — last for the whole pass), which
+/// keeps each account's debits in arrival order.
+fn take(queue: &mut Queue, settings: &BatchSettings) -> Vec<Waiting> {
+    let mut batch = Vec::new();
+    let mut accounts: HashSet<String> = HashSet::new();
+    let mut left = VecDeque::with_capacity(queue.waiting.len());
+    while let Some(waiting) = queue.waiting.pop_front() {
+        if batch.len() >= settings.max_debits {
+            left.push_back(waiting);
+            left.append(&mut queue.waiting);
+            break;
+        }
+        let account = waiting.account();
+        let joins = accounts.contains(account)
+            || (!queue.busy.contains(account) && accounts.len() < settings.max_accounts);
+        if joins {
+            accounts.insert(account.to_owned());
+            batch.push(waiting);
+        } else {
+            left.push_back(waiting);
+        }
+    }
+    queue.waiting = left;
+    queue.busy.extend(accounts);
+    batch
 }
 
 /// A batch-wide failure, once per caller (`BillingError` is not `Clone`).
@@ -162,140 +331,328 @@ pub(super) struct Accepted {
     pub(super) result: PostingResult,
 }
 
+/// What a batch does to one account.
+pub(super) struct AccountOutcome {
+    pub(super) account_id: String,
+    /// Its accepted debits, in sequence order.
+    pub(super) accepted: Vec<Accepted>,
+    /// The balance and version after them.
+    pub(super) balance: Decimal,
+    pub(super) version: i64,
+}
+
 /// How the batch's stored idempotency keys are read.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Read {
-    /// With the lock, in one round trip (see `batch_lock.sql`).
+    /// With the locks, in one round trip (see `batch_lock.sql`).
     Optimistic,
-    /// In a statement after the lock: always current.
+    /// In a statement after the locks: always current.
     AfterLock,
 }
 
 type BatchResults = Vec<Result<PostingResult, BillingError>>;
 
-/// The batch's results; `None` when an optimistic read missed a key stored
-/// meanwhile (nothing was committed: redo with [`Read::AfterLock`]).
+/// A batch applied (committed, or rolled back because nothing was accepted).
+struct Done {
+    results: BatchResults,
+    committed: bool,
+    /// Accounts taken below their auto-refill threshold, each with the
+    /// span of the batch's last debit of it, when traced.
+    crossed: Vec<(String, Option<SpanContext>)>,
+}
+
+enum Applied {
+    Done(Done),
+    /// An optimistic read missed a key stored meanwhile; nothing was
+    /// committed: redo with [`Read::AfterLock`].
+    KeyMissed,
+    /// Postgres chose this batch as a deadlock victim; nothing was committed.
+    Deadlock,
+}
+
+fn is_deadlock(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "40P01")
+}
+
 async fn apply_batch(
     pool: &PgPool,
-    account_id: &str,
     batch: &[Waiting],
     read: Read,
-) -> Result<Option<BatchResults>, BillingError> {
+) -> Result<Applied, BillingError> {
+    let mut transaction = pool.begin().await?;
+    match apply_in(&mut transaction, batch, read).await {
+        Ok(Step::Commit {
+            done,
+            debits,
+            accounts,
+        }) => {
+            transaction.commit().await?;
+            crate::telemetry::metrics::debit_batch_committed(debits, accounts);
+            for _ in 0..debits {
+                crate::telemetry::metrics::debit_posted();
+            }
+            Ok(Applied::Done(done))
+        }
+        Ok(Step::Rollback(applied)) => {
+            transaction.rollback().await?;
+            Ok(applied)
+        }
+        Err(Failure::Deadlock) => {
+            // Release the locks it holds before it is redone.
+            transaction.rollback().await?;
+            Ok(Applied::Deadlock)
+        }
+        Err(Failure::Other(error)) => Err(error),
+    }
+}
+
+/// Why a batch's statements failed.
+enum Failure {
+    Deadlock,
+    Other(BillingError),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(error: sqlx::Error) -> Self {
+        if is_deadlock(&error) {
+            Failure::Deadlock
+        } else {
+            Failure::Other(error.into())
+        }
+    }
+}
+
+impl From<BillingError> for Failure {
+    fn from(error: BillingError) -> Self {
+        Failure::Other(error)
+    }
+}
+
+/// How a batch's transaction ends.
+enum Step {
+    /// Commit: `debits` debits of `accounts` accounts were written.
+    Commit {
+        done: Done,
+        debits: usize,
+        accounts: usize,
+    },
+    /// Roll back (nothing to write, or a missed key), then report this.
+    Rollback(Applied),
+}
+
+/// An account as the lock statement found it.
+struct Locked {
+    account: Account,
+    /// Popped from the back: ascending, one per debit of the account.
+    entry_ids: Vec<i64>,
+    refill_threshold: Option<Decimal>,
+}
+
+/// Runs the batch's statements and says how its transaction ends.
+async fn apply_in(
+    transaction: &mut Transaction<'static, Postgres>,
+    batch: &[Waiting],
+    read: Read,
+) -> Result<Step, Failure> {
+    let debit_accounts: Vec<&str> = batch.iter().map(Waiting::account).collect();
     let keys: Vec<&str> = batch
         .iter()
         .map(|w| w.posting.idempotency_key.as_str())
         .collect();
-    let mut transaction = pool.begin().await?;
-    let row = sqlx::query(include_str!("batch_lock.sql"))
-        .bind(account_id)
+    let rows = sqlx::query(include_str!("batch_lock.sql"))
+        .bind(&debit_accounts)
         .bind(&keys)
-        .bind(batch.len() as i64)
-        .fetch_optional(&mut *transaction)
-        .await?
-        .ok_or(BillingError::NotFound("account"))?;
-    let account = account_from_row(&row)?;
-    // The transaction's start time: every entry and event of the batch carries it.
-    let now: DateTime<Utc> = row.try_get("now")?;
-    // Popped from the back: entries are written in sequence order with increasing ids.
-    let mut entry_ids: Vec<i64> = row.try_get("entry_ids")?;
-    entry_ids.sort_unstable_by(|a, b| b.cmp(a));
-    let mut stored = match read {
-        Read::Optimistic => parse_stored_keys(row.try_get("stored_keys")?)?,
-        Read::AfterLock => lookup(&mut transaction, account_id, &keys).await?,
-    };
+        .fetch_all(&mut **transaction)
+        .await?;
+    let mut locked: HashMap<String, Locked> = HashMap::with_capacity(rows.len());
+    let mut now: Option<DateTime<Utc>> = None;
+    let mut optimistic = StoredKeys::new();
+    for row in &rows {
+        let account = account_from_row(row)?;
+        // The transaction's start time: every entry and event of the batch carries it.
+        now = Some(row.try_get("now").map_err(BillingError::from)?);
+        let mut entry_ids: Vec<i64> = row.try_get("entry_ids").map_err(BillingError::from)?;
+        entry_ids.sort_unstable_by(|a, b| b.cmp(a));
+        if read == Read::Optimistic {
+            parse_stored_keys(
+                &account.account_id,
+                row.try_get("stored_keys").map_err(BillingError::from)?,
+                &mut optimistic,
+            )?;
+        }
+        locked.insert(
+            account.account_id.clone(),
+            Locked {
+                refill_threshold: row
+                    .try_get("refill_threshold")
+                    .map_err(BillingError::from)?,
+                account,
+                entry_ids,
+            },
+        );
+    }
+    let now = now.unwrap_or_else(Utc::now);
     let mut fresh = read == Read::AfterLock;
-    let mut decided = decide(&account, batch, &stored, entry_ids.clone(), now)?;
+    let stored = if fresh {
+        lookup(transaction, &debit_accounts, &keys).await?
+    } else {
+        optimistic
+    };
+    let mut decided = decide(&locked, batch, &stored, now)?;
     if !fresh && decided.refused {
-        // No refusal is answered from an optimistic read: the transaction the
+        // No refusal is answered from an optimistic read: a transaction a
         // lock waited for may have stored one of these keys (a retry of a
         // debit that has already taken effect). Read the keys again, now
-        // that the lock is held, and decide again.
-        stored = lookup(&mut transaction, account_id, &keys).await?;
+        // that the locks are held, and decide again.
+        let stored = lookup(transaction, &debit_accounts, &keys).await?;
         fresh = true;
-        decided = decide(&account, batch, &stored, entry_ids, now)?;
+        decided = decide(&locked, batch, &stored, now)?;
     }
     let Decided {
         mut results,
-        accepted,
-        balance,
-        version,
+        outcomes,
         ..
     } = decided;
-
-    if !accepted.is_empty() {
-        let keys_stored = super::batch_write::write(
-            &mut transaction,
-            &account,
-            batch,
-            &accepted,
-            balance,
-            version,
-            now,
-        )
-        .await?;
-        if keys_stored != accepted.len() as i64 {
+    let debits: usize = outcomes.iter().map(|o| o.accepted.len()).sum();
+    let moving = outcomes.iter().filter(|o| !o.accepted.is_empty()).count();
+    if debits > 0 {
+        let written = super::batch_write::write(transaction, batch, &outcomes, now).await?;
+        if written.keys_stored != debits as i64 {
             // Only an optimistic read can miss a key: the lock's snapshot predates it.
-            transaction.rollback().await?;
             if fresh {
-                return Err(BillingError::Unexpected(anyhow::anyhow!(
+                return Err(Failure::Other(BillingError::Unexpected(anyhow::anyhow!(
                     "an idempotency key of the batch was stored without the account's lock"
-                )));
+                ))));
             }
-            return Ok(None);
+            return Ok(Step::Rollback(Applied::KeyMissed));
         }
-        transaction.commit().await?;
-        for _ in &accepted {
-            crate::telemetry::metrics::debit_posted();
+        if written.accounts_moved != moving as i64 {
+            return Err(Failure::Other(BillingError::Unexpected(anyhow::anyhow!(
+                "a locked account of the batch was not updated"
+            ))));
         }
-    } else {
-        transaction.rollback().await?;
     }
-    for Accepted { index, result } in accepted {
-        results[index] = Some(Ok(result));
+    let crossed = outcomes
+        .iter()
+        .filter(|outcome| !outcome.accepted.is_empty())
+        .filter_map(|outcome| {
+            let before = locked.get(&outcome.account_id)?;
+            let threshold = before.refill_threshold?;
+            let after = outcome.balance + before.account.credit_limit;
+            let span = outcome
+                .accepted
+                .last()
+                .and_then(|accepted| batch[accepted.index].span.clone());
+            (before.account.total_balance() >= threshold && after < threshold)
+                .then(|| (outcome.account_id.clone(), span))
+        })
+        .collect();
+    for outcome in outcomes {
+        for Accepted { index, result } in outcome.accepted {
+            results[index] = Some(Ok(result));
+        }
     }
-    // Duplicates of an in-batch key were answered with a clone above.
-    Ok(Some(
-        results
-            .into_iter()
-            .map(|result| {
-                result.unwrap_or_else(|| {
-                    Err(BillingError::Unexpected(anyhow::anyhow!(
-                        "a debit of the batch was left unanswered"
-                    )))
-                })
+    // Duplicates of an in-batch key were answered with a clone in `decide`.
+    let results = results
+        .into_iter()
+        .map(|result| {
+            result.unwrap_or_else(|| {
+                Err(BillingError::Unexpected(anyhow::anyhow!(
+                    "a debit of the batch was left unanswered"
+                )))
             })
-            .collect(),
-    ))
+        })
+        .collect();
+    let done = Done {
+        results,
+        committed: debits > 0,
+        crossed,
+    };
+    if debits == 0 {
+        // Nothing to write: end the transaction without a commit record.
+        return Ok(Step::Rollback(Applied::Done(done)));
+    }
+    Ok(Step::Commit {
+        done,
+        debits,
+        accounts: moving,
+    })
 }
 
-/// What each debit of the batch gets, decided against the locked account.
+/// What each debit of the batch gets, decided against the locked accounts.
 struct Decided {
     results: Vec<Option<Result<PostingResult, BillingError>>>,
-    accepted: Vec<Accepted>,
-    balance: Decimal,
-    version: i64,
+    /// One per account found, with what it accepted.
+    outcomes: Vec<AccountOutcome>,
     /// Some debit was refused for its amount (funds or the balance limit).
     refused: bool,
 }
 
-/// Checks each debit on its own, in arrival order: cancelled, a stored key,
-/// a key earlier in the batch, then the funds left by the debits before it.
+/// Checks each debit on its own, account by account, in arrival order within
+/// each: withdrawn, a stored key, a key earlier in the batch, then the funds
+/// left by the debits before it.
 fn decide(
-    account: &Account,
+    locked: &HashMap<String, Locked>,
     batch: &[Waiting],
     stored: &StoredKeys,
-    mut entry_ids: Vec<i64>,
     now: DateTime<Utc>,
 ) -> Result<Decided, BillingError> {
-    let mut balance = account.balance;
-    let mut version = account.version;
-    let mut refused = false;
     let mut results: Vec<Option<Result<PostingResult, BillingError>>> =
         batch.iter().map(|_| None).collect();
-    let mut accepted: Vec<Accepted> = Vec::new();
-    // Keys accepted earlier in this batch: their fingerprint and result.
-    let mut in_batch: HashMap<&str, (&str, usize)> = HashMap::new();
+    // Each account's debits, in arrival order.
+    let mut by_account: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (index, waiting) in batch.iter().enumerate() {
+        by_account.entry(waiting.account()).or_default().push(index);
+    }
+    let mut outcomes = Vec::with_capacity(by_account.len());
+    let mut refused = false;
+    for (account_id, indices) in by_account {
+        let Some(found) = locked.get(account_id) else {
+            for index in indices {
+                results[index] = Some(Err(BillingError::NotFound("account")));
+            }
+            continue;
+        };
+        let outcome = decide_account(
+            found,
+            batch,
+            &indices,
+            stored,
+            now,
+            &mut results,
+            &mut refused,
+        )?;
+        outcomes.push(outcome);
+    }
+    Ok(Decided {
+        results,
+        outcomes,
+        refused,
+    })
+}
+
+/// One account's debits of the batch, in arrival order.
+fn decide_account(
+    found: &Locked,
+    batch: &[Waiting],
+    indices: &[usize],
+    stored: &StoredKeys,
+    now: DateTime<Utc>,
+    results: &mut [Option<Result<PostingResult, BillingError>>],
+    refused: &mut bool,
+) -> Result<AccountOutcome, BillingError> {
+    let account = &found.account;
+    let mut entry_ids = found.entry_ids.clone();
+    let mut balance = account.balance;
+    let mut version = account.version;
+    let mut accepted: Vec<Accepted> = Vec::new();
+    // Keys accepted earlier in this batch on this account: their fingerprint and position.
+    let mut in_batch: HashMap<&str, (&str, usize)> = HashMap::new();
+    for &index in indices {
+        let waiting = &batch[index];
         // A caller cut off (timeout, disconnect) while the batch waited for
         // the lock withdraws its debit, as a rolled-back transaction would.
         if waiting.reply.is_closed() {
@@ -306,7 +663,9 @@ fn decide(
             continue;
         }
         let key = waiting.posting.idempotency_key.as_str();
-        if let Some((operation, fingerprint, response)) = stored.get(key) {
+        if let Some((operation, fingerprint, response)) =
+            stored.get(&(account.account_id.clone(), key.to_owned()))
+        {
             results[index] = Some(
                 if operation == "post" && *fingerprint == waiting.fingerprint {
                     idempotency::decode(response.clone())
@@ -326,7 +685,7 @@ fn decide(
         }
         match next_balance(account, balance, &waiting.posting) {
             Err(refusal) => {
-                refused = true;
+                *refused = true;
                 results[index] = Some(Err(refusal));
             }
             Ok(new_balance) => {
@@ -341,51 +700,57 @@ fn decide(
             }
         }
     }
-    Ok(Decided {
-        results,
+    Ok(AccountOutcome {
+        account_id: account.account_id.clone(),
         accepted,
         balance,
         version,
-        refused,
     })
 }
 
-type StoredKeys = HashMap<String, (String, String, serde_json::Value)>;
+/// Stored keys by (account, key): operation, request hash, response.
+type StoredKeys = HashMap<(String, String), (String, String, serde_json::Value)>;
 
-/// The batch's keys already stored on the account, read after the lock.
+/// The batch's keys already stored, read after the locks.
 async fn lookup(
     connection: &mut PgConnection,
-    account_id: &str,
+    accounts: &[&str],
     keys: &[&str],
 ) -> Result<StoredKeys, BillingError> {
-    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
-        "SELECT idempotency_key, operation, request_hash, response::TEXT FROM idempotency_keys \
-         WHERE account_id = $1 AND idempotency_key = ANY($2)",
+    let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
+        "SELECT k.account_id, k.idempotency_key, k.operation, k.request_hash, k.response::TEXT \
+           FROM idempotency_keys k \
+           JOIN unnest($1::TEXT[], $2::TEXT[]) AS d (account_id, idempotency_key) \
+             ON k.account_id = d.account_id AND k.idempotency_key = d.idempotency_key",
     )
-    .bind(account_id)
+    .bind(accounts)
     .bind(keys)
     .fetch_all(connection)
     .await?;
-    rows.into_iter()
-        .map(|(key, operation, hash, response)| {
-            let response = serde_json::from_str(&response)
-                .map_err(|e| BillingError::Unexpected(anyhow::anyhow!("stored response: {e}")))?;
-            Ok((key, (operation, hash, response)))
-        })
-        .collect()
+    let mut stored = StoredKeys::with_capacity(rows.len());
+    for (account, key, operation, hash, response) in rows {
+        let response = serde_json::from_str(&response)
+            .map_err(|e| BillingError::Unexpected(anyhow::anyhow!("stored response: {e}")))?;
+        stored.insert((account, key), (operation, hash, response));
+    }
+    Ok(stored)
 }
 
-/// `[[key, operation, request_hash, response], …]` from `batch_lock.sql`.
-fn parse_stored_keys(json: Option<String>) -> Result<StoredKeys, BillingError> {
+/// `[[key, operation, request_hash, response], …]` of one account, from `batch_lock.sql`.
+fn parse_stored_keys(
+    account_id: &str,
+    json: Option<String>,
+    into: &mut StoredKeys,
+) -> Result<(), BillingError> {
     let Some(json) = json else {
-        return Ok(StoredKeys::new());
+        return Ok(());
     };
     let rows: Vec<(String, String, String, serde_json::Value)> = serde_json::from_str(&json)
         .map_err(|e| BillingError::Unexpected(anyhow::anyhow!("stored keys: {e}")))?;
-    Ok(rows
-        .into_iter()
-        .map(|(key, operation, hash, response)| (key, (operation, hash, response)))
-        .collect())
+    for (key, operation, hash, response) in rows {
+        into.insert((account_id.to_owned(), key), (operation, hash, response));
+    }
+    Ok(())
 }
 
 fn reused_key() -> BillingError {
@@ -450,5 +815,96 @@ fn posting_result(
         total_balance: balance + account.credit_limit,
         version,
         currency: account.currency.code().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::auth::Role;
+    use crate::ids::{AccountId, IdempotencyKey};
+
+    fn waiting(account: &str, key: &str) -> Waiting {
+        let (reply, _) = oneshot::channel();
+        Waiting {
+            caller: Caller {
+                subject: "test".into(),
+                account: None,
+                roles: vec![Role::Service],
+                trace_id: None,
+                engine: false,
+            },
+            posting: Posting {
+                account_id: AccountId::parse(account).unwrap(),
+                kind: EntryKind::Usage,
+                amount: Decimal::ONE,
+                idempotency_key: IdempotencyKey::parse(key).unwrap(),
+                description: String::new(),
+                metadata: BTreeMap::new(),
+                allow_overdraft: false,
+            },
+            fingerprint: String::new(),
+            reply,
+            span: None,
+        }
+    }
+
+    fn queue(debits: &[(&str, &str)], busy: &[&str]) -> Queue {
+        Queue {
+            waiting: debits.iter().map(|(a, k)| waiting(a, k)).collect(),
+            busy: busy.iter().map(|a| (*a).to_owned()).collect(),
+            leaders: 1,
+        }
+    }
+
+    fn keys(batch: &[Waiting]) -> Vec<&str> {
+        batch
+            .iter()
+            .map(|w| w.posting.idempotency_key.as_str())
+            .collect()
+    }
+
+    fn settings(max_debits: usize, max_accounts: usize) -> BatchSettings {
+        BatchSettings {
+            max_debits,
+            max_accounts,
+            max_in_flight: 4,
+        }
+    }
+
+    #[test]
+    fn a_batch_takes_the_debits_of_many_accounts_in_arrival_order() {
+        let mut queue = queue(&[("a", "1"), ("b", "2"), ("a", "3"), ("c", "4")], &[]);
+        let batch = take(&mut queue, &settings(128, 128));
+        assert_eq!(keys(&batch), ["1", "2", "3", "4"]);
+        assert!(queue.waiting.is_empty());
+        assert_eq!(queue.busy.len(), 3);
+    }
+
+    #[test]
+    fn an_account_busy_in_another_batch_keeps_every_later_debit_waiting() {
+        let mut queue = queue(&[("a", "1"), ("b", "2"), ("a", "3")], &["a"]);
+        let batch = take(&mut queue, &settings(128, 128));
+        assert_eq!(keys(&batch), ["2"]);
+        assert_eq!(keys(queue.waiting.make_contiguous()), ["1", "3"]);
+    }
+
+    #[test]
+    fn an_account_left_out_of_a_full_batch_is_left_out_whole_so_its_order_holds() {
+        // At most two accounts: c's debits wait, even the one after a's and b's.
+        let mut queue = queue(
+            &[("a", "1"), ("b", "2"), ("c", "3"), ("a", "4"), ("c", "5")],
+            &[],
+        );
+        let batch = take(&mut queue, &settings(128, 2));
+        assert_eq!(keys(&batch), ["1", "2", "4"]);
+        assert_eq!(keys(queue.waiting.make_contiguous()), ["3", "5"]);
+        // At most two debits: everything after the second waits.
+        let mut queue = self::queue(&[("a", "1"), ("b", "2"), ("a", "3")], &[]);
+        let batch = take(&mut queue, &settings(2, 128));
+        assert_eq!(keys(&batch), ["1", "2"]);
+        assert_eq!(keys(queue.waiting.make_contiguous()), ["3"]);
     }
 }

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use accounts::{NewAccount, create_account, get_account, load_account};
-pub use batch::DebitBatcher;
+pub use batch::{BatchSettings, DebitBatcher};
 pub use history::{EntryFilter, list_entries};
 pub use idempotency::request_fingerprint;
 pub(crate) use idempotency::{forget_response, previous_response, remember_response};

@@ -187,7 +187,7 @@ pub async fn post_in_transaction(
         idempotency::encode(&result)?,
     )
     .await?;
-    audit::record(
+    audit::record_keyed(
         connection,
         caller,
         if posting.kind.is_debit() {
@@ -196,6 +196,7 @@ pub async fn post_in_transaction(
             "credit"
         },
         Some(account.account_id.as_str()),
+        Some(&posting.idempotency_key),
         serde_json::json!({
             "transaction_id": transaction_id,
             "kind": posting.kind.as_str(),

@@ -34,11 +34,12 @@ fn build_message(from: &Mailbox, email: &OutgoingEmail) -> Result<Message, MailE
         .subject(email.subject.clone())
         .message_id(Some(format!("<{}@billing>", email.id)))
         .header(ContentType::TEXT_PLAIN);
+    // A bare address (never a display name or a list): what the API checked.
     for recipient in &email.to {
-        let mailbox: Mailbox = recipient
+        let address: lettre::Address = recipient
             .parse()
             .map_err(|e| MailError(format!("bad recipient {recipient:?}: {e}")))?;
-        builder = builder.to(mailbox);
+        builder = builder.to(Mailbox::new(None, address));
     }
     builder
         .body(email.body_text.clone())

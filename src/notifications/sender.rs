@@ -1,7 +1,8 @@
 //! The outbox sender, run by every replica: claims one due row at a time
 //! with `FOR UPDATE SKIP LOCKED`, sends it, and marks it sent — or keeps the
 //! error and schedules the next try from the retry schedule, until the
-//! schedule runs out.
+//! schedule runs out. Stored recipients the mailer would refuse are left
+//! out (and named in `last_error`); the others still get the message.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,15 +88,39 @@ pub async fn send_due(
         let notification_id: uuid::Uuid = row.try_get("notification_id")?;
         let attempts: i32 = row.try_get("attempts")?;
         let kind: String = row.try_get("kind")?;
+        let stored: Vec<String> = row.try_get("recipients")?;
+        // Rows stored before addresses were checked by the mailer's parser
+        // may hold bad ones: they must not silence the good ones.
+        let (to, skipped) = split_recipients(&stored);
+        if to.is_empty() {
+            let error = format!("no valid recipient: {}", skipped.join("; "));
+            sqlx::query(
+                "UPDATE notifications SET status = 'failed', last_error = $2 \
+                  WHERE notification_id = $1 AND status = 'pending'",
+            )
+            .bind(notification_id)
+            .bind(&error)
+            .execute(pool)
+            .await?;
+            metrics::notification_finished(&kind, "failed");
+            tracing::warn!(%notification_id, attempts, "notification not delivered: no valid recipient");
+            handled += 1;
+            continue;
+        }
+        let note = (!skipped.is_empty())
+            .then(|| format!("not sent to invalid recipients: {}", skipped.join("; ")));
         let email = OutgoingEmail {
             id: notification_id.to_string(),
-            to: row.try_get("recipients")?,
+            to,
             subject: row.try_get("subject")?,
             body_text: row.try_get("body_text")?,
         };
         match mailer.send(&email).await {
             Ok(()) => {
-                mark_sent(pool, notification_id, settings.claim_lease).await?;
+                mark_sent(pool, notification_id, settings.claim_lease, note.as_deref()).await?;
+                if note.is_some() {
+                    tracing::warn!(%notification_id, skipped = skipped.len(), "notification sent, but not to its invalid recipients");
+                }
                 metrics::notification_finished(&kind, "sent");
                 tracing::info!(%notification_id, attempts, "notification sent");
             }
@@ -113,7 +138,10 @@ pub async fn send_due(
                 )
                 .bind(notification_id)
                 .bind(status)
-                .bind(error.to_string())
+                .bind(match &note {
+                    Some(note) => format!("{error}; {note}"),
+                    None => error.to_string(),
+                })
                 .bind(retry_in.unwrap_or_default().as_secs_f64())
                 .execute(pool)
                 .await?;
@@ -132,17 +160,34 @@ pub async fn send_due(
     }
 }
 
+/// The stored recipients the mailer accepts, and a description (with its
+/// index) of each one it would refuse.
+fn split_recipients(stored: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut valid = Vec::with_capacity(stored.len());
+    let mut skipped = Vec::new();
+    for (index, address) in stored.iter().enumerate() {
+        match crate::ids::parse_email(&format!("recipients[{index}]"), address) {
+            Ok(address) => valid.push(address),
+            Err(error) => skipped.push(error.to_string()),
+        }
+    }
+    (valid, skipped)
+}
+
+/// Marks the row sent; `note` (recipients left out) is kept as its `last_error`.
 async fn mark_sent(
     pool: &PgPool,
     notification_id: uuid::Uuid,
     lease: Duration,
+    note: Option<&str>,
 ) -> Result<(), BillingError> {
     let deadline = tokio::time::Instant::now() + lease;
     loop {
         let marked = sqlx::query(
-            "UPDATE notifications SET status = 'sent', sent_at = now(), last_error = NULL WHERE notification_id = $1",
+            "UPDATE notifications SET status = 'sent', sent_at = now(), last_error = $2 WHERE notification_id = $1",
         )
         .bind(notification_id)
+        .bind(note)
         .execute(pool)
         .await;
         match marked {

@@ -224,15 +224,14 @@ impl PaymentMethods {
             },
         )
         .await?;
-        audit::record(
+        audit::record_keyed(
             &mut transaction,
             caller,
             ADD_CARD,
             Some(account),
+            Some(&new.idempotency_key),
             serde_json::json!({
                 "payment_method_id": payment_method_id,
-                "brand": setup.card.brand,
-                "last4": setup.card.last4,
                 "status": status.as_str(),
             }),
         )

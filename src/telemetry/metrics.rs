@@ -39,12 +39,18 @@ struct Metrics {
     declines: IntCounterVec,
     notifications: IntCounterVec,
     event_streams: IntGauge,
+    event_reads: IntCounterVec,
+    event_streams_lagged: IntCounter,
+    limits_refused: IntCounterVec,
+    connections_open: IntGauge,
     outbox_pending: IntGauge,
     subscriber_lag: IntGaugeVec,
     pool_connections: IntGaugeVec,
     pool_max: IntGauge,
     engine_decisions: IntCounterVec,
     charge_duration: Histogram,
+    batch_debits: Histogram,
+    batch_accounts: Histogram,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -112,6 +118,24 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(charge_duration.clone()))
         .expect("unique");
+    // Group commit: 1, 2, 4 … 128 (the largest batch by default) and beyond.
+    let batch_histogram = |name: &str, help: &str| {
+        let metric = Histogram::with_opts(
+            HistogramOpts::new(name, help)
+                .buckets(prometheus::exponential_buckets(1.0, 2.0, 9).expect("buckets")),
+        )
+        .expect("histogram");
+        registry.register(Box::new(metric.clone())).expect("unique");
+        metric
+    };
+    let batch_debits = batch_histogram(
+        "debit_batch_debits",
+        "Debits written by one group-commit transaction",
+    );
+    let batch_accounts = batch_histogram(
+        "debit_batch_accounts",
+        "Accounts whose debits one group-commit transaction wrote",
+    );
     let debits =
         IntCounter::new("debits_total", "Usage debits posted to the ledger").expect("counter");
     registry.register(Box::new(debits.clone())).expect("unique");
@@ -146,6 +170,29 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "event_streams_open",
             "WatchBalanceEvents streams open on this replica",
         ),
+        event_reads: counter(
+            "event_reads_total",
+            "Queries of balance events by reader: `shared` (the process's one reader, per committed range) or `stream` (a stream catching up on its own)",
+            &["reader"],
+        ),
+        event_streams_lagged: {
+            let metric = IntCounter::new(
+                "event_streams_lagged_total",
+                "Streams that fell behind the shared event reader and caught up from the database",
+            )
+            .expect("counter");
+            registry.register(Box::new(metric.clone())).expect("unique");
+            metric
+        },
+        limits_refused: counter(
+            "limits_refused_total",
+            "Connections, streams and calls refused by an abuse limit, by limit",
+            &["limit"],
+        ),
+        connections_open: gauge(
+            "grpc_connections_open",
+            "gRPC connections open on this replica (those still waiting for their first bytes included)",
+        ),
         outbox_pending: gauge(
             "outbox_pending",
             "Emails waiting in the outbox (all replicas)",
@@ -165,6 +212,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Largest size of this replica's pool",
         ),
         charge_duration,
+        batch_debits,
+        batch_accounts,
         registry,
     }
 });
@@ -236,6 +285,13 @@ pub fn debit_posted() {
     METRICS.debits.inc();
 }
 
+/// A group-commit transaction committed `debits` debits of `accounts` accounts.
+pub fn debit_batch_committed(debits: usize, accounts: usize) {
+    let metrics = &*METRICS;
+    metrics.batch_debits.observe(debits as f64);
+    metrics.batch_accounts.observe(accounts as f64);
+}
+
 /// A top-up reached `outcome` (a top-up status: succeeded, failed,
 /// requires_action, unknown).
 pub fn top_up_finished(outcome: &str) {
@@ -285,6 +341,31 @@ pub fn stream_opened() {
 
 pub fn stream_closed() {
     METRICS.event_streams.dec();
+}
+
+/// The shared event reader ran one query.
+pub fn event_reader_read() {
+    METRICS.event_reads.with_label_values(&["shared"]).inc();
+}
+
+/// A stream ran a query of its own (catch-up).
+pub fn event_stream_read() {
+    METRICS.event_reads.with_label_values(&["stream"]).inc();
+}
+
+/// A stream fell behind the shared reader (it catches up from the database).
+pub fn event_stream_lagged() {
+    METRICS.event_streams_lagged.inc();
+}
+
+/// An abuse limit refused a connection, stream or call; `limit` is a fixed name.
+pub fn limit_refused(limit: &'static str) {
+    METRICS.limits_refused.with_label_values(&[limit]).inc();
+}
+
+/// A gRPC connection was accepted (+1) or closed (-1).
+pub fn connections_open_add(delta: i64) {
+    METRICS.connections_open.add(delta);
 }
 
 /// Counts an open event stream for as long as it lives.

@@ -4,12 +4,14 @@
 //! over OTLP/gRPC when an endpoint is configured (`otel`), a span per SQL
 //! statement (`db_spans`), links from background work to what caused it
 //! (`links`), every payment gateway call timed and traced (`gateway`), the
-//! per-RPC span, log line and metrics (`rpc_log`), and the Prometheus
-//! metrics facade the domain calls (`metrics`). docs/ARCHITECTURE.md
+//! per-RPC span, log line and metrics (`rpc_log`), the Prometheus
+//! metrics facade the domain calls (`metrics`), and the summarised log
+//! lines of the abuse limits (`limit_log`). docs/ARCHITECTURE.md
 //! ("Telemetry") lists the conventions followed.
 
 pub mod db_spans;
 pub mod gateway;
+pub mod limit_log;
 pub mod links;
 pub mod log_ids;
 pub mod metrics;

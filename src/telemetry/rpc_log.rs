@@ -90,6 +90,9 @@ struct Finish {
     started: Instant,
     span: tracing::Span,
     done: bool,
+    /// Refused by a per-caller limit (`billing-limit` metadata): logged by
+    /// the limit itself, not counted as load shedding.
+    limited: bool,
 }
 
 impl Finish {
@@ -106,7 +109,7 @@ impl Finish {
         let method = self.path.as_str();
         // Shed calls are counted, and summarised once per interval: an
         // overload must not turn into a flood of log lines.
-        if code == tonic::Code::ResourceExhausted && error.is_none() {
+        if code == tonic::Code::ResourceExhausted && error.is_none() && !self.limited {
             OVERLOAD.shed(method);
             return;
         }
@@ -249,6 +252,7 @@ where
             started: Instant::now(),
             span: span.clone(),
             done: false,
+            limited: false,
         };
         let future = span.in_scope(|| self.inner.call(request));
         Box::pin(
@@ -264,6 +268,9 @@ where
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.parse::<i32>().ok())
                             .unwrap_or(0);
+                        finish.limited = response
+                            .headers()
+                            .contains_key(crate::api::LIMIT_METADATA_KEY);
                         finish.record(tonic::Code::from(code), None);
                     }
                     Err(error) => finish.record(tonic::Code::Unknown, Some(error)),

@@ -5,7 +5,7 @@
 
 use uuid::Uuid;
 
-use super::pipeline::{Answer, Lease, TopUps};
+use super::pipeline::{Answer, Lease, TopUps, lock_account};
 use super::{AttemptOutcome, TopUpStatus, Trigger, gateway_key, store};
 use crate::audit;
 use crate::auth::Caller;
@@ -105,34 +105,85 @@ impl TopUps {
     }
 
     /// `REQUIRES_ACTION` top-ups the customer did not complete in time end
-    /// `FAILED` with `authentication_expired`; an automatic one frees its
-    /// crossing, so the account's next top-up (possibly on other cards)
-    /// starts at once when it is still below its threshold.
+    /// `FAILED` with `authentication_expired`. An automatic one frees its
+    /// crossing, and the account's next top-up (possibly on other cards)
+    /// is decided in the same transaction, under the account lock: there is
+    /// no moment, and no failure between two steps, in which the account is
+    /// below its threshold with auto refill on and nothing open.
     pub(super) async fn expire_waiting(&self) -> Result<usize, BillingError> {
-        let now = self.clock.now();
-        let expired: Vec<(String, String, String)> = sqlx::query_as(
-            "UPDATE top_ups SET status = 'FAILED', failure_reason = 'authentication_expired', \
-                    updated_at = $2, lease_until = NULL, lease_owner = NULL \
+        let cutoff = self.clock.now() - self.config.action_expiry;
+        let due: Vec<(String, String)> = sqlx::query_as(
+            "SELECT top_up_id, account_id FROM top_ups \
               WHERE status = 'REQUIRES_ACTION' AND updated_at <= $1 \
-          RETURNING top_up_id, account_id, trigger",
+              ORDER BY updated_at LIMIT 100",
         )
-        .bind(now - self.config.action_expiry)
-        .bind(now)
+        .bind(cutoff)
         .fetch_all(&self.pool)
         .await?;
-        for (top_up_id, account_id, trigger) in &expired {
-            crate::telemetry::metrics::top_up_finished(TopUpStatus::Failed.as_str());
-            tracing::info!(
-                account_id,
-                top_up_id,
-                "top-up waiting for authentication expired"
-            );
-            if Trigger::parse(trigger) != Some(Trigger::Automatic) {
-                continue;
+        let mut expired = 0;
+        for (top_up_id, account_id) in &due {
+            if self.expire_one(top_up_id, account_id, cutoff).await? {
+                expired += 1;
             }
-            self.recheck_crossing(account_id, true).await?;
         }
-        Ok(expired.len())
+        Ok(expired)
+    }
+
+    /// Expires one top-up if it still waits since before `cutoff`; true when
+    /// it did.
+    async fn expire_one(
+        &self,
+        top_up_id: &str,
+        account_id: &str,
+        cutoff: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool, BillingError> {
+        let mut transaction = self.pool.begin().await?;
+        lock_account(&mut transaction, &AccountId::parse(account_id)?).await?;
+        let trigger: Option<String> = sqlx::query_scalar(
+            "UPDATE top_ups SET status = 'FAILED', failure_reason = 'authentication_expired', \
+                    updated_at = $3, lease_until = NULL, lease_owner = NULL \
+              WHERE top_up_id = $1 AND status = 'REQUIRES_ACTION' AND updated_at <= $2 \
+          RETURNING trigger",
+        )
+        .bind(top_up_id)
+        .bind(cutoff)
+        .bind(self.clock.now())
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let Some(trigger) = trigger else {
+            transaction.rollback().await?;
+            return Ok(false);
+        };
+        audit::record(
+            &mut transaction,
+            &super::engine_caller(),
+            "finish_top_up",
+            Some(account_id),
+            serde_json::json!({
+                "top_up_id": top_up_id,
+                "status": TopUpStatus::Failed.as_str(),
+                "trigger": trigger,
+                "reason": "authentication_expired",
+            }),
+        )
+        .await?;
+        let started = Trigger::parse(&trigger) == Some(Trigger::Automatic)
+            && self
+                .recheck_locked(&mut transaction, account_id, true)
+                .await?
+                .is_some();
+        transaction.commit().await?;
+        crate::telemetry::metrics::top_up_finished(TopUpStatus::Failed.as_str());
+        tracing::info!(
+            account_id,
+            top_up_id,
+            next_top_up_started = started,
+            "top-up waiting for authentication expired"
+        );
+        if started {
+            self.wake.notify_one();
+        }
+        Ok(true)
     }
 }
 

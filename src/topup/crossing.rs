@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::settings::{LowBalanceSettings, PolicyConfig};
 use super::{Clock, TopUpStatus, cancel_reason, new_top_up_id};
+use crate::audit;
 use crate::error::BillingError;
 use crate::notifications::{self, Notice};
 use crate::telemetry::metrics;
@@ -144,22 +145,36 @@ pub(super) async fn rearm(
         now,
     )
     .await?;
-    let canceled = sqlx::query(
+    let canceled_ids: Vec<String> = sqlx::query_scalar(
         "UPDATE top_ups SET status = 'CANCELED', failure_reason = $2, next_attempt_at = NULL, updated_at = $3 \
           WHERE account_id = $1 AND trigger = 'AUTOMATIC' AND status IN ('PENDING', 'RETRY_SCHEDULED') \
             AND (lease_until IS NULL OR lease_until <= $3) \
             AND NOT EXISTS (SELECT 1 FROM top_up_attempts a \
-                             WHERE a.top_up_id = top_ups.top_up_id AND a.outcome = 'UNKNOWN')",
+                             WHERE a.top_up_id = top_ups.top_up_id AND a.outcome = 'UNKNOWN') \
+          RETURNING top_up_id",
     )
     .bind(account_id)
     .bind(reason)
     .bind(now)
-    .execute(connection)
-    .await?
-    .rows_affected();
-    for _ in 0..canceled {
+    .fetch_all(&mut *connection)
+    .await?;
+    for top_up_id in &canceled_ids {
         metrics::top_up_finished(TopUpStatus::Canceled.as_str());
+        audit::record(
+            &mut *connection,
+            &super::engine_caller(),
+            "finish_top_up",
+            Some(account_id),
+            serde_json::json!({
+                "top_up_id": top_up_id,
+                "status": TopUpStatus::Canceled.as_str(),
+                "trigger": super::Trigger::Automatic.as_str(),
+                "reason": reason,
+            }),
+        )
+        .await?;
     }
+    let canceled = canceled_ids.len() as u64;
     if canceled > 0 {
         tracing::info!(
             account_id,
@@ -369,6 +384,18 @@ async fn start(
     .bind(now)
     .execute(&mut *connection)
     .await?;
+    audit::record(
+        connection,
+        &super::engine_caller(),
+        "start_top_up",
+        Some(account_id),
+        serde_json::json!({
+            "top_up_id": top_up_id,
+            "trigger": super::Trigger::Automatic.as_str(),
+            "refill_amount": settings.currency.format(refill),
+        }),
+    )
+    .await?;
     tracing::info!(account_id, %top_up_id, crossing_id, "automatic top-up started");
     Ok(Ensured::Started(top_up_id))
 }
@@ -412,6 +439,19 @@ pub(super) async fn record_cap_reached(
     };
     store(&mut *connection, account_id, &below, observed.as_of, now).await?;
     metrics::top_up_finished(TopUpStatus::CapReached.as_str());
+    audit::record(
+        &mut *connection,
+        &super::engine_caller(),
+        "finish_top_up",
+        Some(account_id),
+        serde_json::json!({
+            "top_up_id": top_up_id,
+            "status": TopUpStatus::CapReached.as_str(),
+            "trigger": super::Trigger::Automatic.as_str(),
+            "reason": cap,
+        }),
+    )
+    .await?;
     tracing::warn!(account_id, %top_up_id, %cap, "automatic top-up not charged: cap reached");
     let notice = Notice::TopUpCapReached {
         cap: cap.to_owned(),

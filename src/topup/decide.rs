@@ -27,13 +27,14 @@ pub struct PolicyDecider {
 }
 
 impl PolicyDecider {
-    /// Returns true when a top-up was started (the engine should wake up).
+    /// Returns the id of the automatic top-up it started, if any (to be
+    /// driven once the batch commits).
     #[tracing::instrument(name = "engine.decide", skip_all, fields(account_id = %event.account_id, cursor = event.cursor))]
     pub async fn decide(
         &self,
         connection: &mut PgConnection,
         event: &BalanceEvent,
-    ) -> Result<bool, BillingError> {
+    ) -> Result<Option<String>, BillingError> {
         // A root span of its own: linked to the call that wrote the event.
         links::link_to(&Cause::Transaction(event.transaction_id));
         let settings = settings::load(&mut *connection, &event.account_id, &self.config).await?;
@@ -88,8 +89,11 @@ impl PolicyDecider {
             if let Ensured::Started(top_up_id) = &ensured {
                 links::remember(Cause::TopUp(top_up_id.clone()));
             }
-            return Ok(matches!(ensured, Ensured::Started(_)));
+            return Ok(match ensured {
+                Ensured::Started(top_up_id) => Some(top_up_id),
+                _ => None,
+            });
         }
-        Ok(false)
+        Ok(None)
     }
 }

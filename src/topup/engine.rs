@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::pipeline::{Driver, Lease, TopUps};
-use crate::auth::{Caller, Role};
+use crate::auth::Caller;
 use crate::error::BillingError;
 use crate::ids::AccountId;
 use crate::notifications::{self, CardLabel, Notice};
@@ -29,11 +29,7 @@ pub struct TopUpEngine {
 
 /// The engine acts as a service of its own in the ledger and the audit log.
 pub fn engine_caller() -> Caller {
-    Caller {
-        subject: "auto-top-up-engine".into(),
-        account: None,
-        roles: vec![Role::Service],
-    }
+    Caller::engine("auto-top-up-engine")
 }
 
 impl TopUpEngine {
@@ -72,18 +68,7 @@ impl TopUpEngine {
     pub async fn run_due(&self) -> Result<usize, BillingError> {
         let mut driven = 0;
         while let Some(lease) = self.claim_due().await? {
-            if let Err(error) = self.top_ups.drive(&lease, Driver::Engine).await {
-                tracing::warn!(top_up_id = %lease.top_up_id, %error, "top-up not driven; it will be retried");
-                let config = &self.top_ups.config;
-                self.top_ups
-                    .release(
-                        &lease,
-                        Some(self.top_ups.clock.now() + config.reconcile_after),
-                    )
-                    .await?;
-            } else {
-                self.top_ups.release(&lease, None).await?;
-            }
+            self.top_ups.drive_and_release(&lease).await?;
             driven += 1;
         }
         Ok(driven)
@@ -170,5 +155,20 @@ impl TopUpEngine {
         }
         transaction.commit().await?;
         Ok(cards.len())
+    }
+}
+
+impl TopUps {
+    /// Drives a top-up the engine (or the reactor) holds the lease of, then
+    /// gives the lease back; a top-up that could not be driven comes back
+    /// after `reconcile_after`.
+    pub(super) async fn drive_and_release(&self, lease: &Lease) -> Result<(), BillingError> {
+        if let Err(error) = self.drive(lease, Driver::Engine).await {
+            tracing::warn!(top_up_id = %lease.top_up_id, %error, "top-up not driven; it will be retried");
+            self.release(lease, Some(self.clock.now() + self.config.reconcile_after))
+                .await
+        } else {
+            self.release(lease, None).await
+        }
     }
 }

@@ -194,11 +194,12 @@ impl TopUps {
             serde_json::json!({ "top_up_id": top_up.top_up_id }),
         )
         .await?;
-        audit::record(
+        audit::record_keyed(
             &mut transaction,
             caller,
             operation,
             Some(account.as_str()),
+            Some(&request.idempotency_key),
             serde_json::json!({
                 "top_up_id": top_up.top_up_id,
                 "payment_method_id": method.payment_method_id,

@@ -8,6 +8,8 @@
 //! - `crossing`: the per-account crossing state and when an automatic top-up starts;
 //! - `decide` / `runner`: the balance-event subscriber (alerts, then crossings);
 //! - `engine`: drives due top-ups, reconciles unknown outcomes, resumes capped chains;
+//! - `react`: the in-memory shortcut from a crossing committed here (or a
+//!   top-up the subscriber started) to its charge;
 //! - `bounds`: refill bounds per currency; `settings`: the Low Balance Settings.
 //!
 //! This module owns the `top_ups`, `top_up_attempts` and `top_up_crossings`
@@ -24,6 +26,7 @@ mod decide;
 mod engine;
 mod funds;
 mod pipeline;
+mod react;
 mod runner;
 mod settings;
 mod store;
@@ -41,6 +44,7 @@ pub use decide::PolicyDecider;
 pub use engine::{TopUpEngine, engine_caller};
 pub use funds::{FundsRequest, FundsResult};
 pub use pipeline::TopUps;
+pub use react::{REACTOR_CHANNEL, StartedTopUp, TopUpReactor};
 pub use runner::run_policy_decisions;
 pub use settings::{
     LowBalanceSettings, PolicyConfig, SettingsChange, apply_settings, check_refill_amount,

@@ -32,7 +32,9 @@ use super::{
     AttemptOutcome, Clock, PendingChallenge, TopUp, TopUpStatus, Trigger, cancel_reason,
     gateway_key, ledger_key, store,
 };
+use crate::audit;
 use crate::error::BillingError;
+use crate::events::CommitSignal;
 use crate::gateway::{Charge, ChargeRequest, GatewayError, Outcome, PaymentGateway};
 use crate::ids::AccountId;
 use crate::ledger::{self, EntryKind, Posting};
@@ -51,6 +53,8 @@ pub struct TopUps {
     pub(super) config: PolicyConfig,
     /// Woken when a top-up was started or reopened (the engine drives it).
     pub(super) wake: Arc<Notify>,
+    /// Given after a settlement credited the ledger (its balance event).
+    pub(super) commits: CommitSignal,
 }
 
 /// Who drives a top-up: the customer's request (present, on-session) or
@@ -121,22 +125,59 @@ impl TopUps {
             clock,
             config,
             wake,
+            commits: CommitSignal::default(),
         }
     }
 
+    /// Tells this process's event feed about the credits settlements commit
+    /// (otherwise readers learn of them by polling).
+    pub fn with_commit_signal(mut self, commits: CommitSignal) -> Self {
+        self.commits = commits;
+        self
+    }
+
     /// Decides again, on the live state of `account_id`, whether an automatic
-    /// top-up starts now (a cap window passed, a waiting top-up expired);
-    /// `rearm` first frees the account's crossing. Wakes the engine when one
-    /// starts; returns true then.
+    /// top-up starts now (a cap window passed); `rearm` first frees the
+    /// account's crossing. Wakes the engine when one starts; returns true then.
     pub(super) async fn recheck_crossing(
         &self,
         account_id: &str,
         rearm: bool,
     ) -> Result<bool, BillingError> {
+        let started = self.decide_crossing(account_id, rearm).await?;
+        if started.is_some() {
+            self.wake.notify_one();
+        }
+        Ok(started.is_some())
+    }
+
+    /// [`TopUps::recheck_crossing`] without waking the engine: the id of the
+    /// automatic top-up it started, for a caller that drives it itself.
+    pub(super) async fn decide_crossing(
+        &self,
+        account_id: &str,
+        rearm: bool,
+    ) -> Result<Option<String>, BillingError> {
         let mut transaction = self.pool.begin().await?;
         lock_account(&mut transaction, &AccountId::parse(account_id)?).await?;
-        let settings = settings::load(&mut transaction, account_id, &self.config).await?;
-        let live = Observed::live(&ledger::load_account(&mut transaction, account_id).await?);
+        let started = self
+            .recheck_locked(&mut transaction, account_id, rearm)
+            .await?;
+        transaction.commit().await?;
+        Ok(started)
+    }
+
+    /// [`TopUps::decide_crossing`] inside the caller's transaction, which
+    /// holds the account row lock; the caller commits and, when this returns
+    /// the id of a started top-up, wakes the engine or drives it.
+    pub(super) async fn recheck_locked(
+        &self,
+        connection: &mut PgConnection,
+        account_id: &str,
+        rearm: bool,
+    ) -> Result<Option<String>, BillingError> {
+        let settings = settings::load(&mut *connection, account_id, &self.config).await?;
+        let live = Observed::live(&ledger::load_account(&mut *connection, account_id).await?);
         if rearm || !settings.auto_refill_enabled {
             let reason = if settings.auto_refill_enabled {
                 cancel_reason::BALANCE_RESTORED
@@ -144,7 +185,7 @@ impl TopUps {
                 cancel_reason::AUTO_REFILL_DISABLED
             };
             crossing::rearm(
-                &mut transaction,
+                &mut *connection,
                 account_id,
                 live.as_of,
                 reason,
@@ -153,7 +194,7 @@ impl TopUps {
             .await?;
         }
         let ensured = crossing::ensure_top_up(
-            &mut transaction,
+            &mut *connection,
             &settings,
             live,
             false,
@@ -161,12 +202,10 @@ impl TopUps {
             self.clock.as_ref(),
         )
         .await?;
-        transaction.commit().await?;
-        let started = matches!(ensured, Ensured::Started(_));
-        if started {
-            self.wake.notify_one();
-        }
-        Ok(started)
+        Ok(match ensured {
+            Ensured::Started(top_up_id) => Some(top_up_id),
+            _ => None,
+        })
     }
 
     /// Drives a top-up this driver holds the lease of until it needs nothing
@@ -777,6 +816,7 @@ impl TopUps {
         )
         .await?;
 
+        let mut credited = false;
         let next = match &charge.outcome {
             Outcome::Succeeded => {
                 let posting = Posting {
@@ -805,12 +845,26 @@ impl TopUps {
                     .await
                     .map_err(SettleError::CreditFailed)?;
                 links::remember(Cause::Transaction(posted.entry.transaction_id));
-                payment_methods::restore_after_success(
+                credited = true;
+                if payment_methods::restore_after_success(
                     &mut transaction,
                     &card.payment_method_id,
                     top_up.trigger == Trigger::Retry,
                 )
-                .await?;
+                .await?
+                {
+                    audit::record(
+                        &mut transaction,
+                        &super::engine_caller(),
+                        "restore_payment_method",
+                        Some(account.as_str()),
+                        serde_json::json!({
+                            "payment_method_id": card.payment_method_id,
+                            "top_up_id": top_up.top_up_id,
+                        }),
+                    )
+                    .await?;
+                }
                 sqlx::query("UPDATE top_ups SET amount = $2 WHERE top_up_id = $1")
                     .bind(&top_up.top_up_id)
                     .bind(attempt.amount)
@@ -872,6 +926,19 @@ impl TopUps {
                     )
                     .await?
                 {
+                    audit::record(
+                        &mut transaction,
+                        &super::engine_caller(),
+                        "disable_payment_method",
+                        Some(account.as_str()),
+                        serde_json::json!({
+                            "payment_method_id": card.payment_method_id,
+                            "top_up_id": top_up.top_up_id,
+                            "reason": code,
+                            "hard_decline": hard,
+                        }),
+                    )
+                    .await?;
                     let notice = Notice::PaymentMethodDisabled {
                         card: label,
                         reason: code.clone(),
@@ -940,6 +1007,10 @@ impl TopUps {
             }
         };
         transaction.commit().await?;
+        if credited {
+            // The credit's balance event is committed.
+            self.commits.committed();
+        }
         Ok(next)
     }
 
@@ -1097,6 +1168,25 @@ impl TopUps {
         .execute(&mut *connection)
         .await?;
         metrics::top_up_finished(status.as_str());
+        audit::record(
+            &mut *connection,
+            &super::engine_caller(),
+            if last_round {
+                "finish_top_up"
+            } else {
+                "schedule_top_up_retry"
+            },
+            Some(account_id),
+            serde_json::json!({
+                "top_up_id": top_up.top_up_id,
+                "status": status.as_str(),
+                "trigger": top_up.trigger.as_str(),
+                "reason": reason,
+                "rounds": rounds,
+                "next_attempt_at": next.map(|at| at.to_rfc3339()),
+            }),
+        )
+        .await?;
         if last_round || rounds == 1 {
             let notice = Notice::TopUpFailed {
                 top_up_id: top_up.top_up_id.clone(),
@@ -1130,7 +1220,7 @@ impl TopUps {
         challenge: Option<&PendingChallenge>,
     ) -> Result<(), BillingError> {
         store::finish(
-            connection,
+            &mut *connection,
             &top_up.top_up_id,
             status,
             transaction_id,
@@ -1140,7 +1230,20 @@ impl TopUps {
         )
         .await?;
         metrics::top_up_finished(status.as_str());
-        Ok(())
+        audit::record(
+            connection,
+            &super::engine_caller(),
+            "finish_top_up",
+            Some(top_up.account_id.as_str()),
+            serde_json::json!({
+                "top_up_id": top_up.top_up_id,
+                "transaction_id": transaction_id,
+                "status": status.as_str(),
+                "trigger": top_up.trigger.as_str(),
+                "reason": reason,
+            }),
+        )
+        .await
     }
 
     /// A charge result that arrived on its own (a processor's webhook) for
@@ -1197,7 +1300,7 @@ impl<E: Into<BillingError>> From<E> for SettleError {
 
 /// Locks the account row (every top-up decision and settlement holds it)
 /// and returns its currency.
-async fn lock_account(
+pub(super) async fn lock_account(
     connection: &mut PgConnection,
     account: &AccountId,
 ) -> Result<crate::money::Currency, BillingError> {

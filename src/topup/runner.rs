@@ -1,15 +1,17 @@
 //! The decision loop: the `balance-policy` subscriber of the balance
 //! events. Each batch of events is decided in one transaction that also
-//! advances the subscriber's cursor; after it commits, the engine is woken
-//! when a top-up was started.
+//! advances the subscriber's cursor; after it commits, the top-ups it
+//! started are handed to the reactor to be driven at once (or, without a
+//! reactor, the engine is woken).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::PolicyDecider;
+use super::react::StartedTopUp;
 use crate::events::{EventFeed, Subscriber};
 
 pub const SUBSCRIBER_NAME: &str = "balance-policy";
@@ -19,6 +21,7 @@ pub async fn run_policy_decisions(
     feed: EventFeed,
     decider: PolicyDecider,
     wake: Arc<Notify>,
+    started_top_ups: Option<mpsc::Sender<StartedTopUp>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let pause = Duration::from_secs(1);
@@ -46,11 +49,15 @@ pub async fn run_policy_decisions(
                     break;
                 }
             };
-            let mut started = false;
+            let mut started = Vec::new();
             let mut failed = false;
             for event in batch.events().to_vec() {
                 match decider.decide(batch.connection(), &event).await {
-                    Ok(top_up_started) => started |= top_up_started,
+                    Ok(Some(top_up_id)) => started.push(StartedTopUp {
+                        account_id: event.account_id.clone(),
+                        top_up_id,
+                    }),
+                    Ok(None) => {}
                     Err(error) => {
                         tracing::warn!(%error, cursor = event.cursor, "balance-policy decision failed; retrying the batch");
                         failed = true;
@@ -64,8 +71,16 @@ pub async fn run_policy_decisions(
                 break;
             }
             match batch.commit().await {
-                Ok(_) if started => wake.notify_one(),
-                Ok(_) => {}
+                Ok(_) => {
+                    for top_up in started {
+                        let handed = started_top_ups
+                            .as_ref()
+                            .is_some_and(|reactor| reactor.try_send(top_up).is_ok());
+                        if !handed {
+                            wake.notify_one();
+                        }
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, "committing balance-policy decisions failed");
                     break;

@@ -35,12 +35,11 @@ fn rs256_keys() -> Arc<KeySet> {
     Arc::new(
         KeySet::load(
             &AuthArgs {
-                jwt_secret: None,
-                jwt_secret_file: None,
-                jwt_public_key_file: Some(fixture("rs256-public.pem")),
+                jwt_public_key_file: vec![fixture("rs256-public.pem")],
                 jwt_private_key_file: Some(fixture("rs256-private.pem")),
                 jwt_issuer: Some(ISSUER.into()),
                 jwt_audience: Some(AUDIENCE.into()),
+                ..Default::default()
             },
             std::path::Path::new("/nonexistent"),
         )

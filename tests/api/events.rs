@@ -156,6 +156,8 @@ fn service_caller() -> Caller {
         subject: "test".into(),
         account: None,
         roles: vec![Role::Service],
+        trace_id: None,
+        engine: false,
     }
 }
 
@@ -348,6 +350,76 @@ async fn a_stream_outlives_the_request_timeout() {
     tokio::time::sleep(request_timeout * 2).await;
     debit(&app, "acme", "1.00", "late").await;
     assert_eq!(next_event(&mut stream).await.sequence, 2);
+    drop(stream);
+    app.stop().await;
+}
+
+/// Non-internal triggers whose function sends a notification.
+async fn notifying_triggers(pool: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT c.relname || '.' || t.tgname FROM pg_trigger t \
+           JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_class c ON c.oid = t.tgrelid \
+          WHERE NOT t.tgisinternal AND p.prosrc ILIKE '%notify%'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn no_writing_transaction_notifies_yet_events_committed_on_one_replica_reach_a_stream_on_another()
+ {
+    let (pool, _) = fresh_database().await;
+    assert_eq!(
+        notifying_triggers(&pool).await,
+        Vec::<String>::new(),
+        "no trigger notifies inside a writing transaction"
+    );
+    let writer = spawn_app_on(pool.clone(), ServerSettings::default()).await;
+    // No polling to speak of: only the writer's announcement wakes this replica.
+    let reader = spawn_app_on(
+        pool,
+        ServerSettings {
+            events: FeedSettings {
+                poll_interval: Duration::from_secs(3600),
+                ..FeedSettings::default()
+            },
+            ..ServerSettings::default()
+        },
+    )
+    .await;
+    // A credit and a debit (the two write paths), each committed on the writer.
+    writer.account_with_balance("acme", "5.00").await;
+    let mut stream = watch(&reader, "acme", 0).await;
+    assert_eq!(next_event(&mut stream).await.amount, "5.00");
+    debit(&writer, "acme", "2.00", "through-the-writer").await;
+    let event = next_event(&mut stream).await;
+    assert_eq!((event.sequence, event.balance_after.as_str()), (2, "3.00"));
+    drop(stream);
+    writer.stop().await;
+    reader.stop().await;
+}
+
+#[tokio::test]
+async fn a_replica_that_receives_no_notification_still_delivers_events_by_polling() {
+    let app = crate::helpers::spawn_app_with(ServerSettings {
+        events: FeedSettings {
+            poll_interval: Duration::from_millis(200),
+            ..FeedSettings::default()
+        },
+        ..ServerSettings::default()
+    })
+    .await;
+    app.account_with_balance("acme", "5.00").await;
+    let mut stream = watch(&app, "acme", 0).await;
+    assert_eq!(next_event(&mut stream).await.sequence, 1);
+    // A writer whose announcement never comes (lost, or a tool that sends
+    // none): it commits straight to the database, waking no feed anywhere.
+    ledger::post(&app.pool, &service_caller(), posting("acme", "silent"))
+        .await
+        .unwrap();
+    let event = next_event(&mut stream).await;
+    assert_eq!((event.sequence, event.balance_after.as_str()), (2, "4.00"));
     drop(stream);
     app.stop().await;
 }

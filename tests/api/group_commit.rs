@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 
+use billing::ledger::{self, BatchSettings, DebitBatcher};
 use billing::proto;
 use tonic::Code;
 
 use billing::server::ServerSettings;
 
-use crate::helpers::{authed, count_rows, spawn_app, spawn_app_on};
+use crate::helpers::{TestApp, authed, count_rows, spawn_app, spawn_app_on};
 
 fn debit(amount: &str, key: &str) -> proto::DebitRequest {
     proto::DebitRequest {
@@ -351,5 +352,418 @@ async fn no_refusal_is_answered_from_an_optimistic_key_read_a_retry_on_another_r
             .unwrap();
     assert_eq!(debits, 3, "each key took effect once");
     replica.stop().await;
+    app.stop().await;
+}
+
+// ---- Group commit across accounts (issue 18) ----
+//
+// These drive a `DebitBatcher` directly (as the Debit RPC does) so that a
+// test can hold account rows locked and know which debits wait together:
+// with one batch in flight, debits queued while its batch waits for a lock
+// all go into the next batch, one transaction.
+
+fn service_caller() -> billing::auth::Caller {
+    billing::auth::Caller {
+        subject: "test".into(),
+        account: None,
+        roles: vec![billing::auth::Role::Service],
+        trace_id: None,
+        engine: false,
+    }
+}
+
+fn posting(account: &str, amount: &str, key: &str) -> ledger::Posting {
+    ledger::Posting {
+        account_id: billing::ids::AccountId::parse(account).unwrap(),
+        kind: ledger::EntryKind::Usage,
+        amount: amount.parse().unwrap(),
+        idempotency_key: billing::ids::IdempotencyKey::parse(key).unwrap(),
+        description: String::new(),
+        metadata: Default::default(),
+        allow_overdraft: false,
+    }
+}
+
+/// One batch in flight at a time: what queues while it waits goes together.
+fn one_batch_at_a_time(pool: &sqlx::PgPool) -> DebitBatcher {
+    DebitBatcher::new(
+        pool.clone(),
+        BatchSettings {
+            max_in_flight: 1,
+            ..BatchSettings::default()
+        },
+    )
+}
+
+type DebitTask = tokio::task::JoinHandle<Result<ledger::PostingResult, billing::BillingError>>;
+
+fn spawn_debit(batcher: &DebitBatcher, account: &str, amount: &str, key: &str) -> DebitTask {
+    let batcher = batcher.clone();
+    let posting = posting(account, amount, key);
+    tokio::spawn(async move { batcher.debit(&service_caller(), posting).await })
+}
+
+/// A transaction holding these accounts' row locks.
+async fn hold_locks(
+    pool: &sqlx::PgPool,
+    accounts: &[&str],
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE account_id = ANY($1) ORDER BY account_id FOR UPDATE")
+        .bind(accounts)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
+async fn queued(batcher: &DebitBatcher, what: &str, count: usize) {
+    crate::helpers::eventually(what, || async { batcher.waiting() == count }).await;
+}
+
+/// Runs `debits` (account, amount, key) as ONE batch: a first debit on
+/// `gate` waits for a lock the test holds, the others queue behind it, and
+/// are taken together once the lock is released. Returns their answers, in order.
+async fn as_one_batch(
+    app: &TestApp,
+    gate: &str,
+    debits: &[(&str, &str, &str)],
+) -> Vec<Result<ledger::PostingResult, billing::BillingError>> {
+    let batcher = one_batch_at_a_time(&app.pool);
+    let holder = hold_locks(&app.pool, &[gate]).await;
+    let first = spawn_debit(&batcher, gate, "0.01", "gate");
+    crate::helpers::eventually("the first batch waits for the held lock", || async {
+        waiting_for_locks(&app.pool).await >= 1 && batcher.waiting() == 0
+    })
+    .await;
+    let tasks: Vec<DebitTask> = debits
+        .iter()
+        .map(|(account, amount, key)| spawn_debit(&batcher, account, amount, key))
+        .collect();
+    queued(
+        &batcher,
+        "every debit queued behind the first batch",
+        debits.len(),
+    )
+    .await;
+    holder.commit().await.unwrap();
+    first.await.unwrap().expect("the gate debit");
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+/// The accounts whose usage entries each transaction wrote (by `xmin`).
+async fn accounts_per_commit(pool: &sqlx::PgPool) -> Vec<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT count(DISTINCT account_id), count(*) FROM ledger_entries WHERE kind = 'usage' \
+          GROUP BY xmin::TEXT ORDER BY 1 DESC",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn debits_of_many_accounts_share_one_commit_and_each_gets_its_own_answer() {
+    let app = spawn_app().await;
+    let accounts: Vec<String> = (0..20).map(|i| format!("many-{i:02}")).collect();
+    app.account_with_balance("gate", "1.00").await;
+    for account in &accounts {
+        app.account_with_balance(account, "10.00").await;
+    }
+    // Two debits per account, in arrival order, interleaved across accounts.
+    let mut debits = Vec::new();
+    for round in 0..2 {
+        for account in &accounts {
+            debits.push((
+                account.as_str(),
+                if round == 0 { "1.00" } else { "2.50" },
+                format!("d{round}"),
+            ));
+        }
+    }
+    let debits: Vec<(&str, &str, &str)> = debits
+        .iter()
+        .map(|(a, m, k)| (*a, *m, k.as_str()))
+        .collect();
+    let answers = as_one_batch(&app, "gate", &debits).await;
+
+    for ((account, _, key), answer) in debits.iter().zip(&answers) {
+        let answer = answer.as_ref().expect("every debit fits");
+        assert_eq!(answer.entry.account_id, *account);
+        let (balance, version) = if *key == "d0" {
+            ("9.00", 2)
+        } else {
+            ("6.50", 3)
+        };
+        assert_eq!(answer.balance, balance.parse().unwrap(), "{account} {key}");
+        assert_eq!(answer.version, version, "{account} {key}: in arrival order");
+    }
+    let commits = accounts_per_commit(&app.pool).await;
+    assert_eq!(
+        commits[0],
+        (20, 40),
+        "the 40 debits of 20 accounts were written by one transaction: {commits:?}"
+    );
+    // Each account's events follow its sequence in cursor order.
+    for account in &accounts {
+        let sequences: Vec<i64> = sqlx::query_scalar(
+            "SELECT sequence FROM balance_events WHERE account_id = $1 ORDER BY cursor",
+        )
+        .bind(account)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(sequences, vec![1, 2, 3], "{account}");
+        let balance: rust_decimal::Decimal =
+            sqlx::query_scalar("SELECT balance FROM accounts WHERE account_id = $1")
+                .bind(account)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        let sum: rust_decimal::Decimal =
+            sqlx::query_scalar("SELECT sum(amount) FROM ledger_entries WHERE account_id = $1")
+                .bind(account)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        assert_eq!(balance, sum, "{account}: balance == sum(entries)");
+    }
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'debit' AND account_id LIKE 'many-%'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, 40, "one audit row per debit");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusal_inside_a_batch_of_many_accounts_refuses_only_that_debit() {
+    let app = spawn_app().await;
+    app.account_with_balance("gate", "1.00").await;
+    for account in ["mixed-a", "mixed-b", "mixed-c"] {
+        app.account_with_balance(account, "5.00").await;
+    }
+    app.account_with_balance("mixed-used", "5.00").await;
+    // A key already used on one account for another request.
+    DebitBatcher::new(app.pool.clone(), BatchSettings::default())
+        .debit(&service_caller(), posting("mixed-used", "1.00", "taken"))
+        .await
+        .unwrap();
+    let answers = as_one_batch(
+        &app,
+        "gate",
+        &[
+            ("mixed-a", "3.00", "k1"),
+            ("mixed-b", "9.00", "k1"), // more than the balance
+            ("mixed-c", "1.00", "k1"),
+            ("mixed-a", "3.00", "k2"),       // 2.00 left after k1
+            ("mixed-used", "2.00", "taken"), // the same key for another request
+            ("nobody", "1.00", "k1"),        // no such account
+            ("mixed-b", "4.00", "k2"),
+        ],
+    )
+    .await;
+    let code = |i: usize| match &answers[i] {
+        Ok(_) => "ok",
+        Err(billing::BillingError::FailedPrecondition { .. }) => "failed_precondition",
+        Err(billing::BillingError::AlreadyExists { .. }) => "already_exists",
+        Err(billing::BillingError::NotFound(_)) => "not_found",
+        Err(other) => panic!("unexpected {other:?}"),
+    };
+    let codes: Vec<&str> = (0..answers.len()).map(code).collect();
+    assert_eq!(
+        codes,
+        [
+            "ok",
+            "failed_precondition",
+            "ok",
+            "failed_precondition",
+            "already_exists",
+            "not_found",
+            "ok"
+        ]
+    );
+    let balances: Vec<(String, String)> = sqlx::query_as(
+        "SELECT account_id, balance::TEXT FROM accounts WHERE account_id LIKE 'mixed-%' ORDER BY 1",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let balances: Vec<(&str, &str)> = balances
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    assert_eq!(
+        balances,
+        [
+            ("mixed-a", "2.000000"),
+            ("mixed-b", "1.000000"),
+            ("mixed-c", "4.000000"),
+            ("mixed-used", "4.000000")
+        ]
+    );
+    let commits = accounts_per_commit(&app.pool).await;
+    assert_eq!(
+        commits[0],
+        (3, 3),
+        "the accepted debits shared one commit: {commits:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_cancelled_while_its_batch_waits_for_a_lock_withdraws_its_debit_alone() {
+    let app = spawn_app().await;
+    for account in ["gate", "stays", "leaves"] {
+        app.account_with_balance(account, "10.00").await;
+    }
+    let batcher = one_batch_at_a_time(&app.pool);
+    let gate = hold_locks(&app.pool, &["gate"]).await;
+    let first = spawn_debit(&batcher, "gate", "1.00", "gate");
+    crate::helpers::eventually("the first batch waits for the gate's lock", || async {
+        waiting_for_locks(&app.pool).await >= 1 && batcher.waiting() == 0
+    })
+    .await;
+    let second = hold_locks(&app.pool, &["leaves", "stays"]).await;
+    let leaving = spawn_debit(&batcher, "leaves", "1.00", "k");
+    let staying = spawn_debit(&batcher, "stays", "1.00", "k");
+    queued(&batcher, "both debits queued", 2).await;
+    gate.commit().await.unwrap();
+    first.await.unwrap().unwrap();
+    crate::helpers::eventually(
+        "both debits taken into a batch that waits for their locks",
+        || async { batcher.waiting() == 0 && waiting_for_locks(&app.pool).await >= 1 },
+    )
+    .await;
+    // The caller goes away (a deadline, a disconnect) while its batch waits.
+    leaving.abort();
+    assert!(leaving.await.unwrap_err().is_cancelled());
+    second.commit().await.unwrap();
+    let kept = staying
+        .await
+        .unwrap()
+        .expect("the other debit of the batch");
+    assert_eq!(kept.balance, "9.00".parse().unwrap());
+    let entries: Vec<String> = sqlx::query_scalar(
+        "SELECT account_id FROM ledger_entries WHERE kind = 'usage' ORDER BY account_id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        entries,
+        ["gate", "stays"],
+        "the withdrawn debit wrote nothing"
+    );
+    app.stop().await;
+}
+
+async fn deadlocks(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_batching_overlapping_accounts_in_opposite_orders_never_deadlock() {
+    let app = spawn_app().await;
+    let accounts: Vec<String> = (0..16).map(|i| format!("both-{i:02}")).collect();
+    for account in &accounts {
+        app.account_with_balance(account, "100.00").await;
+    }
+    let options = (*app.pool.connect_options()).clone();
+    let other_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await
+        .unwrap();
+    // Two replicas: each its own pool and batcher, one batch in flight each.
+    let replicas = [
+        one_batch_at_a_time(&app.pool),
+        one_batch_at_a_time(&other_pool),
+    ];
+    let deadlocks_before = deadlocks(&app.pool).await;
+    let names: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    for round in 0..3 {
+        // Every account held: each replica's first batch waits, the rest queue.
+        let holder = hold_locks(&app.pool, &names).await;
+        let ascending: Vec<&str> = names.clone();
+        let descending: Vec<&str> = names.iter().rev().copied().collect();
+        let mut tasks = Vec::new();
+        for (index, (replica, order)) in replicas.iter().zip([&ascending, &descending]).enumerate()
+        {
+            let key = if index == 0 { "up" } else { "down" };
+            tasks.push(spawn_debit(
+                replica,
+                order[0],
+                "1.00",
+                &format!("{key}-{round}-first"),
+            ));
+            crate::helpers::eventually(
+                "the replica's first batch waits for a held lock",
+                || async {
+                    replica.waiting() == 0 && waiting_for_locks(&app.pool).await > index as i64
+                },
+            )
+            .await;
+            for account in &order[1..] {
+                tasks.push(spawn_debit(
+                    replica,
+                    account,
+                    "1.00",
+                    &format!("{key}-{round}"),
+                ));
+            }
+            queued(
+                replica,
+                "the replica's other debits queued",
+                order.len() - 1,
+            )
+            .await;
+        }
+        // Released at once: each replica's second batch locks all 15 other accounts.
+        holder.commit().await.unwrap();
+        for task in tasks {
+            tokio::time::timeout(std::time::Duration::from_secs(30), task)
+                .await
+                .expect("every debit is answered within 30 s")
+                .unwrap()
+                .expect("no debit fails");
+        }
+    }
+    assert_eq!(
+        deadlocks(&app.pool).await,
+        deadlocks_before,
+        "no deadlock was detected"
+    );
+    let commits = accounts_per_commit(&app.pool).await;
+    assert!(
+        commits
+            .iter()
+            .filter(|(accounts, _)| *accounts == 15)
+            .count()
+            >= 6,
+        "each round, each replica wrote 15 accounts in one transaction: {commits:?}"
+    );
+    for account in &accounts {
+        let balance: rust_decimal::Decimal =
+            sqlx::query_scalar("SELECT balance FROM accounts WHERE account_id = $1")
+                .bind(account)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            balance,
+            rust_decimal::Decimal::new(9400, 2),
+            "{account}: 6 debits of 1.00"
+        );
+    }
     app.stop().await;
 }

@@ -121,11 +121,7 @@ pub async fn fresh_database() -> (PgPool, PgConnectOptions) {
 pub fn test_keys() -> Arc<KeySet> {
     let args = AuthArgs {
         jwt_secret: Some(TEST_SECRET.into()),
-        jwt_secret_file: None,
-        jwt_public_key_file: None,
-        jwt_private_key_file: None,
-        jwt_issuer: None,
-        jwt_audience: None,
+        ..Default::default()
     };
     Arc::new(KeySet::load(&args, std::path::Path::new("/nonexistent")).expect("test keys"))
 }
@@ -164,6 +160,19 @@ pub async fn spawn_app_with_keys(keys: Arc<KeySet>) -> TestApp {
     init_logs();
     let (pool, _) = fresh_database().await;
     spawn_app_on_with_keys(pool, ServerSettings::default(), keys)
+        .await
+        .owning_its_database()
+}
+
+/// A server on a fresh database with `settings`, verifying tokens with `keys`.
+#[allow(dead_code)]
+pub async fn spawn_app_with_settings_and_keys(
+    settings: ServerSettings,
+    keys: Arc<KeySet>,
+) -> TestApp {
+    init_logs();
+    let (pool, _) = fresh_database().await;
+    spawn_app_on_with_keys(pool, settings, keys)
         .await
         .owning_its_database()
 }
@@ -236,7 +245,8 @@ impl TestApp {
                 proto::CreateAccountRequest {
                     account_id: account_id.into(),
                     currency: "USD".into(),
-                    billing_email: format!("{account_id}@example.com"),
+                    // ':' may be in an account id, never in an email's local part.
+                    billing_email: format!("{}@example.com", account_id.replace(':', ".")),
                     ..Default::default()
                 },
             ))

@@ -12,8 +12,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 use billing::proto::{
-    self, balance_policy_client::BalancePolicyClient, balances_client::BalancesClient,
-    notifications_client::NotificationsClient, payment_methods_client::PaymentMethodsClient,
+    self, audit_client::AuditClient, balance_policy_client::BalancePolicyClient,
+    balances_client::BalancesClient, notifications_client::NotificationsClient,
+    payment_methods_client::PaymentMethodsClient,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -722,6 +723,39 @@ async fn every_rpc_answers_hostile_messages_with_a_status_and_writes_nothing_whe
         move |m| {
             let (mut c, t) = (c.clone(), t.clone());
             Box::pin(async move { c.send_test_notification(authed(&t, m)).await.map(drop) })
+        },
+    );
+
+    // Audit.
+    let c = AuditClient::new(fuzz.app.channel.clone());
+    let t = fuzz.admin.clone();
+    fuzz.rpc(
+        "ListAuditEvents",
+        (
+            account_id(),
+            int32(),
+            hostile_text(),
+            prop_oneof![Just(String::new()), hostile_text()],
+            prop_oneof![Just(String::new()), hostile_text()],
+            timestamp(),
+            timestamp(),
+        )
+            .prop_map(
+                |(account_id, page_size, page_token, actor_subject, action, after, before)| {
+                    proto::ListAuditEventsRequest {
+                        account_id,
+                        page_size,
+                        page_token,
+                        actor_subject,
+                        action,
+                        created_after: after,
+                        created_before: before,
+                    }
+                },
+            ),
+        move |m| {
+            let (mut c, t) = (c.clone(), t.clone());
+            Box::pin(async move { c.list_audit_events(authed(&t, m)).await.map(drop) })
         },
     );
 

@@ -15,12 +15,11 @@ fn fixture(name: &str) -> PathBuf {
 fn keys(public: &str, private: Option<&str>) -> KeySet {
     KeySet::load(
         &AuthArgs {
-            jwt_secret: None,
-            jwt_secret_file: None,
-            jwt_public_key_file: Some(fixture(public)),
+            jwt_public_key_file: vec![fixture(public)],
             jwt_private_key_file: private.map(fixture),
             jwt_issuer: Some("https://panel.example".into()),
             jwt_audience: Some("billing".into()),
+            ..Default::default()
         },
         std::path::Path::new("/nonexistent"),
     )

@@ -1,15 +1,19 @@
 //! End-to-end tests: a real server on port 0, a fresh Postgres database per
 //! test, called through tonic clients. `TEST_LOG=1` shows the server's logs.
 
+mod abuse;
 mod alerts;
+mod audit;
 mod auth_attacks;
 mod balances;
 mod events;
 mod group_commit;
 mod helpers;
 mod hostile_input;
+mod identity;
 mod keys;
 mod limits;
+mod model;
 mod notifications;
 mod payment_methods;
 mod permissions;

@@ -192,11 +192,7 @@ async fn missing_malformed_or_foreign_tokens_are_unauthenticated() {
     let other_keys = billing::auth::KeySet::load(
         &billing::config::AuthArgs {
             jwt_secret: Some("a-completely-different-secret".into()),
-            jwt_secret_file: None,
-            jwt_public_key_file: None,
-            jwt_private_key_file: None,
-            jwt_issuer: None,
-            jwt_audience: None,
+            ..Default::default()
         },
         std::path::Path::new("/nonexistent"),
     )

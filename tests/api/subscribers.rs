@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use billing::BillingError;
 use billing::events::{
-    self, BalanceEvent, EventFeed, EventFilter, EventHandler, FeedSettings, Subscriber, WatchEnd,
-    WatchSettings,
+    self, BalanceEvent, EventFeed, EventFilter, EventHandler, EventHub, FeedSettings, HubSettings,
+    Subscriber, WatchEnd, WatchSettings,
 };
 use sqlx::{PgConnection, PgPool};
 
@@ -211,7 +211,8 @@ async fn a_watcher_whose_reader_stalls_is_ended_with_its_resume_cursor() {
         batch_size: 10,
         stall_timeout: Duration::from_millis(200),
     };
-    let mut watcher = events::watch(&feed, EventFilter::AllAccounts, 0, &settings);
+    let hub = EventHub::start(&feed, HubSettings::default());
+    let mut watcher = events::watch(&hub, EventFilter::AllAccounts, 0, &settings, None);
 
     // Nobody reads: one event fills the buffer, the next cannot be handed over.
     let end = tokio::time::timeout(WAIT, &mut watcher.end)

@@ -6,8 +6,8 @@ mod clocked;
 mod confirm;
 mod crossings;
 mod live_state;
-mod model;
 mod policy_api;
+mod reaction;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,8 +47,17 @@ pub struct Scenario {
 /// A server with engines, account `acme` holding `opening`, and these cards
 /// added in this order (the first gets auto-charge; the others are switched on).
 pub async fn scenario(opening: &str, cards: &[&str]) -> (Scenario, Vec<String>) {
+    scenario_with(engine_settings, opening, cards).await
+}
+
+/// [`scenario`] on a server with the settings `settings` makes from the clock.
+pub async fn scenario_with(
+    settings: impl FnOnce(Arc<ManualClock>) -> ServerSettings,
+    opening: &str,
+    cards: &[&str],
+) -> (Scenario, Vec<String>) {
     let clock = Arc::new(ManualClock::starting_now());
-    let app = spawn_app_with(engine_settings(clock.clone())).await;
+    let app = spawn_app_with(settings(clock.clone())).await;
     app.account_with_balance(ACCT, opening).await;
     let admin = app.token("admin", Some(ACCT));
     let mut ids = Vec::new();

@@ -481,3 +481,66 @@ fn an_embedded_postgres_permission_error_names_the_path_and_the_user() {
     );
     assert!(!all.to_lowercase().contains("backtrace"), "{all}");
 }
+
+/// The signal handlers are registered before anything else starts: a
+/// SIGTERM that arrives while the service is still starting (here: held in
+/// its migration check by a lock the test owns) is kept, and the service
+/// stops cleanly once started, instead of dying of the signal.
+#[test]
+fn a_sigterm_during_start_up_stops_the_service_cleanly() {
+    use sqlx::{Connection, Executor};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let url = runtime.block_on(fresh_database_url());
+    let migrated = billing()
+        .arg("migrate")
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{migrated:?}");
+    // Holds the migrations table: the starting server waits on it.
+    let mut holder = runtime.block_on(async {
+        let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
+        connection.execute("BEGIN").await.unwrap();
+        connection
+            .execute("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        connection
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serve.log");
+    let server = Serve::spawn(&log, |command| {
+        command
+            .env("DATABASE_URL", &url)
+            .env("BILLING_JWT_SECRET", crate::process::SECRET);
+    });
+    // The server starts and is blocked on the lock.
+    runtime.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_locks WHERE NOT granted AND relation = '_sqlx_migrations'::regclass",
+            )
+            .fetch_one(&mut holder)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the starting server never waited on the migrations table"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let pid = nix::unistd::Pid::from_raw(server.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    runtime.block_on(async { holder.execute("COMMIT").await.unwrap() });
+    let status = server.wait_for_exit();
+    assert!(
+        status.success(),
+        "a SIGTERM during start-up ended the process with {status}:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}

@@ -51,6 +51,7 @@ async fn grpcurl_lists_services_checks_health_and_runs_a_debit_flow() {
         "billing.v1.BalancePolicy",
         "billing.v1.PaymentMethods",
         "billing.v1.Notifications",
+        "billing.v1.Audit",
         "grpc.health.v1.Health",
     ] {
         assert!(
@@ -138,6 +139,35 @@ async fn grpcurl_lists_services_checks_health_and_runs_a_debit_flow() {
         r#"{"account_id":"acme"}"#,
     );
     assert_eq!(history["transactions"].as_array().map(Vec::len), Some(2));
+
+    // `billing token --role service --account acme`: the token reaches acme only.
+    let bound = self::token("service", Some("acme"));
+    let audit = call(
+        &address,
+        &bound,
+        "billing.v1.Audit/ListAuditEvents",
+        r#"{"account_id":"acme","action":"debit"}"#,
+    );
+    assert_eq!(audit["events"][0]["idempotencyKey"], "call-1", "{audit}");
+    call(
+        &address,
+        &token,
+        "billing.v1.Balances/CreateAccount",
+        r#"{"account_id":"globex","currency":"EUR"}"#,
+    );
+    let header = format!("authorization: Bearer {bound}");
+    let (ok, refused) = grpcurl(
+        &address,
+        &[
+            "-H",
+            &header,
+            "-d",
+            r#"{"account_id":"globex"}"#,
+            &address,
+            "billing.v1.Balances/GetBalance",
+        ],
+    );
+    assert!(!ok && refused.contains("NotFound"), "{refused}");
 
     let status = serve.terminate();
     assert!(status.success(), "serve exited with {status} after SIGTERM");

@@ -90,11 +90,7 @@ async fn while_postgres_is_down_readiness_is_not_serving_but_liveness_and_metric
         billing::auth::KeySet::load(
             &billing::config::AuthArgs {
                 jwt_secret: Some(crate::process::SECRET.into()),
-                jwt_secret_file: None,
-                jwt_public_key_file: None,
-                jwt_private_key_file: None,
-                jwt_issuer: None,
-                jwt_audience: None,
+                ..Default::default()
             },
             dir.path(),
         )

@@ -9,3 +9,4 @@ mod health;
 mod process;
 mod proto_compatibility;
 mod python_client;
+mod token;

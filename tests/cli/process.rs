@@ -29,6 +29,29 @@ impl Serve {
     /// Starts `billing serve` with `configure` applied, logs into `log_file`,
     /// and waits (up to two minutes) until it accepts connections.
     pub fn start(log_file: &Path, configure: impl FnOnce(&mut Command)) -> Serve {
+        let mut serve = Serve::spawn(log_file, configure);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if std::net::TcpStream::connect(serve.address).is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = serve.child.try_wait() {
+                panic!(
+                    "billing serve exited early ({status}):\n{}",
+                    std::fs::read_to_string(log_file).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "billing serve did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        serve
+    }
+
+    /// Starts `billing serve` like [`Serve::start`] without waiting for it.
+    pub fn spawn(log_file: &Path, configure: impl FnOnce(&mut Command)) -> Serve {
         let port = free_port();
         let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log = std::fs::File::create(log_file).unwrap();
@@ -46,31 +69,19 @@ impl Serve {
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log));
         configure(&mut command);
-        let mut child = command.spawn().expect("spawn billing serve");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if std::net::TcpStream::connect(address).is_ok() {
-                break;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "billing serve exited early ({status}):\n{}",
-                    std::fs::read_to_string(log_file).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "billing serve did not start listening"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let child = command.spawn().expect("spawn billing serve");
         Serve { child, address }
     }
 
     /// SIGTERM, then wait for a clean exit.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    pub fn terminate(self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        self.wait_for_exit()
+    }
+
+    /// Waits (up to a minute) for the process to exit, after a signal sent.
+    pub fn wait_for_exit(mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {

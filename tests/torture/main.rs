@@ -79,11 +79,7 @@ async fn torture_nothing_lost_nothing_charged_twice() {
     let keys = KeySet::load(
         &AuthArgs {
             jwt_secret: Some(SECRET.into()),
-            jwt_secret_file: None,
-            jwt_public_key_file: None,
-            jwt_private_key_file: None,
-            jwt_issuer: None,
-            jwt_audience: None,
+            ..Default::default()
         },
         dir.path(),
     )

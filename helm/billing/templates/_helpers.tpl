@@ -46,7 +46,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     secretKeyRef:
       name: {{ required "secrets.database.existingSecret is required" .Values.secrets.database.existingSecret }}
       key: {{ .Values.secrets.database.key }}
-{{- if .Values.secrets.jwt.publicKeyKey }}
+{{- if eq .Values.secrets.jwt.publicKeyKey "*" }}
+- name: BILLING_JWT_PUBLIC_KEY_FILE
+  value: /etc/billing/jwt
+{{- else if .Values.secrets.jwt.publicKeyKey }}
 - name: BILLING_JWT_PUBLIC_KEY_FILE
   value: /etc/billing/jwt/{{ .Values.secrets.jwt.publicKeyKey }}
 {{- else if .Values.secrets.jwt.hs256SecretKey }}

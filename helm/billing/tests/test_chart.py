@@ -337,6 +337,32 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(env["BILLING_JWT_SECRET"]["valueFrom"]["secretKeyRef"], {"name": "keys", "key": "hs"})
         self.assertEqual(env["BILLING_SMTP_PASSWORD"]["valueFrom"]["secretKeyRef"], {"name": "mail", "key": "pw"})
 
+    def test_an_identity_provider_and_a_directory_of_public_keys_reach_the_pods(self):
+        documents = render({
+            "config": {
+                "jwtIssuer": "https://sso.example.com/realms/billing",
+                "jwtAudience": "billing",
+                "jwtOidcDiscovery": True,
+                "jwtRolesClaim": "realm_access.roles",
+                "jwtRoleMap": "billing-admin=admin,svc=service",
+                "jwtAccountClaim": "billing_account",
+            },
+            "secrets": {"jwt": {"existingSecret": "jwt-keys", "publicKeyKey": "*"}},
+        })
+        config = one(documents, "ConfigMap")["data"]
+        self.assertEqual(config["BILLING_JWT_OIDC_DISCOVERY"], "true")
+        self.assertEqual(config["BILLING_JWT_ROLES_CLAIM"], "realm_access.roles")
+        self.assertEqual(config["BILLING_JWT_ROLE_MAP"], "billing-admin=admin,svc=service")
+        self.assertEqual(config["BILLING_JWT_ACCOUNT_CLAIM"], "billing_account")
+        self.assertNotIn("BILLING_JWT_JWKS_URL", config)
+        pod = one(documents, "Deployment")["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        # Every key of the Secret is mounted: a rotation adds one, billing re-reads the folder.
+        self.assertEqual(env["BILLING_JWT_PUBLIC_KEY_FILE"]["value"], "/etc/billing/jwt")
+        volume = next(v for v in pod["volumes"] if v["name"] == "jwt")
+        self.assertEqual(volume["secret"]["secretName"], "jwt-keys")
+        self.assertNotIn("items", volume["secret"])
+
     def test_values_a_user_sets_reach_the_manifests(self):
         documents = render({
             "replicaCount": 4,

@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 use super::api::{self, PaymentIntent, SetupIntent};
 use super::signature::{self, WebhookSecret};
-use crate::auth::{Caller, Role};
+use crate::auth::Caller;
 use crate::error::BillingError;
 use crate::gateway::{Outcome, PaymentGateway};
 use crate::payment_methods::PaymentMethods;
@@ -83,11 +83,7 @@ async fn receive(
 
 /// The audit log's name for changes made by Stripe's events.
 fn webhook_caller() -> Caller {
-    Caller {
-        subject: "stripe-webhook".into(),
-        account: None,
-        roles: vec![Role::Service],
-    }
+    Caller::engine("stripe-webhook")
 }
 
 #[derive(Debug, Deserialize)]

@@ -196,6 +196,75 @@ async fn a_top_up_waiting_for_authentication_expires_and_the_crossing_is_freed()
     s.app.stop().await;
 }
 
+/// The expiry and the decision on the next top-up are one step under the
+/// account lock: while another transaction holds the account row, the
+/// expiry pass waits, and the waiting top-up is not seen `FAILED` with
+/// nothing open after it (the model test once caught that window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_top_up_and_the_next_one_are_decided_in_one_step_under_the_account_lock() {
+    let (s, _) = scenario("20.00", &[OFF_SESSION_3DS]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "usage-1").await;
+    let waiting = wait_for_top_up(&s, TopUpStatus::RequiresAction).await;
+
+    let mut holder = s.app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE")
+        .bind(ACCT)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    s.clock.advance(Duration::hours(25));
+    let pool = s.app.pool.clone();
+    eventually("the expiry pass waits for the account lock", || {
+        let pool = pool.clone();
+        async move {
+            let waiters: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                  WHERE NOT l.granted AND a.datname = current_database()",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            waiters > 0
+        }
+    })
+    .await;
+    let status: String = sqlx::query_scalar("SELECT status FROM top_ups WHERE top_up_id = $1")
+        .bind(&waiting.top_up_id)
+        .fetch_one(&s.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        status, "REQUIRES_ACTION",
+        "the top-up expired before the account lock was taken"
+    );
+    holder.rollback().await.unwrap();
+
+    // Once expired, the next top-up is already there, in the same snapshot.
+    eventually("the waiting top-up expires", || {
+        let pool = pool.clone();
+        let id = waiting.top_up_id.clone();
+        async move {
+            let (expired, next_open): (bool, bool) = sqlx::query_as(
+                "SELECT \
+                   EXISTS (SELECT 1 FROM top_ups WHERE top_up_id = $1 AND status = 'FAILED'), \
+                   EXISTS (SELECT 1 FROM top_ups WHERE top_up_id <> $1 AND trigger = 'AUTOMATIC')",
+            )
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            assert!(
+                !expired || next_open,
+                "the top-up expired and no next top-up was decided with it"
+            );
+            expired
+        }
+    })
+    .await;
+    s.app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_action_needed_email_links_to_the_panel_with_the_top_up_id() {
     let clock = std::sync::Arc::new(billing::topup::ManualClock::starting_now());

@@ -36,9 +36,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 
-use super::engine_settings;
 use crate::helpers::{TestApp, authed, spawn_app_with};
 use crate::payment_methods::{card, client, unique_visa};
+use crate::top_ups::engine_settings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -190,6 +190,8 @@ fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Strin
 struct Runner {
     app: TestApp,
     clock: Arc<ManualClock>,
+    /// How long a top-up may wait for 3-D Secure (the server's setting).
+    action_expiry: chrono::Duration,
     service: String,
     runs: u32,
 }
@@ -197,11 +199,14 @@ struct Runner {
 impl Runner {
     async fn new() -> Runner {
         let clock = Arc::new(ManualClock::starting_now());
-        let app = spawn_app_with(engine_settings(clock.clone())).await;
+        let settings = engine_settings(clock.clone());
+        let action_expiry = settings.policy.action_expiry;
+        let app = spawn_app_with(settings).await;
         let service = app.service_token();
         Runner {
             app,
             clock,
+            action_expiry,
             service,
             runs: 0,
         }
@@ -298,7 +303,7 @@ impl Runner {
                 threshold,
                 refill,
             } => {
-                let result = super::policy(&self.app)
+                let result = crate::top_ups::policy(&self.app)
                     .apply_low_balance_settings(authed(
                         &admin,
                         proto::ApplyLowBalanceSettingsRequest {
@@ -501,7 +506,8 @@ impl Runner {
     }
 
     /// Waits until nothing is left to decide or charge now for the account
-    /// (the decider has read its events; no top-up is due or being driven).
+    /// (the decider has read its events; no top-up is due, being driven, or
+    /// waiting for 3-D Secure past its expiry).
     async fn quiesce(&self, account: &str) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + StdDuration::from_secs(30);
         let mut calm = 0;
@@ -514,11 +520,13 @@ impl Runner {
                  OR EXISTS (SELECT 1 FROM top_ups WHERE account_id = $1 AND ( \
                       lease_owner IS NOT NULL \
                       OR (status IN ('PENDING', 'RETRY_SCHEDULED', 'UNKNOWN') \
-                          AND COALESCE(next_attempt_at, created_at) <= $2))) \
+                          AND COALESCE(next_attempt_at, created_at) <= $2) \
+                      OR (status = 'REQUIRES_ACTION' AND updated_at <= $3))) \
                  OR EXISTS (SELECT 1 FROM top_up_crossings WHERE account_id = $1 AND resume_at <= $2)",
             )
             .bind(account)
             .bind(now)
+            .bind(now - self.action_expiry)
             .fetch_one(&self.app.pool)
             .await
             .map_err(|e| e.to_string())?;
@@ -544,7 +552,7 @@ impl Runner {
         .fetch_one(&self.app.pool)
         .await
         .unwrap();
-        let top_ups = super::policy(&self.app)
+        let top_ups = crate::top_ups::policy(&self.app)
             .list_top_ups(authed(
                 &admin,
                 proto::ListTopUpsRequest {
