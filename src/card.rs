@@ -1,6 +1,6 @@
 //! Card data as it arrives from a client, parsed once: number (Luhn, brand),
 //! expiry (not in the past), CVC shape. These checks run before any gateway
-//! is called. [`CardNumber`] and [`Cvc`] never print their digits: their
+//! is called, and report every bad field of the card at once. [`CardNumber`] and [`Cvc`] never print their digits: their
 //! `Debug` shows only the last 4 (or nothing), and they have no `Display`,
 //! so neither can end up in a log line or an error message by accident.
 
@@ -9,7 +9,7 @@ use std::fmt;
 use chrono::{Datelike, NaiveDate};
 use sha2::{Digest, Sha256};
 
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason, Violations};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Brand {
@@ -166,6 +166,15 @@ impl Cvc {
         Ok(Cvc(text.to_owned()))
     }
 
+    /// The shape any brand accepts (3 or 4 digits), for a card whose number
+    /// is itself invalid: its CVC is still checked, so both are reported.
+    fn check_any_brand(text: &str) -> Result<(), BillingError> {
+        if !(3..=4).contains(&text.len()) || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(BillingError::invalid("card.cvc", "must be 3 or 4 digits"));
+        }
+        Ok(())
+    }
+
     pub fn expose_digits(&self) -> &str {
         &self.0
     }
@@ -185,25 +194,31 @@ pub struct Expiry {
 }
 
 impl Expiry {
+    /// Month and year are both checked: a bad month and a bad year are both
+    /// reported. An expiry in the past is `CARD_EXPIRED`.
     pub fn parse(month: i32, year: i32, today: NaiveDate) -> Result<Expiry, BillingError> {
-        let month = u32::try_from(month)
-            .ok()
-            .filter(|m| (1..=12).contains(m))
-            .ok_or_else(|| BillingError::invalid("card.exp_month", "must be 1 to 12"))?;
-        if !(2000..=2100).contains(&year) {
-            return Err(BillingError::invalid(
-                "card.exp_year",
-                "must be a four-digit year",
-            ));
+        let mut violations = Violations::new();
+        let month = u32::try_from(month).ok().filter(|m| (1..=12).contains(m));
+        if month.is_none() {
+            violations.add("card.exp_month", "must be 1 to 12");
         }
+        let year_valid = (2000..=2100).contains(&year);
+        if !year_valid {
+            violations.add("card.exp_year", "must be a four-digit year");
+        }
+        let (Some(month), true) = (month, year_valid) else {
+            return Err(violations.into_error());
+        };
         if year < today.year() {
-            return Err(BillingError::invalid(
+            return Err(BillingError::invalid_because(
+                Reason::CardExpired,
                 "card.exp_year",
                 "the card has expired",
             ));
         }
         if year == today.year() && month < today.month() {
-            return Err(BillingError::invalid(
+            return Err(BillingError::invalid_because(
+                Reason::CardExpired,
                 "card.exp_month",
                 "the card has expired",
             ));
@@ -222,6 +237,7 @@ pub struct CardDetails {
 }
 
 impl CardDetails {
+    /// Every field of the card is checked; the error names each bad one.
     pub fn parse(
         number: &str,
         exp_month: i32,
@@ -230,10 +246,23 @@ impl CardDetails {
         holder_name: &str,
         today: NaiveDate,
     ) -> Result<CardDetails, BillingError> {
-        let number = CardNumber::parse(number)?;
-        let expiry = Expiry::parse(exp_month, exp_year, today)?;
-        let cvc = Cvc::parse(cvc, number.brand())?;
-        let holder_name = crate::ids::parse_text("card.holder_name", holder_name, 200)?;
+        let mut violations = Violations::new();
+        let number = violations.check(CardNumber::parse(number));
+        let expiry = violations.check(Expiry::parse(exp_month, exp_year, today));
+        let cvc = match &number {
+            Some(number) => violations.check(Cvc::parse(cvc, number.brand())),
+            None => {
+                violations.check(Cvc::check_any_brand(cvc));
+                None
+            }
+        };
+        let holder_name =
+            violations.check(crate::ids::parse_text("card.holder_name", holder_name, 200));
+        let (Some(number), Some(expiry), Some(cvc), Some(holder_name)) =
+            (number, expiry, cvc, holder_name)
+        else {
+            return Err(violations.into_error());
+        };
         Ok(CardDetails {
             number,
             expiry,
@@ -251,11 +280,46 @@ mod tests {
         NaiveDate::from_ymd_opt(2026, 5, 15).unwrap()
     }
 
-    fn field_of(error: BillingError) -> String {
+    fn fields_of(error: BillingError) -> Vec<String> {
         match error {
-            BillingError::InvalidArgument { field, .. } => field,
+            BillingError::InvalidArgument(violations) => {
+                violations.into_iter().map(|v| v.field).collect()
+            }
             other => panic!("not invalid argument: {other:?}"),
         }
+    }
+
+    fn field_of(error: BillingError) -> String {
+        let fields = fields_of(error);
+        assert_eq!(fields.len(), 1, "{fields:?}");
+        fields[0].clone()
+    }
+
+    #[test]
+    fn every_bad_field_of_a_card_is_reported_not_only_the_first() {
+        let error =
+            CardDetails::parse("4242424242424242", 13, 2030, "1", "Ada", today()).unwrap_err();
+        assert_eq!(fields_of(error), ["card.exp_month", "card.cvc"]);
+        let error =
+            CardDetails::parse("4242424242424241", 0, 30, "12345", "A\u{0}", today()).unwrap_err();
+        assert_eq!(
+            fields_of(error),
+            [
+                "card.number",
+                "card.exp_month",
+                "card.exp_year",
+                "card.cvc",
+                "card.holder_name"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_expiry_in_the_past_is_card_expired() {
+        let error = Expiry::parse(4, 2026, today()).unwrap_err();
+        assert_eq!(error.reason(), Reason::CardExpired);
+        let error = Expiry::parse(13, 2026, today()).unwrap_err();
+        assert_eq!(error.reason(), Reason::InvalidField);
     }
 
     #[test]

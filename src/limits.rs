@@ -80,8 +80,10 @@ where
         Box::pin(async move {
             match tokio::time::timeout(limit, future).await {
                 Ok(Ok(response)) => Ok(response),
-                Ok(Err(error)) => Ok(tonic::Status::from_error(error.into()).into_http()),
-                Err(_) => Ok(tonic::Status::deadline_exceeded("deadline exceeded").into_http()),
+                Ok(Err(error)) => {
+                    Ok(crate::api::error::status_from_layer_error(error.into()).into_http())
+                }
+                Err(_) => Ok(crate::api::error::deadline_exceeded().into_http()),
             }
         })
     }

@@ -14,17 +14,23 @@ pub struct Page {
 }
 
 impl Page {
+    /// Both fields are checked; the error names each bad one.
     pub fn parse(page_size: i32, page_token: &str) -> Result<Page, BillingError> {
+        let mut violations = crate::error::Violations::new();
         let size = match page_size {
             0 => DEFAULT_PAGE_SIZE,
-            n if n < 0 => return Err(BillingError::invalid("page_size", "must not be negative")),
+            n if n < 0 => {
+                violations.add("page_size", "must not be negative");
+                DEFAULT_PAGE_SIZE
+            }
             n => i64::from(n).min(MAX_PAGE_SIZE),
         };
         let after_id = if page_token.is_empty() {
             None
         } else {
-            Some(decode_token(page_token)?)
+            violations.check(decode_token(page_token))
         };
+        violations.finish()?;
         Ok(Page { size, after_id })
     }
 }

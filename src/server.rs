@@ -1,6 +1,6 @@
 //! The gRPC server: router, tower layers (RPC span/log/metrics, deadline,
 //! load shedding, a global concurrency limit, auth), message and header
-//! size limits, keep-alive, health, reflection, the metrics HTTP server and
+//! size limits, gzip compression, keep-alive, health, reflection, the metrics HTTP server and
 //! graceful shutdown.
 
 use std::future::Future;
@@ -49,6 +49,10 @@ pub const SERVICE_NAMES: [&str; 5] = [
     "billing.v1.Notifications",
     "billing.v1.Audit",
 ];
+
+/// Every service accepts gzip-compressed requests and compresses its
+/// responses with gzip when the client accepts it (`grpc-accept-encoding`).
+const GZIP: tonic::codec::CompressionEncoding = tonic::codec::CompressionEncoding::Gzip;
 
 /// The largest request message any billing RPC decodes; larger ones are
 /// refused (tonic answers `OUT_OF_RANGE`) before a handler runs.
@@ -540,23 +544,30 @@ pub async fn serve(
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // google.rpc error details, so reflection clients (grpcurl) decode them.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building reflection v1")?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // google.rpc error details, so reflection clients (grpcurl) decode them.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("building reflection v1alpha")?;
 
-    // The sandbox simulator (its state in this database) unless another gateway is given.
-    let gateway: Arc<dyn PaymentGateway> = settings
-        .gateway
-        .clone()
-        .unwrap_or_else(|| Arc::new(SandboxGateway::new(pool.clone())));
+    // The sandbox simulator (its state in this database) unless another
+    // gateway is given; every call to it timed and traced.
+    let gateway = crate::telemetry::gateway::InstrumentedGateway::wrap(
+        settings
+            .gateway
+            .clone()
+            .unwrap_or_else(|| Arc::new(SandboxGateway::new(pool.clone()))),
+    );
     let wake_engine = Arc::new(Notify::new());
     // The payment gateway's webhook (Stripe): on its own listener, else on the metrics one.
     let webhook = match (&settings.stripe_webhook_secret, &settings.gateway) {
-        (Some(secret), Some(gateway)) => Some(crate::gateway::stripe::webhook::webhook_router(
+        (Some(secret), Some(_)) => Some(crate::gateway::stripe::webhook::webhook_router(
             crate::gateway::stripe::webhook::WebhookState::new(
                 pool.clone(),
                 gateway.clone(),
@@ -677,9 +688,13 @@ pub async fn serve(
         .http2_max_header_list_size(settings.max_header_list_bytes)
         .max_concurrent_streams(settings.transport.max_concurrent_streams)
         .layer(layers)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(health_service.accept_compressed(GZIP).send_compressed(GZIP))
+        .add_service(reflection_v1.accept_compressed(GZIP).send_compressed(GZIP))
+        .add_service(
+            reflection_v1alpha
+                .accept_compressed(GZIP)
+                .send_compressed(GZIP),
+        )
         .add_service(
             proto::balances_server::BalancesServer::new(BalancesApi::new(
                 pool.clone(),
@@ -689,7 +704,9 @@ pub async fn serve(
                 caller_limits.clone(),
             ))
             .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+            .max_encoding_message_size(max_message)
+            .accept_compressed(GZIP)
+            .send_compressed(GZIP),
         )
         .add_service(
             proto::balance_policy_server::BalancePolicyServer::new(BalancePolicyApi::new(
@@ -699,7 +716,9 @@ pub async fn serve(
                 wake_engine.clone(),
             ))
             .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+            .max_encoding_message_size(max_message)
+            .accept_compressed(GZIP)
+            .send_compressed(GZIP),
         )
         .add_service(
             proto::payment_methods_server::PaymentMethodsServer::new(PaymentMethodsApi::new(
@@ -707,7 +726,9 @@ pub async fn serve(
                 top_ups.clone(),
             ))
             .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+            .max_encoding_message_size(max_message)
+            .accept_compressed(GZIP)
+            .send_compressed(GZIP),
         )
         .add_service(
             proto::notifications_server::NotificationsServer::new(NotificationsApi::new(
@@ -715,7 +736,9 @@ pub async fn serve(
                 caller_limits.clone(),
             ))
             .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+            .max_encoding_message_size(max_message)
+            .accept_compressed(GZIP)
+            .send_compressed(GZIP),
         )
         .add_service(
             proto::audit_server::AuditServer::new(AuditApi::new(pool.clone()))

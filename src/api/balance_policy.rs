@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use super::authorize_account_id;
 use super::convert::{required_id, timestamp};
 use super::payment_methods::top_up_to_proto;
-use crate::error::BillingError;
+use crate::error::{BillingError, Violations};
 use crate::ledger;
 use crate::money::{self, Currency};
 use crate::paging::{self, Page};
@@ -72,37 +72,73 @@ impl BalancePolicy for BalancePolicyApi {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
         let currency = ledger::get_account(&self.pool, &account_id).await?.currency;
+        let mut violations = Violations::new();
         let max_top_ups_per_day = match message.max_top_ups_per_day {
-            0 => None,
+            0 => Some(None),
             n if !(1..=1000).contains(&n) => {
-                return Err(BillingError::invalid(
-                    "max_top_ups_per_day",
-                    "must be between 1 and 1000",
-                )
-                .into());
+                violations.add("max_top_ups_per_day", "must be between 1 and 1000");
+                None
             }
-            n => Some(n),
+            n => Some(Some(n)),
         };
         let max_amount_per_day = match message.max_amount_per_day.as_str() {
-            "" => None,
-            "0" => Some(None),
-            text => Some(Some(currency.parse_charge_amount(text).map_err(|e| {
-                BillingError::invalid("max_amount_per_day", e.to_string())
-            })?)),
+            "" => Some(None),
+            "0" => Some(Some(None)),
+            text => violations
+                .check(
+                    currency
+                        .parse_charge_amount(text)
+                        .map_err(|e| BillingError::invalid("max_amount_per_day", e.to_string())),
+                )
+                .map(|cap| Some(Some(cap))),
         };
-        let change = SettingsChange {
-            auto_refill_enabled: message.auto_refill_enabled,
-            threshold: settings_amount("threshold", &message.threshold, currency)?,
-            refill_amount: settings_amount("refill_amount", &message.refill_amount, currency)?,
-            notification_enabled: message.notification_enabled,
-            notification_threshold: settings_amount(
+        let threshold =
+            violations.check(settings_amount("threshold", &message.threshold, currency));
+        let refill_amount = violations.check(settings_amount(
+            "refill_amount",
+            &message.refill_amount,
+            currency,
+        ));
+        if let Some(refill_amount) = refill_amount {
+            violations.check(topup::check_refill_amount(
+                message.auto_refill_enabled,
+                refill_amount,
+                currency,
+                &self.config,
+            ));
+        }
+        let parsed = (
+            threshold,
+            refill_amount,
+            violations.check(settings_amount(
                 "notification_threshold",
                 &message.notification_threshold,
                 currency,
-            )?,
+            )),
+            max_top_ups_per_day,
+            max_amount_per_day,
+        );
+        let (
+            Some(threshold),
+            Some(refill_amount),
+            Some(notification_threshold),
+            Some(max_top_ups_per_day),
+            Some(max_amount_per_day),
+        ) = parsed
+        else {
+            return Err(violations.into_error().into());
+        };
+        let change = SettingsChange {
+            auto_refill_enabled: message.auto_refill_enabled,
+            threshold,
+            refill_amount,
+            notification_enabled: message.notification_enabled,
+            notification_threshold,
             max_top_ups_per_day,
             max_amount_per_day,
         };
+        // A refill amount out of bounds alone passes the let-else above.
+        violations.finish()?;
         let (settings, started) = topup::apply_settings(
             &self.pool,
             &caller,
@@ -112,7 +148,11 @@ impl BalancePolicy for BalancePolicyApi {
             self.clock.as_ref(),
         )
         .await?;
-        if started.is_some() {
+        if let Some(top_up_id) = &started {
+            // The engine's drive of this top-up links back to this call.
+            crate::telemetry::links::remember(crate::telemetry::links::Cause::TopUp(
+                top_up_id.clone(),
+            ));
             self.wake.notify_one();
         }
         Ok(Response::new(proto::ApplyLowBalanceSettingsResponse {

@@ -11,9 +11,10 @@ use tonic::{Request, Response, Status};
 
 use super::caller_limits::CallerLimits;
 use super::convert::{metadata, optional_time, timestamp};
+use super::error::status_with_reason;
 use super::{authorize, authorize_account_id};
 use crate::auth::TokenValidUntil;
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason, Violations};
 use crate::events::{
     self, BalanceEvent, BalanceEventKind, EventFilter, EventHub, WatchEnd, WatchSettings, Watcher,
 };
@@ -24,6 +25,7 @@ use crate::ledger::{
 use crate::money::{self, Currency, USAGE_SCALE};
 use crate::paging::{self, Page};
 use crate::proto::{self, balances_server::Balances};
+use crate::telemetry::links::{self, Cause};
 
 #[derive(Clone)]
 pub struct BalancesApi {
@@ -67,32 +69,57 @@ impl Balances for BalancesApi {
     ) -> Result<Response<proto::CreateAccountResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
+        let mut violations = Violations::new();
         let currency = if message.currency.is_empty() {
-            Currency::USD
+            Some(Currency::USD)
         } else {
-            Currency::parse(&message.currency)
-                .map_err(|reason| BillingError::invalid("currency", reason))?
+            violations.check(
+                Currency::parse(&message.currency)
+                    .map_err(|reason| BillingError::invalid("currency", reason)),
+            )
         };
-        let credit_limit = if message.credit.is_empty() {
-            Decimal::ZERO
-        } else {
-            money::parse_amount(&message.credit, currency.minor_units())
-                .map_err(|e| BillingError::invalid("credit", e.to_string()))?
+        // The credit's scale is its currency's; an unknown currency leaves it unchecked.
+        let credit_limit = match currency {
+            _ if message.credit.is_empty() => Some(Decimal::ZERO),
+            Some(currency) => violations.check(
+                money::parse_amount(&message.credit, currency.minor_units())
+                    .map_err(|e| BillingError::invalid("credit", e.to_string())),
+            ),
+            None => None,
         };
         let billing_email = if message.billing_email.is_empty() {
-            String::new()
+            Some(String::new())
         } else {
-            parse_email("billing_email", &message.billing_email)?
+            violations.check(parse_email("billing_email", &message.billing_email))
         };
         let idempotency_key = if message.idempotency_key.is_empty() {
-            None
+            Some(None)
         } else {
-            Some(IdempotencyKey::parse(&message.idempotency_key)?)
+            violations
+                .check(IdempotencyKey::parse(&message.idempotency_key))
+                .map(Some)
+        };
+        let display_name = violations.check(parse_text("display_name", &message.display_name, 200));
+        let (
+            Some(currency),
+            Some(credit_limit),
+            Some(billing_email),
+            Some(idempotency_key),
+            Some(display_name),
+        ) = (
+            currency,
+            credit_limit,
+            billing_email,
+            idempotency_key,
+            display_name,
+        )
+        else {
+            return Err(violations.into_error().into());
         };
         let new_account = NewAccount {
             account_id,
             currency,
-            display_name: parse_text("display_name", &message.display_name, 200)?,
+            display_name,
             billing_email,
             credit_limit,
             idempotency_key,
@@ -126,16 +153,28 @@ impl Balances for BalancesApi {
     ) -> Result<Response<proto::DebitResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
+        let mut violations = Violations::new();
+        let parsed = (
+            violations.check(parse_usage_amount(&message.amount)),
+            violations.check(IdempotencyKey::parse(&message.idempotency_key)),
+            violations.check(parse_text("description", &message.description, 500)),
+            violations.check(metadata("metadata", message.metadata)),
+        );
+        let (Some(amount), Some(idempotency_key), Some(description), Some(metadata)) = parsed
+        else {
+            return Err(violations.into_error().into());
+        };
         let posting = Posting {
             account_id,
             kind: EntryKind::Usage,
-            amount: parse_usage_amount(&message.amount)?,
-            idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
-            description: parse_text("description", &message.description, 500)?,
-            metadata: metadata("metadata", message.metadata)?,
+            amount,
+            idempotency_key,
+            description,
+            metadata,
             allow_overdraft: message.allow_overdraft,
         };
         let result = self.debits.debit(&caller, posting).await?;
+        links::remember(Cause::Transaction(result.entry.transaction_id));
         let (transaction, balance, total_balance, version) = posting_to_proto(&result)?;
         Ok(Response::new(proto::DebitResponse {
             transaction: Some(transaction),
@@ -151,28 +190,42 @@ impl Balances for BalancesApi {
     ) -> Result<Response<proto::CreditResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
+        let mut violations = Violations::new();
         let kind = match proto::TransactionKind::try_from(message.kind) {
-            Ok(proto::TransactionKind::Adjustment) => EntryKind::Adjustment,
-            Ok(proto::TransactionKind::Refund) => EntryKind::Refund,
-            Ok(proto::TransactionKind::Promotion) => EntryKind::Promotion,
+            Ok(proto::TransactionKind::Adjustment) => Some(EntryKind::Adjustment),
+            Ok(proto::TransactionKind::Refund) => Some(EntryKind::Refund),
+            Ok(proto::TransactionKind::Promotion) => Some(EntryKind::Promotion),
             _ => {
-                return Err(BillingError::invalid(
+                violations.add(
                     "kind",
                     "must be TRANSACTION_KIND_ADJUSTMENT, TRANSACTION_KIND_REFUND or TRANSACTION_KIND_PROMOTION",
-                )
-                .into());
+                );
+                None
             }
+        };
+        let parsed = (
+            kind,
+            violations.check(parse_usage_amount(&message.amount)),
+            violations.check(IdempotencyKey::parse(&message.idempotency_key)),
+            violations.check(parse_text("description", &message.description, 500)),
+            violations.check(metadata("metadata", message.metadata)),
+        );
+        let (Some(kind), Some(amount), Some(idempotency_key), Some(description), Some(metadata)) =
+            parsed
+        else {
+            return Err(violations.into_error().into());
         };
         let posting = Posting {
             account_id,
             kind,
-            amount: parse_usage_amount(&message.amount)?,
-            idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
-            description: parse_text("description", &message.description, 500)?,
-            metadata: metadata("metadata", message.metadata)?,
+            amount,
+            idempotency_key,
+            description,
+            metadata,
             allow_overdraft: false,
         };
         let result = ledger::post(&self.pool, &caller, posting).await?;
+        links::remember(Cause::Transaction(result.entry.transaction_id));
         // Its event is committed: wake this process's feed, and the other replicas'.
         self.hub.feed().commits().committed();
         let (transaction, balance, total_balance, version) = posting_to_proto(&result)?;
@@ -190,19 +243,30 @@ impl Balances for BalancesApi {
     ) -> Result<Response<proto::ListTransactionsResponse>, Status> {
         let (_, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
-        let page = Page::parse(message.page_size, &message.page_token)?;
-        let kinds = message
-            .kinds
-            .iter()
-            .map(|&kind| {
-                entry_kind_from_proto(kind)
-                    .ok_or_else(|| BillingError::invalid("kinds", "contains an unknown kind"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut violations = Violations::new();
+        let page = violations.check(Page::parse(message.page_size, &message.page_token));
+        let kinds = violations.check(
+            message
+                .kinds
+                .iter()
+                .map(|&kind| {
+                    entry_kind_from_proto(kind)
+                        .ok_or_else(|| BillingError::invalid("kinds", "contains an unknown kind"))
+                })
+                .collect::<Result<Vec<_>, _>>(),
+        );
+        let created_after = violations.check(optional_time("created_after", message.created_after));
+        let created_before =
+            violations.check(optional_time("created_before", message.created_before));
+        let (Some(page), Some(kinds), Some(created_after), Some(created_before)) =
+            (page, kinds, created_after, created_before)
+        else {
+            return Err(violations.into_error().into());
+        };
         let filter = EntryFilter {
             kinds,
-            created_after: optional_time("created_after", message.created_after)?,
-            created_before: optional_time("created_before", message.created_before)?,
+            created_after,
+            created_before,
         };
         let account = ledger::get_account(&self.pool, &account_id).await?;
         let entries = ledger::list_entries(&self.pool, &account_id, &filter, &page).await?;
@@ -302,32 +366,35 @@ impl Balances for BalancesApi {
 /// message and, machine-readable, in the `billing-resume-after-cursor` trailer.
 fn watch_end_status(end: WatchEnd) -> Status {
     let resume_after = end.resume_after();
-    let (code, message) = match end {
-        WatchEnd::TooFarBehind { .. } => (
-            tonic::Code::ResourceExhausted,
-            format!("subscriber too far behind: resume with after_cursor {resume_after}"),
-        ),
-        WatchEnd::ShuttingDown { .. } => (
-            tonic::Code::Unavailable,
+    let mut status = match end {
+        WatchEnd::TooFarBehind { .. } => BillingError::ResourceExhausted {
+            reason: Reason::SubscriberTooFarBehind,
+            message: format!("subscriber too far behind: resume with after_cursor {resume_after}"),
+        }
+        .into(),
+        WatchEnd::ShuttingDown { .. } => BillingError::unavailable(
+            Reason::ServerShuttingDown,
             format!("server shutting down: resume with after_cursor {resume_after}"),
-        ),
-        WatchEnd::Interrupted { .. } => (
-            tonic::Code::Unavailable,
+        )
+        .into(),
+        WatchEnd::Interrupted { .. } => BillingError::unavailable(
+            Reason::StreamInterrupted,
             format!("event stream interrupted: resume with after_cursor {resume_after}"),
-        ),
-        WatchEnd::TokenExpired { .. } => (
+        )
+        .into(),
+        WatchEnd::TokenExpired { .. } => status_with_reason(
             tonic::Code::Unauthenticated,
-            format!(
+            &format!(
                 "the bearer token expired: reconnect with a fresh token and after_cursor {resume_after}"
             ),
+            Reason::BearerTokenExpired,
         ),
     };
-    let mut metadata = tonic::metadata::MetadataMap::new();
-    metadata.insert(
+    status.metadata_mut().insert(
         RESUME_CURSOR_METADATA_KEY,
         resume_after.to_string().parse().expect("digits"),
     );
-    Status::with_metadata(code, message, metadata)
+    status
 }
 
 fn event_to_proto(event: &BalanceEvent) -> proto::BalanceEvent {

@@ -5,7 +5,9 @@
 //!
 //! A refusal is `RESOURCE_EXHAUSTED` whose message names the limit, with
 //! the machine-readable `billing-limit` metadata (the limit's name) and,
-//! for rates, `billing-retry-after-secs`.
+//! for rates, `billing-retry-after-secs`; its rich details are an
+//! `ErrorInfo` (`STREAM_LIMIT_REACHED` or `RATE_LIMITED`, the limit's name
+//! in `metadata["limit"]`) and a `RetryInfo` (a rate's exact wait).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -15,8 +17,9 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tonic::Status;
-use tonic::metadata::MetadataMap;
 
+use super::error::limit_refusal;
+use crate::error::Reason;
 use crate::telemetry::limit_log::LimitLog;
 
 /// The metadata key naming the limit that refused a call.
@@ -118,8 +121,16 @@ static SETTINGS_CHANGES_LOG: LimitLog = LimitLog::new(
     "UpdateNotificationSettings refused: the account's rate limit is used up",
 );
 
-fn refusal(limit: &'static str, message: String, retry_after: Option<Duration>) -> Status {
-    let mut metadata = MetadataMap::new();
+/// RESOURCE_EXHAUSTED naming `limit`: in `ErrorInfo` (with `reason`) and
+/// `RetryInfo` (see `api::error::limit_refusal`), and in the trailers.
+fn refusal(
+    reason: Reason,
+    limit: &'static str,
+    message: String,
+    retry_after: Option<Duration>,
+) -> Status {
+    let mut status = limit_refusal(reason, limit, message, retry_after);
+    let metadata = status.metadata_mut();
     metadata.insert(LIMIT_METADATA_KEY, limit.parse().expect("ASCII limit name"));
     if let Some(wait) = retry_after {
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -128,7 +139,7 @@ fn refusal(limit: &'static str, message: String, retry_after: Option<Duration>) 
             secs.to_string().parse().expect("digits"),
         );
     }
-    Status::with_metadata(tonic::Code::ResourceExhausted, message, metadata)
+    status
 }
 
 #[derive(Default)]
@@ -151,6 +162,7 @@ impl StreamLimits {
             drop(open);
             STREAMS_PER_REPLICA_LOG.refused(&self.per_replica);
             return Err(refusal(
+                Reason::StreamLimitReached,
                 "streams_per_replica",
                 format!(
                     "too many open event streams on this replica (limit: {} per replica); retry later",
@@ -164,6 +176,7 @@ impl StreamLimits {
             drop(open);
             STREAMS_PER_CALLER_LOG.refused(&self.per_caller);
             return Err(refusal(
+                Reason::StreamLimitReached,
                 "streams_per_caller",
                 format!(
                     "too many open event streams for this caller (limit: {} per token subject and account); close one first",
@@ -240,6 +253,7 @@ impl RateLimit {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
                 self.log.refused(&self.per_hour);
                 Err(refusal(
+                    Reason::RateLimited,
                     self.name,
                     format!(
                         "rate limit: at most {} {} per hour per account; retry in {} s",
@@ -256,7 +270,22 @@ impl RateLimit {
 
 #[cfg(test)]
 mod tests {
+    use tonic_types::StatusExt;
+
     use super::*;
+
+    /// The refusal's `ErrorInfo` reason, its `limit` metadata, and whether
+    /// it carries a `RetryInfo` delay.
+    fn details_of(status: &Status) -> (String, String, Option<Duration>) {
+        let details = status.get_error_details();
+        let info = details.error_info().expect("ErrorInfo");
+        let delay = details.retry_info().and_then(|retry| retry.retry_delay);
+        (
+            info.reason.clone(),
+            info.metadata.get("limit").cloned().unwrap_or_default(),
+            delay,
+        )
+    }
 
     #[test]
     fn a_caller_past_its_stream_limit_is_refused_until_one_closes() {
@@ -278,6 +307,12 @@ mod tests {
             refused.metadata().get(LIMIT_METADATA_KEY).unwrap(),
             "streams_per_caller"
         );
+        let (reason, limit, delay) = details_of(&refused);
+        assert_eq!(
+            (reason.as_str(), limit.as_str()),
+            ("STREAM_LIMIT_REACHED", "streams_per_caller")
+        );
+        assert!(delay.is_some(), "a stream refusal says when to retry");
         let _bob = limits.open_stream("bob", Some("acme")).unwrap();
         let replica = limits.open_stream("cid", Some("acme")).err().unwrap();
         assert!(
@@ -305,6 +340,16 @@ mod tests {
                 .contains("at most 2 test notifications per hour")
         );
         assert!(refused.metadata().get(RETRY_AFTER_METADATA_KEY).is_some());
+        let (reason, limit, delay) = details_of(&refused);
+        assert_eq!(
+            (reason.as_str(), limit.as_str()),
+            ("RATE_LIMITED", "test_notifications_per_account")
+        );
+        let delay = delay.expect("RetryInfo");
+        assert!(
+            delay > Duration::ZERO && delay <= Duration::from_secs(3600),
+            "the bucket's own wait: {delay:?}"
+        );
         limits.test_notification("initech").unwrap();
     }
 }

@@ -6,7 +6,7 @@ mod balance_policy;
 mod balances;
 mod caller_limits;
 mod convert;
-mod error;
+pub mod error;
 mod notifications;
 mod payment_methods;
 
@@ -34,12 +34,20 @@ pub(crate) fn authorize<T>(
         .extensions()
         .get::<Caller>()
         .cloned()
-        .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
+        .ok_or_else(|| {
+            Status::from(crate::error::BillingError::Unauthenticated(
+                "missing authorization: Bearer <token>".into(),
+            ))
+        })?;
     let access = request
         .extensions()
         .get::<Access>()
         .copied()
-        .ok_or_else(|| Status::internal("internal error"))?;
+        .ok_or_else(|| {
+            Status::from(crate::error::BillingError::Unexpected(anyhow::anyhow!(
+                "the auth layer left no access for this call"
+            )))
+        })?;
     if let Some(account) = account {
         // The RPC span (telemetry::rpc_log) declares the field; the body alone knows it.
         tracing::Span::current().record("account_id", account.as_str());

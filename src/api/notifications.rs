@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 use super::authorize_account_id;
 use super::caller_limits::CallerLimits;
 use super::convert::timestamp;
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason, Violations};
 use crate::ids::{IdempotencyKey, parse_email};
 use crate::notifications::{
     self, Notice, Notification, NotificationKind, NotificationSettings, NotificationStatus,
@@ -47,6 +47,7 @@ impl Notifications for NotificationsApi {
     ) -> Result<Response<proto::UpdateNotificationSettingsResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
+        let mut violations = Violations::new();
         if message.recipients.len() > MAX_RECIPIENTS {
             return Err(BillingError::invalid(
                 "recipients",
@@ -56,7 +57,11 @@ impl Notifications for NotificationsApi {
         }
         let mut recipients = Vec::new();
         for (index, address) in message.recipients.iter().enumerate() {
-            let parsed = parse_email(&format!("recipients[{index}]"), address.trim())?;
+            let Some(parsed) =
+                violations.check(parse_email(&format!("recipients[{index}]"), address.trim()))
+            else {
+                continue;
+            };
             if !recipients.contains(&parsed) {
                 recipients.push(parsed);
             }
@@ -64,16 +69,21 @@ impl Notifications for NotificationsApi {
         let kinds = if message.enabled_kinds.is_empty() {
             NotificationKind::ALL.to_vec()
         } else {
-            message
-                .enabled_kinds
-                .iter()
-                .map(|&k| {
-                    kind_from_proto(k).ok_or_else(|| {
-                        BillingError::invalid("enabled_kinds", "contains an unknown kind")
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?
+            violations
+                .check(
+                    message
+                        .enabled_kinds
+                        .iter()
+                        .map(|&k| {
+                            kind_from_proto(k).ok_or_else(|| {
+                                BillingError::invalid("enabled_kinds", "contains an unknown kind")
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>(),
+                )
+                .unwrap_or_default()
         };
+        violations.finish()?;
         // Valid requests only use up the account's rate (a typo costs nothing).
         self.limits.settings_change(account_id.as_str())?;
         let settings =
@@ -117,8 +127,10 @@ impl Notifications for NotificationsApi {
         )
         .await?
         .ok_or_else(|| {
-            BillingError::FailedPrecondition(
-                "the account has no recipient: set recipients or a billing email".into(),
+            BillingError::precondition(
+                Reason::NoRecipient,
+                format!("accounts/{account_id}"),
+                "the account has no recipient: set recipients or a billing email",
             )
         })?;
         crate::audit::record_keyed(

@@ -6,7 +6,7 @@ use super::authorize_account_id;
 use super::convert::timestamp;
 use super::convert::{checked_id, required_id};
 use crate::card::CardDetails;
-use crate::error::BillingError;
+use crate::error::{BillingError, Violations};
 use crate::gateway::CardSource;
 use crate::ids::IdempotencyKey;
 use crate::payment_methods::{
@@ -38,29 +38,40 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
     ) -> Result<Response<proto::AddCardResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
+        let mut violations = Violations::new();
         let source = match message.source {
-            Some(Source::Card(card)) => CardSource::Card(CardDetails::parse(
-                &card.number,
-                card.exp_month,
-                card.exp_year,
-                &card.cvc,
-                &card.holder_name,
-                chrono::Utc::now().date_naive(),
-            )?),
-            Some(Source::GatewayToken(token)) if !token.is_empty() => {
-                CardSource::Token(crate::ids::parse_text("gateway_token", &token, 255)?)
-            }
+            Some(Source::Card(card)) => violations
+                .check(CardDetails::parse(
+                    &card.number,
+                    card.exp_month,
+                    card.exp_year,
+                    &card.cvc,
+                    &card.holder_name,
+                    chrono::Utc::now().date_naive(),
+                ))
+                .map(CardSource::Card),
+            Some(Source::GatewayToken(token)) if !token.is_empty() => violations
+                .check(crate::ids::parse_text("gateway_token", &token, 255))
+                .map(CardSource::Token),
             _ => {
-                return Err(
-                    BillingError::invalid("card", "a card or a gateway_token is required").into(),
-                );
+                violations.add("card", "a card or a gateway_token is required");
+                None
             }
+        };
+        let billing_address = violations.check(BillingAddress::parse(address_from_proto(
+            message.billing_address,
+        )));
+        let idempotency_key = violations.check(IdempotencyKey::parse(&message.idempotency_key));
+        let (Some(source), Some(billing_address), Some(idempotency_key)) =
+            (source, billing_address, idempotency_key)
+        else {
+            return Err(violations.into_error().into());
         };
         let new = NewCard {
             account_id,
             source,
-            billing_address: BillingAddress::parse(address_from_proto(message.billing_address))?,
-            idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
+            billing_address,
+            idempotency_key,
         };
         let method = self.methods.add_card(&caller, new).await?;
         Ok(Response::new(proto::AddCardResponse {
@@ -75,8 +86,12 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
     ) -> Result<Response<proto::ConfirmCardResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
-        let id = required_id("payment_method_id", &message.payment_method_id)?;
-        let authenticated = authentication_result(message.authentication_result)?;
+        let mut violations = Violations::new();
+        let id = violations.check(required_id("payment_method_id", &message.payment_method_id));
+        let authenticated = violations.check(authentication_result(message.authentication_result));
+        let (Some(id), Some(authenticated)) = (id, authenticated) else {
+            return Err(violations.into_error().into());
+        };
         let method = self
             .methods
             .confirm_card(&caller, &account_id, &id, authenticated)
@@ -149,9 +164,11 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
     ) -> Result<Response<proto::ReorderPaymentMethodsResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let ids = request.into_inner().payment_method_ids;
+        let mut violations = Violations::new();
         for (index, id) in ids.iter().enumerate() {
-            checked_id(&format!("payment_method_ids[{index}]"), id)?;
+            violations.check(checked_id(&format!("payment_method_ids[{index}]"), id));
         }
+        violations.finish()?;
         let methods = self.methods.reorder(&caller, &account_id, ids).await?;
         Ok(Response::new(proto::ReorderPaymentMethodsResponse {
             payment_methods: methods.iter().map(method_to_proto).collect(),
@@ -176,15 +193,26 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
     ) -> Result<Response<proto::AddFundsResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
+        let mut violations = Violations::new();
+        let payment_method_id = violations.check(
+            Some(message.payment_method_id)
+                .filter(|id| !id.is_empty())
+                .map(|id| checked_id("payment_method_id", &id))
+                .transpose(),
+        );
+        let idempotency_key = violations.check(IdempotencyKey::parse(&message.idempotency_key));
+        violations.check(amount_shape(&message.amount, true));
+        let (Some(payment_method_id), Some(idempotency_key)) = (payment_method_id, idempotency_key)
+        else {
+            return Err(violations.into_error().into());
+        };
+        violations.finish()?;
         let funds = FundsRequest {
             account_id,
             trigger: Trigger::Manual,
             amount: message.amount,
-            payment_method_id: Some(message.payment_method_id)
-                .filter(|id| !id.is_empty())
-                .map(|id| checked_id("payment_method_id", &id))
-                .transpose()?,
-            idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
+            payment_method_id,
+            idempotency_key,
         };
         let result = self.top_ups.add_funds(&caller, funds).await?;
         Ok(Response::new(proto::AddFundsResponse {
@@ -200,15 +228,22 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
     ) -> Result<Response<proto::RetryPaymentMethodResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
+        let mut violations = Violations::new();
+        let payment_method_id =
+            violations.check(required_id("payment_method_id", &message.payment_method_id));
+        let idempotency_key = violations.check(IdempotencyKey::parse(&message.idempotency_key));
+        violations.check(amount_shape(&message.amount, false));
+        let (Some(payment_method_id), Some(idempotency_key)) = (payment_method_id, idempotency_key)
+        else {
+            return Err(violations.into_error().into());
+        };
+        violations.finish()?;
         let funds = FundsRequest {
             account_id,
             trigger: Trigger::Retry,
             amount: message.amount,
-            payment_method_id: Some(required_id(
-                "payment_method_id",
-                &message.payment_method_id,
-            )?),
-            idempotency_key: IdempotencyKey::parse(&message.idempotency_key)?,
+            payment_method_id: Some(payment_method_id),
+            idempotency_key,
         };
         let result = self.top_ups.add_funds(&caller, funds).await?;
         Ok(Response::new(proto::RetryPaymentMethodResponse {
@@ -223,8 +258,12 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
     ) -> Result<Response<proto::ConfirmTopUpResponse>, Status> {
         let (caller, account_id) = authorize_account_id(&request, &request.get_ref().account_id)?;
         let message = request.into_inner();
-        let top_up_id = required_id("top_up_id", &message.top_up_id)?;
-        let authenticated = authentication_result(message.authentication_result)?;
+        let mut violations = Violations::new();
+        let top_up_id = violations.check(required_id("top_up_id", &message.top_up_id));
+        let authenticated = violations.check(authentication_result(message.authentication_result));
+        let (Some(top_up_id), Some(authenticated)) = (top_up_id, authenticated) else {
+            return Err(violations.into_error().into());
+        };
         let result = self
             .top_ups
             .confirm_top_up(&caller, &account_id, &top_up_id, authenticated)
@@ -234,6 +273,20 @@ impl payment_methods_server::PaymentMethods for PaymentMethodsApi {
             top_up: Some(top_up_to_proto(&result.top_up)),
         }))
     }
+}
+
+/// The shape of a charge amount (a positive decimal), checked with the
+/// other fields; its scale is the account currency's, checked with the
+/// account. Empty is allowed where the amount has a default.
+fn amount_shape(text: &str, required: bool) -> Result<(), BillingError> {
+    if text.is_empty() && !required {
+        return Ok(());
+    }
+    // Decimal's own limit: the currency's (smaller) scale is checked later.
+    const ANY_SCALE: u32 = 28;
+    crate::money::parse_positive_amount(text, ANY_SCALE)
+        .map(|_| ())
+        .map_err(|e| BillingError::invalid("amount", e.to_string()))
 }
 
 fn authentication_result(value: i32) -> Result<bool, BillingError> {

@@ -104,7 +104,7 @@ async fn authenticate(
 ) -> Result<(Caller, std::time::SystemTime), Status> {
     let header = headers
         .get(http::header::AUTHORIZATION)
-        .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
+        .ok_or_else(|| unauthenticated("missing authorization: Bearer <token>"))?;
     let token = header
         .to_str()
         .ok()
@@ -115,23 +115,29 @@ async fn authenticate(
         })
         .map(str::trim)
         .filter(|token| !token.is_empty())
-        .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?;
+        .ok_or_else(|| unauthenticated("authorization must be \"Bearer <token>\""))?;
     let (caller, valid_until) = keys
         .authenticate(token)
         .await
         .map_err(|error| match error {
-            BillingError::Unauthenticated(message) => Status::unauthenticated(message),
-            _ => Status::unauthenticated("invalid bearer token"),
+            BillingError::Unauthenticated(message) => unauthenticated(&message),
+            _ => unauthenticated("invalid bearer token"),
         })?;
     if !caller.may(access) {
-        return Err(Status::permission_denied(format!(
+        return Err(BillingError::PermissionDenied(format!(
             "the caller's roles ({}) do not allow this call",
             if caller.roles.is_empty() {
                 "none".to_owned()
             } else {
                 caller.roles_label()
             }
-        )));
+        ))
+        .into());
     }
     Ok((caller, valid_until))
+}
+
+/// UNAUTHENTICATED with its `ErrorInfo` (`BEARER_TOKEN_INVALID`).
+fn unauthenticated(message: &str) -> Status {
+    BillingError::Unauthenticated(message.to_owned()).into()
 }

@@ -132,6 +132,48 @@ mod tests {
         assert!(!grants(Role::Viewer, Access::Service));
     }
 
+    /// The roles each RPC's comment in `proto/` names are the ones this table grants.
+    #[test]
+    fn every_rpc_documents_in_the_proto_the_roles_this_table_grants() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/proto/billing/v1");
+        let protos: String = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
+            .collect();
+        for (method, access) in TABLE {
+            let (service, rpc) = method[1..].split_once('/').unwrap();
+            let service = service.trim_start_matches("billing.v1.");
+            let start = protos
+                .find(&format!("service {service} {{"))
+                .unwrap_or_else(|| panic!("no service {service}"));
+            let body = &protos[start..];
+            let at = body
+                .find(&format!("rpc {rpc}("))
+                .unwrap_or_else(|| panic!("no rpc {method}"));
+            // The comment right above the rpc, as one line.
+            let comment: Vec<&str> = body[..at]
+                .lines()
+                .rev()
+                .skip(1)
+                .map(str::trim)
+                .take_while(|line| line.starts_with("//"))
+                .map(|line| line.trim_start_matches('/').trim())
+                .collect();
+            let comment: Vec<&str> = comment.into_iter().rev().collect();
+            let comment = comment.join(" ");
+            let roles = match access {
+                Access::Read => "Roles: admin, commercial, billing, viewer (own account), service",
+                Access::Manage => "Roles: admin, commercial, billing (own account).",
+                Access::Service => "Roles: service.",
+                Access::Audit => "Roles: admin (own account), service.",
+            };
+            assert!(
+                comment.contains(roles),
+                "{method} ({access:?}) should say {roles:?}: {comment}"
+            );
+        }
+    }
+
     #[test]
     fn only_admins_and_services_read_the_audit_trail() {
         assert_eq!(

@@ -6,7 +6,7 @@ use sqlx::{PgPool, Row, postgres::PgRow};
 use super::{Account, currency_from_column, idempotency};
 use crate::audit;
 use crate::auth::Caller;
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason};
 use crate::ids::{AccountId, IdempotencyKey};
 use crate::money::Currency;
 
@@ -89,10 +89,13 @@ pub async fn create_account(
         if new.matches(&existing) {
             return Ok(existing);
         }
-        return Err(BillingError::AlreadyExists(format!(
-            "account {} already exists with different settings",
-            new.account_id
-        )));
+        return Err(BillingError::already_exists(
+            Reason::AccountExists,
+            format!(
+                "account {} already exists with different settings",
+                new.account_id
+            ),
+        ));
     };
 
     let account = account_from_row(&row)?;

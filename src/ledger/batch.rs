@@ -47,6 +47,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
+use opentelemetry::trace::SpanContext;
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot};
@@ -56,8 +57,9 @@ use super::accounts::account_from_row;
 use super::postings::BALANCE_LIMIT;
 use super::{Account, EntryKind, LedgerEntry, Posting, PostingResult, idempotency};
 use crate::auth::Caller;
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason};
 use crate::events::CommitSignal;
+use crate::telemetry::links::{self, Cause};
 
 type Reply = oneshot::Sender<Result<PostingResult, BillingError>>;
 
@@ -92,6 +94,9 @@ pub(super) struct Waiting {
     pub(super) posting: Posting,
     pub(super) fingerprint: String,
     reply: Reply,
+    /// The span of the call that queued it (the Debit RPC), when traced:
+    /// the cause a crossing it makes is linked to.
+    span: Option<SpanContext>,
 }
 
 impl Waiting {
@@ -175,6 +180,7 @@ impl DebitBatcher {
             fingerprint: posting.fingerprint(),
             posting,
             reply,
+            span: links::current(),
         };
         let lead = {
             let mut queue = self.lock_queue();
@@ -239,7 +245,10 @@ impl DebitBatcher {
                         self.commits.committed();
                     }
                     if let Some(crossings) = &self.crossings {
-                        for account_id in done.crossed {
+                        for (account_id, span) in done.crossed {
+                            if let Some(span) = span {
+                                links::remember_span(Cause::Crossing(account_id.clone()), span);
+                            }
                             let _ = crossings.try_send(account_id);
                         }
                     }
@@ -257,8 +266,9 @@ impl DebitBatcher {
                     return batch
                         .iter()
                         .map(|_| {
-                            Err(BillingError::Unavailable(
-                                "a concurrent change conflicted; retry".into(),
+                            Err(BillingError::unavailable(
+                                Reason::ConcurrentChange,
+                                "a concurrent change conflicted; retry",
                             ))
                         })
                         .collect();
@@ -303,10 +313,14 @@ fn take(queue: &mut Queue, settings: &BatchSettings) -> Vec<Waiting> {
 fn copy_error(error: &BillingError) -> BillingError {
     match error {
         BillingError::NotFound(what) => BillingError::NotFound(what),
-        BillingError::Unavailable(message) => BillingError::Unavailable(message.clone()),
-        BillingError::FailedPrecondition(message) => {
-            BillingError::FailedPrecondition(message.clone())
+        BillingError::Unavailable { reason, message } => {
+            BillingError::unavailable(*reason, message)
         }
+        BillingError::FailedPrecondition {
+            reason,
+            subject,
+            message,
+        } => BillingError::precondition(*reason, subject, message),
         other => BillingError::Unexpected(anyhow::anyhow!("{other:#}")),
     }
 }
@@ -342,8 +356,9 @@ type BatchResults = Vec<Result<PostingResult, BillingError>>;
 struct Done {
     results: BatchResults,
     committed: bool,
-    /// Accounts taken below their auto-refill threshold.
-    crossed: Vec<String>,
+    /// Accounts taken below their auto-refill threshold, each with the
+    /// span of the batch's last debit of it, when traced.
+    crossed: Vec<(String, Option<SpanContext>)>,
 }
 
 enum Applied {
@@ -527,8 +542,12 @@ async fn apply_in(
             let before = locked.get(&outcome.account_id)?;
             let threshold = before.refill_threshold?;
             let after = outcome.balance + before.account.credit_limit;
+            let span = outcome
+                .accepted
+                .last()
+                .and_then(|accepted| batch[accepted.index].span.clone());
             (before.account.total_balance() >= threshold && after < threshold)
-                .then(|| outcome.account_id.clone())
+                .then(|| (outcome.account_id.clone(), span))
         })
         .collect();
     for outcome in outcomes {
@@ -637,8 +656,9 @@ fn decide_account(
         // A caller cut off (timeout, disconnect) while the batch waited for
         // the lock withdraws its debit, as a rolled-back transaction would.
         if waiting.reply.is_closed() {
-            results[index] = Some(Err(BillingError::Unavailable(
-                "the request was cancelled".into(),
+            results[index] = Some(Err(BillingError::unavailable(
+                Reason::RequestCancelled,
+                "the request was cancelled",
             )));
             continue;
         }
@@ -734,8 +754,9 @@ fn parse_stored_keys(
 }
 
 fn reused_key() -> BillingError {
-    BillingError::AlreadyExists(
-        "idempotency_key was already used for a different request on this account".into(),
+    BillingError::already_exists(
+        Reason::IdempotencyKeyReused,
+        "idempotency_key was already used for a different request on this account",
     )
 }
 
@@ -748,15 +769,21 @@ fn next_balance(
     let new_balance = balance + posting.signed_amount();
     let total_before = balance + account.credit_limit;
     if !posting.allow_overdraft && new_balance + account.credit_limit < Decimal::ZERO {
-        return Err(BillingError::FailedPrecondition(format!(
-            "insufficient funds: total_balance is {}, the debit is {}",
-            account.currency.display(total_before),
-            account.currency.display(posting.amount)
-        )));
+        return Err(BillingError::precondition(
+            Reason::InsufficientFunds,
+            format!("accounts/{}", account.account_id),
+            format!(
+                "insufficient funds: total_balance is {}, the debit is {}",
+                account.currency.display(total_before),
+                account.currency.display(posting.amount)
+            ),
+        ));
     }
     if new_balance.abs() >= Decimal::from(BALANCE_LIMIT) {
-        return Err(BillingError::FailedPrecondition(
-            "the balance would exceed the largest allowed".into(),
+        return Err(BillingError::precondition(
+            Reason::BalanceLimitExceeded,
+            format!("accounts/{}", account.account_id),
+            "the balance would exceed the largest allowed",
         ));
     }
     Ok(new_balance)
@@ -820,6 +847,7 @@ mod tests {
             },
             fingerprint: String::new(),
             reply,
+            span: None,
         }
     }
 

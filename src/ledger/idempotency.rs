@@ -6,7 +6,7 @@
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason};
 
 /// A stable fingerprint of an operation's meaningful fields.
 pub fn request_fingerprint(operation: &str, fields: &[&str]) -> String {
@@ -42,8 +42,9 @@ pub(crate) async fn previous_response(
         {
             Ok(Some(response))
         }
-        Some(_) => Err(BillingError::AlreadyExists(
-            "idempotency_key was already used for a different request on this account".into(),
+        Some(_) => Err(BillingError::already_exists(
+            Reason::IdempotencyKeyReused,
+            "idempotency_key was already used for a different request on this account",
         )),
     }
 }

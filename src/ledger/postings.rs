@@ -11,7 +11,7 @@ use super::accounts::{LOCK_ACCOUNT_SQL, account_from_row};
 use super::{EntryKind, LedgerEntry, idempotency};
 use crate::audit;
 use crate::auth::Caller;
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason};
 use crate::ids::{AccountId, IdempotencyKey};
 
 /// The largest absolute balance the `NUMERIC(24, 6)` columns hold, with margin.
@@ -123,15 +123,21 @@ pub async fn post_in_transaction(
     let new_balance = account.balance + signed_amount;
     let new_total_balance = new_balance + account.credit_limit;
     if posting.kind.is_debit() && !posting.allow_overdraft && new_total_balance < Decimal::ZERO {
-        return Err(BillingError::FailedPrecondition(format!(
-            "insufficient funds: total_balance is {}, the debit is {}",
-            account.currency.display(account.total_balance()),
-            account.currency.display(posting.amount)
-        )));
+        return Err(BillingError::precondition(
+            Reason::InsufficientFunds,
+            format!("accounts/{}", account.account_id),
+            format!(
+                "insufficient funds: total_balance is {}, the debit is {}",
+                account.currency.display(account.total_balance()),
+                account.currency.display(posting.amount)
+            ),
+        ));
     }
     if new_balance.abs() >= Decimal::from(BALANCE_LIMIT) {
-        return Err(BillingError::FailedPrecondition(
-            "the balance would exceed the largest allowed".into(),
+        return Err(BillingError::precondition(
+            Reason::BalanceLimitExceeded,
+            format!("accounts/{}", account.account_id),
+            "the balance would exceed the largest allowed",
         ));
     }
 

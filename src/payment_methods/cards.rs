@@ -13,7 +13,7 @@ use super::store::{self, NewMethod};
 use super::{BillingAddress, MethodStatus, PaymentMethod, PaymentMethods, gateway_error};
 use crate::audit;
 use crate::auth::Caller;
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason};
 use crate::gateway::{CardSource, GatewayError, Outcome};
 use crate::ids::{AccountId, IdempotencyKey};
 use crate::ledger::{forget_response, previous_response, remember_response, request_fingerprint};
@@ -165,9 +165,9 @@ impl PaymentMethods {
             ),
             Outcome::Declined { code, .. } => (MethodStatus::Failed, code, None),
             Outcome::Unknown => {
-                return Err(BillingError::Unavailable(
-                    "the payment gateway did not answer; retry with the same idempotency_key"
-                        .into(),
+                return Err(BillingError::unavailable(
+                    Reason::GatewayUnavailable,
+                    "the payment gateway did not answer; retry with the same idempotency_key",
                 ));
             }
         };
@@ -199,9 +199,10 @@ impl PaymentMethods {
             .await?;
             transaction.commit().await?;
             self.detach_quietly(account, &setup.card.token).await;
-            return Err(BillingError::AlreadyExists(format!(
-                "this card is already saved on the account as {existing}"
-            )));
+            return Err(BillingError::already_exists(
+                Reason::CardAlreadySaved,
+                format!("this card is already saved on the account as {existing}"),
+            ));
         }
         // The first card to become ACTIVE on an account with no other ACTIVE
         // card is auto-charged (a card waiting for 3-D Secure decides when confirmed).
@@ -374,8 +375,9 @@ impl PaymentMethods {
             }
             Outcome::Declined { code, .. } => (MethodStatus::Failed, false, code),
             Outcome::RequiresAction { .. } | Outcome::Unknown => {
-                return Err(BillingError::Unavailable(
-                    "the payment gateway did not complete the authentication; retry".into(),
+                return Err(BillingError::unavailable(
+                    Reason::GatewayUnavailable,
+                    "the payment gateway did not complete the authentication; retry",
                 ));
             }
         };
@@ -424,8 +426,10 @@ impl PaymentMethods {
         store::lock_account(&mut transaction, account_id).await?;
         let method = store::find_live(&mut transaction, account_id, payment_method_id).await?;
         if enabled && method.status == MethodStatus::Failed {
-            return Err(BillingError::FailedPrecondition(
-                "a payment method whose set-up failed cannot be charged; add the card again".into(),
+            return Err(BillingError::precondition(
+                Reason::PaymentMethodNotActive,
+                format!("payment_methods/{payment_method_id}"),
+                "a payment method whose set-up failed cannot be charged; add the card again",
             ));
         }
         store::update_state(
@@ -545,8 +549,9 @@ impl PaymentMethods {
             }
             Err(error) => {
                 tracing::warn!(account_id = %account_id, payment_method_id, %error, "card removed, but the gateway did not detach it");
-                return Err(BillingError::Unavailable(
-                    "the card is removed, but the payment gateway did not confirm the detach; retry RemovePaymentMethod".into(),
+                return Err(BillingError::unavailable(
+                    Reason::GatewayUnavailable,
+                    "the card is removed, but the payment gateway did not confirm the detach; retry RemovePaymentMethod",
                 ));
             }
         }
@@ -577,9 +582,13 @@ fn settled_confirmation(
     match (method.status, authenticated) {
         (MethodStatus::PendingAuthentication, _) => Ok(None),
         (MethodStatus::Active, true) | (MethodStatus::Failed, false) => Ok(Some(method.clone())),
-        _ => Err(BillingError::FailedPrecondition(format!(
-            "the payment method is {}, not waiting for authentication",
-            method.status.as_str()
-        ))),
+        _ => Err(BillingError::precondition(
+            Reason::NotAwaitingAuthentication,
+            format!("payment_methods/{}", method.payment_method_id),
+            format!(
+                "the payment method is {}, not waiting for authentication",
+                method.status.as_str()
+            ),
+        )),
     }
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason};
 use crate::gateway::{GatewayError, PaymentGateway};
 use crate::topup::PendingChallenge;
 
@@ -76,24 +76,40 @@ pub struct BillingAddress {
 }
 
 impl BillingAddress {
-    /// Checks every line (bounded, no control characters) and the country code.
+    /// Checks every line (bounded, no control characters) and the country
+    /// code; the error names every bad one.
     pub fn parse(address: BillingAddress) -> Result<BillingAddress, BillingError> {
         use crate::ids::parse_text;
+        let mut violations = crate::error::Violations::new();
         let country = address.country;
         if !country.is_empty()
             && (country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()))
         {
-            return Err(BillingError::invalid(
+            violations.add(
                 "billing_address.country",
                 "must be an ISO 3166-1 alpha-2 code such as \"US\"",
-            ));
+            );
         }
+        let mut line = |field: &str, text: &str, max_chars: usize| {
+            violations.check(parse_text(field, text, max_chars))
+        };
+        let parsed = (
+            line("billing_address.line1", &address.line1, 200),
+            line("billing_address.line2", &address.line2, 200),
+            line("billing_address.city", &address.city, 100),
+            line("billing_address.postal_code", &address.postal_code, 20),
+            line("billing_address.state", &address.state, 100),
+        );
+        let (Some(line1), Some(line2), Some(city), Some(postal_code), Some(state)) = parsed else {
+            return Err(violations.into_error());
+        };
+        violations.finish()?;
         Ok(BillingAddress {
-            line1: parse_text("billing_address.line1", &address.line1, 200)?,
-            line2: parse_text("billing_address.line2", &address.line2, 200)?,
-            city: parse_text("billing_address.city", &address.city, 100)?,
-            postal_code: parse_text("billing_address.postal_code", &address.postal_code, 20)?,
-            state: parse_text("billing_address.state", &address.state, 100)?,
+            line1,
+            line2,
+            city,
+            postal_code,
+            state,
             country,
         })
     }
@@ -141,12 +157,17 @@ fn gateway_error(field: &str, error: GatewayError) -> BillingError {
         GatewayError::UnknownToken => {
             BillingError::invalid(field, "is not a card token the payment gateway knows")
         }
-        GatewayError::Rejected(reason) => BillingError::FailedPrecondition(format!(
-            "the payment gateway refused the request: {reason}"
-        )),
+        GatewayError::Rejected(reason) => BillingError::precondition(
+            Reason::GatewayRejected,
+            "",
+            format!("the payment gateway refused the request: {reason}"),
+        ),
         GatewayError::Unexpected(cause) => {
             tracing::error!(error = ?cause, "payment gateway failed");
-            BillingError::Unavailable("the payment gateway is unavailable; retry later".into())
+            BillingError::unavailable(
+                Reason::GatewayUnavailable,
+                "the payment gateway is unavailable; retry later",
+            )
         }
     }
 }

@@ -4,7 +4,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 
 use super::{BillingAddress, MethodStatus, PaymentMethod};
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason};
 use crate::ids::AccountId;
 use crate::ledger::currency_from_column;
 use crate::money::Currency;
@@ -141,8 +141,10 @@ pub(super) async fn find_live(
 ) -> Result<PaymentMethod, BillingError> {
     let method = find(connection, account_id, payment_method_id).await?;
     if method.status == MethodStatus::Removed {
-        return Err(BillingError::FailedPrecondition(
-            "the payment method was removed; add the card again".into(),
+        return Err(BillingError::precondition(
+            Reason::PaymentMethodRemoved,
+            format!("payment_methods/{payment_method_id}"),
+            "the payment method was removed; add the card again",
         ));
     }
     Ok(method)

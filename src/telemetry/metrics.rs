@@ -1,11 +1,23 @@
-//! Prometheus metrics: one process-wide registry and the plain functions the
-//! domain calls (`metrics::debit_posted()`, …). Labels are bounded: RPC
-//! methods from the permission table, gRPC code names, top-up statuses,
-//! gateway decline codes, notification kinds — never account ids, amounts
-//! or card data. Gauges of database state (outbox depth, subscriber lag)
-//! are refreshed in the background ([`refresh_database_gauges`]) so a scrape
-//! never waits on the database; pool use is read at scrape time. The
-//! standard `process_*` metrics (CPU, memory, open files) come along.
+//! Prometheus metrics: the process-wide registries and the plain functions
+//! the domain calls (`metrics::debit_posted()`, …).
+//!
+//! RPCs are counted under the names of the gRPC ecosystem's Prometheus
+//! middleware (go-grpc-prometheus, grpc-ecosystem/go-grpc-middleware), so
+//! the usual gRPC dashboards and alerts work unchanged:
+//! `grpc_server_started_total`, `grpc_server_handled_total` (with
+//! `grpc_code`) and the histogram `grpc_server_handling_seconds`, labelled
+//! `grpc_type` (unary, server_stream, bidi_stream), `grpc_service`
+//! (`billing.v1.Balances`) and `grpc_method` (`Debit`); codes are named as
+//! gRPC names them (`OK`, `InvalidArgument`, `Canceled`, …). Everything
+//! else is the service's own, prefixed `billing_`.
+//!
+//! Labels are bounded: RPCs from the permission table (others are
+//! `unknown`), gRPC codes, top-up statuses, gateway operations and decline
+//! codes, notification kinds — never account ids, amounts or card data.
+//! Gauges of database state (outbox depth, subscriber lag) are refreshed in
+//! the background ([`refresh_database_gauges`]) so a scrape never waits on
+//! the database; pool use is read at scrape time. The standard `process_*`
+//! metrics (CPU, memory, open files) come along.
 
 use std::sync::LazyLock;
 
@@ -16,8 +28,12 @@ use prometheus::{
 
 struct Metrics {
     registry: Registry,
-    rpc_requests: IntCounterVec,
-    rpc_duration: HistogramVec,
+    /// The `grpc_server_*` metrics, under their standard (unprefixed) names.
+    grpc_registry: Registry,
+    grpc_started: IntCounterVec,
+    grpc_handled: IntCounterVec,
+    grpc_handling: HistogramVec,
+    gateway_calls: HistogramVec,
     debits: IntCounter,
     top_ups: IntCounterVec,
     declines: IntCounterVec,
@@ -54,20 +70,49 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         registry.register(Box::new(metric.clone())).expect("unique");
         metric
     };
-    let rpc_duration = HistogramVec::new(
+    let grpc_registry = Registry::new();
+    let grpc_counter = |name: &str, help: &str, labels: &[&str]| {
+        let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("counter");
+        grpc_registry
+            .register(Box::new(metric.clone()))
+            .expect("unique");
+        metric
+    };
+    let grpc_started = grpc_counter(
+        "grpc_server_started_total",
+        "Total number of RPCs started on the server.",
+        &["grpc_type", "grpc_service", "grpc_method"],
+    );
+    let grpc_handled = grpc_counter(
+        "grpc_server_handled_total",
+        "Total number of RPCs completed on the server, regardless of success or failure.",
+        &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+    );
+    let grpc_handling = HistogramVec::new(
         HistogramOpts::new(
-            "rpc_duration_seconds",
-            "Latency of RPCs, to the response headers",
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
         ),
-        &["method", "code"],
+        &["grpc_type", "grpc_service", "grpc_method"],
+    )
+    .expect("histogram");
+    grpc_registry
+        .register(Box::new(grpc_handling.clone()))
+        .expect("unique");
+    let gateway_calls = HistogramVec::new(
+        HistogramOpts::new(
+            "gateway_request_duration_seconds",
+            "Latency of every payment gateway call, by operation and result",
+        ),
+        &["operation", "result"],
     )
     .expect("histogram");
     registry
-        .register(Box::new(rpc_duration.clone()))
+        .register(Box::new(gateway_calls.clone()))
         .expect("unique");
     let charge_duration = Histogram::with_opts(HistogramOpts::new(
         "gateway_charge_duration_seconds",
-        "Latency of payment gateway charges",
+        "Latency of payment gateway charges (charge and confirm_charge)",
     ))
     .expect("histogram");
     registry
@@ -95,12 +140,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         IntCounter::new("debits_total", "Usage debits posted to the ledger").expect("counter");
     registry.register(Box::new(debits.clone())).expect("unique");
     Metrics {
-        rpc_requests: counter(
-            "rpc_requests_total",
-            "RPCs answered, by method and gRPC code",
-            &["method", "code"],
-        ),
-        rpc_duration,
+        grpc_registry,
+        grpc_started,
+        grpc_handled,
+        grpc_handling,
+        gateway_calls,
         debits,
         top_ups: counter(
             "top_ups_total",
@@ -174,17 +218,66 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
 });
 
-/// An RPC answered with `code` (a `tonic::Code` name) after `seconds`.
-pub fn rpc_finished(method: &str, code: &str, seconds: f64) {
+/// The labels of one RPC in the `grpc_server_*` metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RpcLabels {
+    /// `unary`, `server_stream` or `bidi_stream`.
+    pub grpc_type: &'static str,
+    /// `billing.v1.Balances`; `unknown` for a path outside the known RPCs.
+    pub grpc_service: &'static str,
+    /// `Debit`; `unknown` likewise.
+    pub grpc_method: &'static str,
+}
+
+/// An RPC began.
+pub fn rpc_started(rpc: RpcLabels) {
+    METRICS
+        .grpc_started
+        .with_label_values(&[rpc.grpc_type, rpc.grpc_service, rpc.grpc_method])
+        .inc();
+}
+
+/// An RPC answered with `code` after `seconds` (to its response headers).
+pub fn rpc_handled(rpc: RpcLabels, code: tonic::Code, seconds: f64) {
     let metrics = &*METRICS;
     metrics
-        .rpc_requests
-        .with_label_values(&[method, code])
+        .grpc_handled
+        .with_label_values(&[
+            rpc.grpc_type,
+            rpc.grpc_service,
+            rpc.grpc_method,
+            grpc_code_name(code),
+        ])
         .inc();
     metrics
-        .rpc_duration
-        .with_label_values(&[method, code])
+        .grpc_handling
+        .with_label_values(&[rpc.grpc_type, rpc.grpc_service, rpc.grpc_method])
         .observe(seconds);
+}
+
+/// A gRPC code as gRPC itself names it (`codes.Code.String()` in grpc-go),
+/// the `grpc_code` label dashboards filter on.
+pub fn grpc_code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
 }
 
 /// A usage debit written to the ledger (idempotent replays do not count).
@@ -210,9 +303,19 @@ pub fn card_declined(code: &str) {
     METRICS.declines.with_label_values(&[code]).inc();
 }
 
-/// A gateway charge took `seconds` (whatever its outcome).
-pub fn gateway_charge_observed(seconds: f64) {
-    METRICS.charge_duration.observe(seconds);
+/// A payment gateway call (`operation`: setup_card, confirm_setup, charge,
+/// find_charge, confirm_charge, detach) took `seconds` and came to `result`
+/// (succeeded, declined, requires_action, unknown, error). Charges
+/// (charge, confirm_charge) are also in `billing_gateway_charge_duration_seconds`.
+pub fn gateway_call_observed(operation: &'static str, result: &'static str, seconds: f64) {
+    let metrics = &*METRICS;
+    metrics
+        .gateway_calls
+        .with_label_values(&[operation, result])
+        .observe(seconds);
+    if matches!(operation, "charge" | "confirm_charge") {
+        metrics.charge_duration.observe(seconds);
+    }
 }
 
 /// An email of `kind` was sent, scheduled for retry or given up (`outcome`).
@@ -320,6 +423,7 @@ pub fn set_pool_use(size: u32, idle: usize, max: u32) {
 pub fn render() -> String {
     let mut buffer = Vec::new();
     let mut families = METRICS.registry.gather();
+    families.extend(METRICS.grpc_registry.gather());
     families.extend(prometheus::gather());
     if let Err(error) = TextEncoder::new().encode(&families, &mut buffer) {
         tracing::warn!(%error, "encoding metrics failed");

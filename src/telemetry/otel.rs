@@ -54,6 +54,15 @@ pub fn build_provider(endpoint: Option<&str>) -> anyhow::Result<SdkTracerProvide
         .build())
 }
 
+/// A tracer provider that exports nothing and samples nothing, for when no
+/// endpoint is configured: spans still get their trace and span ids (a
+/// caller's `traceparent` is still followed), so log lines carry them.
+pub fn recording_nothing() -> SdkTracerProvider {
+    SdkTracerProvider::builder()
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOff)
+        .build()
+}
+
 /// The `tracing` layer that turns spans into OpenTelemetry spans of `provider`.
 pub fn layer<S>(provider: &SdkTracerProvider) -> OpenTelemetryLayer<S, SdkTracer>
 where

@@ -1,6 +1,15 @@
 //! The outermost layer of every RPC: a span (the OpenTelemetry server span,
-//! child of the caller's W3C `traceparent`), one log line with method, gRPC
-//! code, latency and trace id, and the RPC count and latency metrics.
+//! child of the caller's W3C `traceparent`, with the attributes of the
+//! OpenTelemetry RPC semantic conventions: `rpc.system`, `rpc.service`,
+//! `rpc.method`, `rpc.grpc.status_code`), one log line with method, gRPC
+//! code and latency (its `trace_id` and `span_id` are the span's, as on
+//! every line logged inside it), and the `grpc_server_*` metrics.
+//!
+//! tonic-tracing-opentelemetry (tonic 0.14) makes the same server span, but
+//! with a fixed set of fields (no `account_id`) at TRACE level; this layer
+//! has to time the call and write its log line anyway, so it makes the span
+//! too. No maintained crate exports the `grpc_server_*` Prometheus metrics
+//! for tonic 0.14 (tonic_prometheus_layer is on tonic 0.13).
 //!
 //! The span declares `account_id` empty: the account is in the request
 //! body, so the handlers record it (`api::authorize`).
@@ -15,7 +24,8 @@ use tracing::Instrument;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::{metrics, otel};
+use super::metrics::{self, RpcLabels};
+use super::otel;
 
 #[derive(Clone, Default)]
 pub struct RpcLogLayer;
@@ -35,28 +45,50 @@ pub struct RpcLog<S> {
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
-/// The bounded `method` label: a billing RPC of the permission table, a
-/// health/reflection method, else `other` (unknown paths are not labels).
-fn method_label(path: &str) -> &'static str {
+/// The bounded metric labels of `path`: a billing RPC of the permission
+/// table or a health/reflection method; anything else is `unknown` (unknown
+/// paths are not labels).
+fn rpc_labels(path: &str) -> RpcLabels {
     const INFRASTRUCTURE: [&str; 4] = [
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     ];
-    crate::auth::known_method(path)
-        .or_else(|| INFRASTRUCTURE.iter().copied().find(|known| *known == path))
-        .unwrap_or("other")
+    const STREAMS: [&str; 2] = [
+        "/billing.v1.Balances/WatchBalanceEvents",
+        "/grpc.health.v1.Health/Watch",
+    ];
+    let known = crate::auth::known_method(path)
+        .or_else(|| INFRASTRUCTURE.iter().copied().find(|known| *known == path));
+    let Some((grpc_service, grpc_method)) = known.and_then(|k| k[1..].split_once('/')) else {
+        return RpcLabels {
+            grpc_type: "unary",
+            grpc_service: "unknown",
+            grpc_method: "unknown",
+        };
+    };
+    let grpc_type = if STREAMS.contains(&path) {
+        "server_stream"
+    } else if grpc_service.contains(".ServerReflection") {
+        "bidi_stream"
+    } else {
+        "unary"
+    };
+    RpcLabels {
+        grpc_type,
+        grpc_service,
+        grpc_method,
+    }
 }
 
 /// Records the end of an RPC once: when it answers, or (dropped before
 /// answering: the client went away) as `Cancelled`.
 struct Finish {
-    method: &'static str,
+    rpc: RpcLabels,
     path: String,
     started: Instant,
     span: tracing::Span,
-    trace_id: Option<String>,
     done: bool,
     /// Refused by a per-caller limit (`billing-limit` metadata): logged by
     /// the limit itself, not counted as load shedding.
@@ -69,33 +101,33 @@ impl Finish {
         let elapsed = self.started.elapsed().as_secs_f64();
         let latency_ms = elapsed * 1000.0;
         let code_name = format!("{code:?}");
-        metrics::rpc_finished(self.method, &code_name, elapsed);
+        metrics::rpc_handled(self.rpc, code, elapsed);
         self.span.record("rpc.grpc.status_code", code as i32);
         if is_server_fault(code) {
             self.span.record("otel.status_code", "ERROR");
         }
         let method = self.path.as_str();
-        let trace_id = self.trace_id.as_deref().unwrap_or("");
         // Shed calls are counted, and summarised once per interval: an
         // overload must not turn into a flood of log lines.
         if code == tonic::Code::ResourceExhausted && error.is_none() && !self.limited {
             OVERLOAD.shed(method);
             return;
         }
+        // Inside the span: the line carries its trace_id and span_id.
         self.span.in_scope(|| match error {
             Some(error) => {
-                tracing::error!(target: "billing::rpc", method, code = %code_name, latency_ms, trace_id, %error, "rpc failed")
+                tracing::error!(target: "billing::rpc", method, code = %code_name, latency_ms, %error, "rpc failed")
             }
             None if is_server_fault(code) => {
-                tracing::error!(target: "billing::rpc", method, code = %code_name, latency_ms, trace_id, "rpc")
+                tracing::error!(target: "billing::rpc", method, code = %code_name, latency_ms, "rpc")
             }
             // Health probes and reflection: frequent and uninteresting.
             None if method.starts_with("/grpc.") => {
-                tracing::debug!(target: "billing::rpc", method, code = %code_name, latency_ms, trace_id, "rpc")
+                tracing::debug!(target: "billing::rpc", method, code = %code_name, latency_ms, "rpc")
             }
             // Success and the caller's mistakes (INVALID_ARGUMENT, NOT_FOUND, …).
             None => {
-                tracing::info!(target: "billing::rpc", method, code = %code_name, latency_ms, trace_id, "rpc")
+                tracing::info!(target: "billing::rpc", method, code = %code_name, latency_ms, "rpc")
             }
         });
     }
@@ -191,7 +223,8 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let path = request.uri().path().to_owned();
-        let method = method_label(&path);
+        let labels = rpc_labels(&path);
+        metrics::rpc_started(labels);
         let (service, rpc) = path
             .trim_start_matches('/')
             .split_once('/')
@@ -209,19 +242,15 @@ where
             account_id = Empty,
         );
         let parent = otel::extract_parent(request.headers());
-        let remote_trace_id = otel::trace_id_of(&parent);
-        if remote_trace_id.is_some() {
+        if otel::trace_id_of(&parent).is_some() {
             // Fails only when no OpenTelemetry layer is installed: nothing to parent then.
             let _ = span.set_parent(parent);
         }
-        // The exported span's trace id, or (traces off) the caller's.
-        let trace_id = otel::trace_id_of(&span.context()).or(remote_trace_id);
         let mut finish = Finish {
-            method,
+            rpc: labels,
             path,
             started: Instant::now(),
             span: span.clone(),
-            trace_id,
             done: false,
             limited: false,
         };
@@ -300,16 +329,31 @@ mod tests {
     }
 
     #[test]
-    fn method_labels_are_bounded_to_known_rpcs() {
+    fn rpc_labels_are_bounded_to_known_rpcs_with_their_grpc_type() {
+        let labels = |path| {
+            let rpc = rpc_labels(path);
+            (rpc.grpc_type, rpc.grpc_service, rpc.grpc_method)
+        };
         assert_eq!(
-            method_label("/billing.v1.Balances/Debit"),
-            "/billing.v1.Balances/Debit"
+            labels("/billing.v1.Balances/Debit"),
+            ("unary", "billing.v1.Balances", "Debit")
         );
         assert_eq!(
-            method_label("/grpc.health.v1.Health/Check"),
-            "/grpc.health.v1.Health/Check"
+            labels("/billing.v1.Balances/WatchBalanceEvents"),
+            ("server_stream", "billing.v1.Balances", "WatchBalanceEvents")
         );
-        assert_eq!(method_label("/billing.v1.Balances/acct-123"), "other");
-        assert_eq!(method_label("/anything/else"), "other");
+        assert_eq!(
+            labels("/grpc.health.v1.Health/Check"),
+            ("unary", "grpc.health.v1.Health", "Check")
+        );
+        assert_eq!(
+            labels("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo").0,
+            "bidi_stream"
+        );
+        assert_eq!(
+            labels("/billing.v1.Balances/acct-123"),
+            ("unary", "unknown", "unknown")
+        );
+        assert_eq!(labels("/anything/else"), ("unary", "unknown", "unknown"));
     }
 }

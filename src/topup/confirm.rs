@@ -9,7 +9,7 @@ use super::pipeline::{Answer, Lease, TopUps, lock_account};
 use super::{AttemptOutcome, TopUpStatus, Trigger, gateway_key, store};
 use crate::audit;
 use crate::auth::Caller;
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason};
 use crate::gateway::{GatewayError, Outcome};
 use crate::ids::AccountId;
 
@@ -44,38 +44,37 @@ impl TopUps {
             if challenged_and_settled && top_up.status.is_final() {
                 return self.result(account, top_up_id).await;
             }
-            return Err(BillingError::FailedPrecondition(format!(
-                "the top-up is {}, not waiting for authentication",
-                top_up.status.as_str()
-            )));
+            return Err(not_awaiting_authentication(top_up_id, top_up.status));
         };
         if !matches!(
             top_up.status,
             TopUpStatus::RequiresAction | TopUpStatus::Failed
         ) {
-            return Err(BillingError::FailedPrecondition(format!(
-                "the top-up is {}, not waiting for authentication",
-                top_up.status.as_str()
-            )));
+            return Err(not_awaiting_authentication(top_up_id, top_up.status));
         }
         let number = waiting.attempt_number;
         let key = gateway_key(top_up_id, number);
         let charge = match self.gateway.confirm_charge(&key, authenticated).await {
             Ok(charge) => charge,
             Err(GatewayError::Rejected(reason)) => {
-                return Err(BillingError::FailedPrecondition(format!(
-                    "the payment gateway refused the confirmation: {reason}"
-                )));
+                return Err(BillingError::precondition(
+                    Reason::GatewayRejected,
+                    format!("top_ups/{top_up_id}"),
+                    format!("the payment gateway refused the confirmation: {reason}"),
+                ));
             }
             Err(GatewayError::UnknownToken) => {
-                return Err(BillingError::FailedPrecondition(
-                    "the card of this top-up is no longer known to the payment gateway".into(),
+                return Err(BillingError::precondition(
+                    Reason::CardUnknownToGateway,
+                    format!("top_ups/{top_up_id}"),
+                    "the card of this top-up is no longer known to the payment gateway",
                 ));
             }
             Err(GatewayError::Unexpected(cause)) => {
                 tracing::error!(error = ?cause, "payment gateway failed");
-                return Err(BillingError::Unavailable(
-                    "the payment gateway is unavailable; retry later".into(),
+                return Err(BillingError::unavailable(
+                    Reason::GatewayUnavailable,
+                    "the payment gateway is unavailable; retry later",
                 ));
             }
         };
@@ -186,4 +185,16 @@ impl TopUps {
         }
         Ok(true)
     }
+}
+
+/// ConfirmTopUp of a top-up that is not waiting for 3-D Secure.
+fn not_awaiting_authentication(top_up_id: &str, status: TopUpStatus) -> BillingError {
+    BillingError::precondition(
+        Reason::NotAwaitingAuthentication,
+        format!("top_ups/{top_up_id}"),
+        format!(
+            "the top-up is {}, not waiting for authentication",
+            status.as_str()
+        ),
+    )
 }

@@ -18,6 +18,7 @@ use super::settings::{self, PolicyConfig};
 use crate::error::BillingError;
 use crate::events::BalanceEvent;
 use crate::notifications::{self, Notice};
+use crate::telemetry::links::{self, Cause};
 use crate::telemetry::metrics;
 
 pub struct PolicyDecider {
@@ -34,6 +35,8 @@ impl PolicyDecider {
         connection: &mut PgConnection,
         event: &BalanceEvent,
     ) -> Result<Option<String>, BillingError> {
+        // A root span of its own: linked to the call that wrote the event.
+        links::link_to(&Cause::Transaction(event.transaction_id));
         let settings = settings::load(&mut *connection, &event.account_id, &self.config).await?;
         let after = event.total_balance_after;
         let before = after - event.amount;
@@ -83,6 +86,9 @@ impl PolicyDecider {
                 self.clock.as_ref(),
             )
             .await?;
+            if let Ensured::Started(top_up_id) = &ensured {
+                links::remember(Cause::TopUp(top_up_id.clone()));
+            }
             return Ok(match ensured {
                 Ensured::Started(top_up_id) => Some(top_up_id),
                 _ => None,

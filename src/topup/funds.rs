@@ -12,7 +12,7 @@ use super::pipeline::{Driver, REPLAY_WAIT, TopUps, gate_closed_by};
 use super::{TopUp, Trigger, store};
 use crate::audit;
 use crate::auth::Caller;
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason};
 use crate::ids::{AccountId, IdempotencyKey};
 use crate::ledger::{self, previous_response, remember_response};
 use crate::payment_methods::{self, MethodStatus, PaymentMethod};
@@ -138,37 +138,39 @@ impl TopUps {
                     // Removed ones are named as such; others' are not found.
                     let method =
                         payment_methods::find_method(&mut transaction, account, id).await?;
-                    return Err(BillingError::FailedPrecondition(format!(
-                        "the payment method is {} and cannot be charged; add the card again",
-                        method.status.as_str()
-                    )));
+                    return Err(not_chargeable(&method));
                 }
             },
             None => live.into_iter().find(|m| m.primary).ok_or_else(|| {
-                BillingError::FailedPrecondition(
-                    "the account has no primary payment method: add a card or name payment_method_id".into(),
+                BillingError::precondition(
+                    Reason::NoPrimaryPaymentMethod,
+                    format!("accounts/{account}"),
+                    "the account has no primary payment method: add a card or name payment_method_id",
                 )
             })?,
         };
         match method.status {
             MethodStatus::Active | MethodStatus::TemporarilyDisabled => {}
             MethodStatus::PendingAuthentication => {
-                return Err(BillingError::FailedPrecondition(
-                    "the payment method waits for 3-D Secure authentication (ConfirmCard) and cannot be charged yet".into(),
+                return Err(BillingError::precondition(
+                    Reason::PaymentMethodPendingAuthentication,
+                    format!("payment_methods/{}", method.payment_method_id),
+                    "the payment method waits for 3-D Secure authentication (ConfirmCard) and cannot be charged yet",
                 ));
             }
             MethodStatus::Failed | MethodStatus::Removed => {
-                return Err(BillingError::FailedPrecondition(format!(
-                    "the payment method is {} and cannot be charged; add the card again",
-                    method.status.as_str()
-                )));
+                return Err(not_chargeable(&method));
             }
         }
         if let Some(other) = gate_closed_by(&mut transaction, account, "").await? {
-            return Err(BillingError::FailedPrecondition(format!(
-                "another charge of the account (top-up {other}) has an unknown outcome; \
-                 nothing else is charged until it is reconciled — try again later"
-            )));
+            return Err(BillingError::precondition(
+                Reason::ChargeOutcomeUnknown,
+                format!("top_ups/{other}"),
+                format!(
+                    "another charge of the account (top-up {other}) has an unknown outcome; \
+                     nothing else is charged until it is reconciled — try again later"
+                ),
+            ));
         }
         let top_up = store::insert(
             &mut transaction,
@@ -229,4 +231,21 @@ impl TopUps {
             balance,
         })
     }
+}
+
+/// Why a removed or failed payment method cannot be charged.
+fn not_chargeable(method: &PaymentMethod) -> BillingError {
+    let reason = if method.status == MethodStatus::Removed {
+        Reason::PaymentMethodRemoved
+    } else {
+        Reason::PaymentMethodNotActive
+    };
+    BillingError::precondition(
+        reason,
+        format!("payment_methods/{}", method.payment_method_id),
+        format!(
+            "the payment method is {} and cannot be charged; add the card again",
+            method.status.as_str()
+        ),
+    )
 }

@@ -47,7 +47,8 @@ pub use pipeline::TopUps;
 pub use react::{REACTOR_CHANNEL, StartedTopUp, TopUpReactor};
 pub use runner::run_policy_decisions;
 pub use settings::{
-    LowBalanceSettings, PolicyConfig, SettingsChange, apply_settings, get_settings,
+    LowBalanceSettings, PolicyConfig, SettingsChange, apply_settings, check_refill_amount,
+    get_settings,
 };
 pub use store::{get, list, owner};
 

@@ -18,13 +18,12 @@
 //! gateway by its key, a bounded number of times; then `NEEDS_ATTENTION`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
-use tracing::Instrument;
 use uuid::Uuid;
 
 use super::crossing::{self, Ensured, Observed};
@@ -41,6 +40,7 @@ use crate::ids::AccountId;
 use crate::ledger::{self, EntryKind, Posting};
 use crate::notifications::{self, CardLabel, Notice};
 use crate::payment_methods::{self, MethodStatus, PaymentMethod};
+use crate::telemetry::links::{self, Cause};
 use crate::telemetry::metrics;
 
 /// The top-up capability: the database, the card processor, the clock and
@@ -212,6 +212,7 @@ impl TopUps {
     /// more now (settled, waiting for a round, the customer or a reconciliation).
     #[tracing::instrument(name = "top_up.drive", skip_all, fields(account_id = %lease.account, top_up_id = %lease.top_up_id, driver = ?driver))]
     pub(super) async fn drive(&self, lease: &Lease, driver: Driver) -> Result<(), BillingError> {
+        links::link_to(&Cause::TopUp(lease.top_up_id.clone()));
         loop {
             let next = match self.begin(lease, driver).await? {
                 Begin::Stop => return Ok(()),
@@ -617,18 +618,8 @@ impl TopUps {
             idempotency_key: attempt.key.clone(),
             off_session: attempt.off_session,
         };
-        let started = Instant::now();
-        // The span names the gateway, never the token or the card.
-        let result = self
-            .gateway
-            .charge(request)
-            .instrument(tracing::info_span!(
-                "gateway.charge",
-                gateway = self.gateway.name(),
-                off_session = attempt.off_session
-            ))
-            .await;
-        metrics::gateway_charge_observed(started.elapsed().as_secs_f64());
+        // Timed and traced (`gateway.charge`) by the instrumented gateway.
+        let result = self.gateway.charge(request).await;
         charge_or_unknown(&lease.top_up_id, result)
     }
 
@@ -643,14 +634,7 @@ impl TopUps {
         driver: Driver,
         attempt: Attempt,
     ) -> Result<Next, BillingError> {
-        let found = self
-            .gateway
-            .find_charge(&attempt.key)
-            .instrument(tracing::info_span!(
-                "gateway.find_charge",
-                gateway = self.gateway.name()
-            ))
-            .await;
+        let found = self.gateway.find_charge(&attempt.key).await;
         let now = self.clock.now();
         let charge = match found {
             Ok(Some(charge)) if charge.outcome != Outcome::Unknown => charge,
@@ -860,6 +844,7 @@ impl TopUps {
                 let posted = ledger::post_in_transaction(&mut transaction, &caller, &posting)
                     .await
                     .map_err(SettleError::CreditFailed)?;
+                links::remember(Cause::Transaction(posted.entry.transaction_id));
                 credited = true;
                 if payment_methods::restore_after_success(
                     &mut transaction,

@@ -31,6 +31,7 @@ use tokio::task::JoinSet;
 use super::TopUps;
 use crate::error::BillingError;
 use crate::ids::AccountId;
+use crate::telemetry::links::{self, Cause};
 
 /// Room in each of the reactor's channels; a nudge that finds them full is
 /// dropped (the subscriber and the engine pick its work up).
@@ -102,7 +103,7 @@ impl TopUpReactor {
 
 async fn react(top_ups: &TopUps, reaction: Reaction) -> Result<(), BillingError> {
     let started = match reaction {
-        Reaction::Crossed(account_id) => match top_ups.decide_crossing(&account_id, false).await? {
+        Reaction::Crossed(account_id) => match decide(top_ups, &account_id).await? {
             Some(top_up_id) => StartedTopUp {
                 account_id,
                 top_up_id,
@@ -118,4 +119,17 @@ async fn react(top_ups: &TopUps, reaction: Reaction) -> Result<(), BillingError>
         top_ups.drive_and_release(&lease).await?;
     }
     Ok(())
+}
+
+/// The decision on a crossing: a root span of its own (as the
+/// balance-policy subscriber's), linked to the debit that made the crossing;
+/// the top-up it starts is linked to it in turn.
+#[tracing::instrument(name = "engine.decide", parent = None, skip(top_ups), fields(reactor = true))]
+async fn decide(top_ups: &TopUps, account_id: &str) -> Result<Option<String>, BillingError> {
+    links::link_to(&Cause::Crossing(account_id.to_owned()));
+    let started = top_ups.decide_crossing(account_id, false).await?;
+    if let Some(top_up_id) = &started {
+        links::remember(Cause::TopUp(top_up_id.clone()));
+    }
+    Ok(started)
 }

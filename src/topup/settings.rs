@@ -10,7 +10,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use super::Clock;
 use crate::audit;
 use crate::auth::Caller;
-use crate::error::BillingError;
+use crate::error::{BillingError, Reason};
 use crate::ids::AccountId;
 use crate::ledger;
 use crate::money::Currency;
@@ -149,6 +149,30 @@ pub async fn load(
     })
 }
 
+/// `refill_amount` lies within the refill bounds of `currency`, whenever
+/// auto refill is on or an amount is given (`REFILL_OUT_OF_BOUNDS`).
+pub fn check_refill_amount(
+    auto_refill_enabled: bool,
+    refill_amount: Decimal,
+    currency: Currency,
+    config: &PolicyConfig,
+) -> Result<(), BillingError> {
+    let refill_checked = auto_refill_enabled || !refill_amount.is_zero();
+    let (min_refill, max_refill) = config.refill_bounds.of(currency);
+    if refill_checked && (refill_amount < min_refill || refill_amount > max_refill) {
+        return Err(BillingError::invalid_because(
+            Reason::RefillOutOfBounds,
+            "refill_amount",
+            format!(
+                "must be between {} and {}",
+                currency.display(min_refill),
+                currency.display(max_refill)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Validates and stores the settings; when auto refill is on and the
 /// balance is already below the threshold, starts a top-up at once and
 /// returns its id.
@@ -171,27 +195,21 @@ pub async fn apply_settings(
         return Err(BillingError::NotFound("account"));
     }
     let current = load(&mut transaction, account_id.as_str(), config).await?;
-    let money = |amount: Decimal| current.currency.display(amount);
-    let refill_checked = change.auto_refill_enabled || !change.refill_amount.is_zero();
-    let (min_refill, max_refill) = config.refill_bounds.of(current.currency);
-    if refill_checked && (change.refill_amount < min_refill || change.refill_amount > max_refill) {
-        return Err(BillingError::invalid(
-            "refill_amount",
-            format!(
-                "must be between {} and {}",
-                money(min_refill),
-                money(max_refill)
-            ),
-        ));
-    }
+    check_refill_amount(
+        change.auto_refill_enabled,
+        change.refill_amount,
+        current.currency,
+        config,
+    )?;
     if change.auto_refill_enabled {
         let usable =
             crate::payment_methods::has_active_auto_charge_method(&mut transaction, account_id)
                 .await?;
         if !usable {
-            return Err(BillingError::FailedPrecondition(
-                "auto refill needs an active payment method with auto-charge on; add a card first"
-                    .into(),
+            return Err(BillingError::precondition(
+                Reason::NoAutoChargePaymentMethod,
+                format!("accounts/{account_id}"),
+                "auto refill needs an active payment method with auto-charge on; add a card first",
             ));
         }
     }

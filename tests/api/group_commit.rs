@@ -571,8 +571,8 @@ async fn a_refusal_inside_a_batch_of_many_accounts_refuses_only_that_debit() {
     .await;
     let code = |i: usize| match &answers[i] {
         Ok(_) => "ok",
-        Err(billing::BillingError::FailedPrecondition(_)) => "failed_precondition",
-        Err(billing::BillingError::AlreadyExists(_)) => "already_exists",
+        Err(billing::BillingError::FailedPrecondition { .. }) => "failed_precondition",
+        Err(billing::BillingError::AlreadyExists { .. }) => "already_exists",
         Err(billing::BillingError::NotFound(_)) => "not_found",
         Err(other) => panic!("unexpected {other:?}"),
     };

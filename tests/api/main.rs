@@ -17,6 +17,7 @@ mod model;
 mod notifications;
 mod payment_methods;
 mod permissions;
+mod rich_errors;
 mod stripe;
 mod subscribers;
 mod telemetry;

@@ -1,7 +1,10 @@
-//! Telemetry: `/metrics` counts RPCs and debits; a caller's `traceparent`
-//! becomes the parent of the exported server span (received over real
-//! OTLP/gRPC) and no card data reaches span attributes; the JSON RPC log
-//! line carries method, code, latency and trace id.
+//! Telemetry: `/metrics` counts RPCs under the `grpc_server_*` names of the
+//! gRPC ecosystem, and debits; every gateway charge, the engine's automatic
+//! ones included, is timed; a caller's `traceparent` becomes the parent of
+//! the exported server span (received over real OTLP/gRPC), with a span
+//! per SQL statement (no bound values) and per gateway call, and no card
+//! data in any span; the engine's spans link to the calls that caused them;
+//! the JSON log lines carry trace_id and span_id.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -15,10 +18,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{authed, eventually, spawn_app_with};
-use crate::payment_methods::{add_card_request, card};
+use crate::payment_methods::{add_active_card, add_card_request, card, funds};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_SPAN_ID: &str = "00f067aa0ba902b7";
@@ -68,7 +72,7 @@ fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 #[tokio::test]
-async fn metrics_count_rpcs_by_method_and_code_and_debits() {
+async fn rpc_metrics_use_the_grpc_server_names_by_service_method_and_code_and_debits_are_counted() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let metrics_address = listener.local_addr().unwrap();
     let app = spawn_app_with(ServerSettings {
@@ -77,11 +81,17 @@ async fn metrics_count_rpcs_by_method_and_code_and_debits() {
     })
     .await;
     app.account_with_balance("acme", "10.00").await;
-    let debit_ok = [("method", "/billing.v1.Balances/Debit"), ("code", "Ok")];
-    let refused = [
-        ("method", "/billing.v1.Balances/Debit"),
-        ("code", "FailedPrecondition"),
+    let debit_rpc = [
+        ("grpc_type", "unary"),
+        ("grpc_service", "billing.v1.Balances"),
+        ("grpc_method", "Debit"),
     ];
+    let with_code = |code| {
+        let mut labels = debit_rpc.to_vec();
+        labels.push(("grpc_code", code));
+        labels
+    };
+    let (debit_ok, refused) = (with_code("OK"), with_code("FailedPrecondition"));
     let before = http_get(metrics_address, "/metrics").await;
 
     let token = app.service_token();
@@ -104,15 +114,17 @@ async fn metrics_count_rpcs_by_method_and_code_and_debits() {
 
     let after = http_get(metrics_address, "/metrics").await;
     // Other tests share the process-wide registry: counters only grow.
+    let grew = |name: &str, labels: &[(&str, &str)], by: f64| {
+        sample(&after, name, labels) >= sample(&before, name, labels) + by
+    };
+    assert!(grew("grpc_server_started_total", &debit_rpc, 2.0));
+    assert!(grew("grpc_server_handled_total", &debit_ok, 1.0));
+    assert!(grew("grpc_server_handled_total", &refused, 1.0));
+    assert!(grew("grpc_server_handling_seconds_count", &debit_rpc, 2.0));
     assert!(
-        sample(&after, "billing_rpc_requests_total", &debit_ok)
-            >= sample(&before, "billing_rpc_requests_total", &debit_ok) + 1.0
+        after.contains("# TYPE grpc_server_handling_seconds histogram"),
+        "{after}"
     );
-    assert!(
-        sample(&after, "billing_rpc_requests_total", &refused)
-            >= sample(&before, "billing_rpc_requests_total", &refused) + 1.0
-    );
-    assert!(sample(&after, "billing_rpc_duration_seconds_count", &debit_ok) >= 1.0);
     assert!(
         sample(&after, "billing_debits_total", &[])
             >= sample(&before, "billing_debits_total", &[]) + 1.0
@@ -130,6 +142,63 @@ async fn metrics_count_rpcs_by_method_and_code_and_debits() {
     }
     assert!(!after.contains("acme"), "account ids are never labels");
     app.stop().await;
+}
+
+#[tokio::test]
+async fn every_gateway_charge_is_timed_the_engines_automatic_ones_included() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_address = listener.local_addr().unwrap();
+    let clock = Arc::new(billing::topup::ManualClock::starting_now());
+    let app = spawn_app_with(ServerSettings {
+        metrics_listener: Some(Arc::new(listener)),
+        ..crate::top_ups::engine_settings(clock.clone())
+    })
+    .await;
+    app.account_with_balance("acme", "0").await;
+    let admin = app.token("admin", Some("acme"));
+    let scenario = crate::top_ups::Scenario {
+        app,
+        clock,
+        admin: admin.clone(),
+    };
+    let app = &scenario.app;
+    add_active_card(app, &admin, "acme", crate::payment_methods::VISA).await;
+    let before = http_get(metrics_address, "/metrics").await;
+
+    // A manual charge (Add Funds)…
+    crate::payment_methods::client(app)
+        .add_funds(authed(&admin, funds("40.00", "", "timed-manual")))
+        .await
+        .unwrap();
+    // …and an automatic one: the engine charges when the balance falls below 10.00.
+    crate::top_ups::apply(&scenario, crate::top_ups::settings("10.00", "30.00")).await;
+    crate::top_ups::debit(app, "35.00", "below-threshold").await;
+    eventually("the automatic top-up succeeds", || async {
+        crate::top_ups::top_ups(app, &admin).await.iter().any(|t| {
+            t.trigger == proto::TopUpTrigger::Automatic as i32
+                && t.status == proto::TopUpStatus::Succeeded as i32
+        })
+    })
+    .await;
+
+    let after = http_get(metrics_address, "/metrics").await;
+    let charges = |text: &str| sample(text, "billing_gateway_charge_duration_seconds_count", &[]);
+    assert!(
+        charges(&after) >= charges(&before) + 2.0,
+        "both charges timed: {} then {}",
+        charges(&before),
+        charges(&after)
+    );
+    let by_operation = [("operation", "charge"), ("result", "succeeded")];
+    let calls = |text: &str| {
+        sample(
+            text,
+            "billing_gateway_request_duration_seconds_count",
+            &by_operation,
+        )
+    };
+    assert!(calls(&after) >= calls(&before) + 2.0);
+    scenario.app.stop().await;
 }
 
 /// An OTLP/gRPC trace receiver keeping every span it is sent.
@@ -283,14 +352,7 @@ async fn create_account(channel: &tonic::transport::Channel, token: &str) {
 
 #[tokio::test]
 async fn a_callers_traceparent_parents_the_exported_rpc_span_and_no_card_data_is_exported() {
-    let collector = Collector::default();
-    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let receiver_address = receiver.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(receiver)),
-    );
+    let (collector, receiver_address) = start_collector().await;
     let (pool, database_url) = fresh_database_url().await;
     let server = ServeProcess::start(&database_url, Some(receiver_address));
     let channel = server.connect().await;
@@ -339,6 +401,172 @@ async fn a_callers_traceparent_parents_the_exported_rpc_span_and_no_card_data_is
         !everything.to_lowercase().contains("cvc"),
         "a CVC field in span data"
     );
+
+    // A span per SQL statement, in the caller's trace, with the SQL as
+    // written: placeholders, never the bound values.
+    let statements: Vec<&Span> = spans
+        .iter()
+        .filter(|span| hex(&span.trace_id) == TRACE_ID)
+        .filter(|span| attribute(span, "db.system.name").is_some_and(|v| v.contains("postgresql")))
+        .collect();
+    assert!(
+        statements.len() >= 3,
+        "database spans of AddCard: {names:?}"
+    );
+    assert!(
+        statements
+            .iter()
+            .any(|span| attribute(span, "db.query.text").is_some_and(|v| v.contains("$1"))),
+        "statements keep their placeholders"
+    );
+    for statement in &statements {
+        let text = format!("{statement:?}");
+        assert!(
+            !text.contains("acme"),
+            "a bound value in a database span: {text}"
+        );
+        assert_eq!(statement.kind, SpanKind::Client as i32);
+    }
+    // The gateway call, timed and traced in the same trace.
+    let setup = spans
+        .iter()
+        .find(|span| span.name == "gateway.setup_card")
+        .unwrap_or_else(|| panic!("no gateway.setup_card span among {names:?}"));
+    assert_eq!(hex(&setup.trace_id), TRACE_ID);
+    assert!(attribute(setup, "result").is_some_and(|v| v.contains("succeeded")));
+}
+
+/// An OTLP/gRPC receiver on a free port: the collector and its address.
+async fn start_collector() -> (Collector, SocketAddr) {
+    let collector = Collector::default();
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver_address = receiver.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(receiver)),
+    );
+    (collector, receiver_address)
+}
+
+#[tokio::test]
+async fn engine_spans_link_to_the_call_that_caused_their_work() {
+    let (collector, receiver_address) = start_collector().await;
+    let (_pool, database_url) = fresh_database_url().await;
+    let server = ServeProcess::start(&database_url, Some(receiver_address));
+    let channel = server.connect().await;
+    let keys = crate::helpers::test_keys();
+    let service = keys.mint("test", "service", None, 600).unwrap();
+    let admin = keys.mint("test", "admin", Some("acme"), 600).unwrap();
+    create_account(&channel, &service).await;
+    let balances = proto::balances_client::BalancesClient::new(channel.clone());
+    balances
+        .clone()
+        .credit(authed(
+            &service,
+            proto::CreditRequest {
+                account_id: "acme".into(),
+                amount: "20.00".into(),
+                kind: proto::TransactionKind::Adjustment as i32,
+                idempotency_key: "opening".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    proto::payment_methods_client::PaymentMethodsClient::new(channel.clone())
+        .add_card(authed(
+            &admin,
+            add_card_request("acme", card("4242424242424242"), "linked-card"),
+        ))
+        .await
+        .unwrap();
+    let mut policy = proto::balance_policy_client::BalancePolicyClient::new(channel.clone());
+    policy
+        .apply_low_balance_settings(authed(
+            &admin,
+            proto::ApplyLowBalanceSettingsRequest {
+                account_id: "acme".into(),
+                auto_refill_enabled: true,
+                threshold: "10.00".into(),
+                refill_amount: "30.00".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    // The usage that crosses the threshold, in the caller's trace.
+    balances
+        .clone()
+        .debit(traced(
+            &service,
+            proto::DebitRequest {
+                account_id: "acme".into(),
+                amount: "15.00".into(),
+                idempotency_key: "crossing".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let top_ups = policy
+            .list_top_ups(authed(
+                &admin,
+                proto::ListTopUpsRequest {
+                    account_id: "acme".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .top_ups;
+        if top_ups
+            .first()
+            .is_some_and(|t| t.status == proto::TopUpStatus::Succeeded as i32)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic top-up within 60 s: {top_ups:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+
+    let spans = collector.spans.lock().unwrap().clone();
+    let names: Vec<_> = spans.iter().map(|span| span.name.as_str()).collect();
+    let debit = spans
+        .iter()
+        .find(|span| span.name == "billing.v1.Balances/Debit")
+        .unwrap_or_else(|| panic!("no Debit span among {names:?}"));
+    assert_eq!(hex(&debit.trace_id), TRACE_ID);
+    let linked_to = |span: &Span, target: &Span| {
+        span.links
+            .iter()
+            .any(|link| link.trace_id == target.trace_id && link.span_id == target.span_id)
+    };
+    // The decision on the debit's event: a trace of its own, linked to the debit.
+    let decision = spans
+        .iter()
+        .find(|span| span.name == "engine.decide" && linked_to(span, debit))
+        .unwrap_or_else(|| panic!("no engine.decide span linked to the Debit among {names:?}"));
+    assert_ne!(hex(&decision.trace_id), TRACE_ID);
+    // The engine's charge of the top-up it started, linked to the decision.
+    let drive = spans
+        .iter()
+        .find(|span| span.name == "top_up.drive" && linked_to(span, decision))
+        .unwrap_or_else(|| panic!("no top_up.drive span linked to the decision among {names:?}"));
+    let charge = spans
+        .iter()
+        .find(|span| span.name == "gateway.charge" && span.trace_id == drive.trace_id)
+        .unwrap_or_else(|| panic!("no gateway.charge span in the drive's trace among {names:?}"));
+    assert!(attribute(charge, "off_session").is_some_and(|v| v.contains("true")));
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -346,7 +574,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 #[tokio::test]
-async fn the_json_rpc_log_line_has_method_code_latency_and_trace_id() {
+async fn the_json_rpc_log_line_has_method_code_latency_trace_id_and_span_id() {
     let (_pool, database_url) = fresh_database_url().await;
     let server = ServeProcess::start(&database_url, None);
     let channel = server.connect().await;
@@ -380,5 +608,21 @@ async fn the_json_rpc_log_line_has_method_code_latency_and_trace_id() {
     );
     // Traces are off here: the id is the caller's, so logs and traces still join.
     assert_eq!(line["trace_id"], TRACE_ID);
+    assert!(
+        line["span_id"]
+            .as_str()
+            .is_some_and(|id| id.len() == 16 && id != PARENT_SPAN_ID),
+        "the line's own span: {line}"
+    );
     assert_eq!(line["span"]["account_id"], "acme");
+    // Every line written inside a span carries its ids.
+    for line in text.lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        if line.get("span").is_some() {
+            assert!(
+                line["trace_id"].is_string() && line["span_id"].is_string(),
+                "{line}"
+            );
+        }
+    }
 }

@@ -131,7 +131,7 @@ async fn while_postgres_is_down_readiness_is_not_serving_but_liveness_and_metric
         let metrics = scrape(metrics_address, Duration::from_secs(1)).await;
         assert!(
             metrics.as_ref().is_ok_and(|m| {
-                m.contains("billing_rpc_requests_total") && m.contains("process_cpu_seconds_total")
+                m.contains("grpc_server_handled_total") && m.contains("process_cpu_seconds_total")
             }),
             "/metrics while Postgres is down: {metrics:?}"
         );

@@ -7,4 +7,6 @@ mod embedded_default;
 mod grpcurl;
 mod health;
 mod process;
+mod proto_compatibility;
+mod python_client;
 mod token;
