@@ -103,14 +103,14 @@ log "buf lint (STANDARD and COMMENTS)"
 log "buf breaking (against the merge base with main)"
 ./scripts/buf-breaking.sh
 # Build every test target (and the binary) first; clippy then runs in the
-# background, niced and in its own target directory (a check build shares no
+# background, in its own target directory (a check build shares no
 # artifacts with a test build), while the tests run: they mostly wait on
 # Postgres and timers, so the two overlap instead of adding up.
 log "cargo test --no-run (build)"
 cargo test --locked --no-run
 log "cargo clippy (in the background while the tests run)"
 clippy_log="$(mktemp)"
-(nice -n 10 cargo clippy --all-targets --locked --target-dir target/clippy -- -D warnings >"$clippy_log" 2>&1; echo $? >"$clippy_log.rc") &
+(cargo clippy --all-targets --locked --target-dir target/clippy -- -D warnings >"$clippy_log" 2>&1; echo $? >"$clippy_log.rc") &
 clippy_pid=$!
 trap 'pkill -P "$clippy_pid" 2>/dev/null; kill "$clippy_pid" 2>/dev/null; $have_psql && drop_this_run; true' EXIT
 
