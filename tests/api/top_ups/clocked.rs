@@ -135,12 +135,12 @@ async fn the_daily_count_cap_stops_automatic_top_ups_and_reports_it() {
     assert!(capped.attempts.is_empty(), "nothing was charged");
     assert_eq!(sandbox_charges(&s.app).await, 1);
 
-    // A day later the cap has rolled over.
+    // A day later the cap has rolled over: the stopped crossing resumes on
+    // its own (the account is still below), without racing a new one.
     s.clock.advance(Duration::hours(25));
-    credit(&s.app, "10.00", "c").await;
-    debit(&s.app, "10.00", "d3").await; // 15 -> 5
     wait_for_top_up(&s, TopUpStatus::Succeeded).await;
     assert_eq!(sandbox_charges(&s.app).await, 2);
+    assert_eq!(balance(&s.app).await, "35.00");
     s.app.stop().await;
 }
 
