@@ -80,8 +80,21 @@ drop_this_run() {
   psql "$TEST_DATABASE_URL" -AXtc "SELECT datname FROM pg_database WHERE datname ~ '^billing_(test|cli)_${BILLING_TEST_RUN}_'" 2>/dev/null \
     | drop_databases "WITH (FORCE)"
 }
+# The exit trap must never fail: under `set -e` a failing command inside it
+# (pkill finding nothing, psql unreachable) would replace the script's own
+# exit status with its own.
+clippy_pid=""
+cleanup() {
+  set +e
+  if [[ -n "$clippy_pid" ]]; then
+    pkill -P "$clippy_pid" 2>/dev/null
+    kill "$clippy_pid" 2>/dev/null
+  fi
+  $have_psql && drop_this_run
+  return 0
+}
+trap cleanup EXIT
 if $have_psql; then
-  trap drop_this_run EXIT
   # Day-old leftovers: the time is in the name; older names (a uuid only) go
   # by the age of the database's directory. Never FORCE: in use = kept.
   psql "$TEST_DATABASE_URL" -AXtc "
@@ -112,10 +125,12 @@ log "cargo clippy (in the background while the tests run)"
 clippy_log="$(mktemp)"
 (cargo clippy --all-targets --locked --target-dir target/clippy -- -D warnings >"$clippy_log" 2>&1; echo $? >"$clippy_log.rc") &
 clippy_pid=$!
-trap 'pkill -P "$clippy_pid" 2>/dev/null; kill "$clippy_pid" 2>/dev/null; $have_psql && drop_this_run; true' EXIT
 
 status=0
 log "helm chart: lint and render"
+# The binary `cargo test --no-run` built (a plain `cargo build` would build
+# it again: without the dev-dependencies, features differ).
+export BILLING_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/billing"
 python3 helm/billing/tests/test_chart.py || status=$?
 
 # Every test binary runs even when one fails; the README's walk-through is
@@ -129,6 +144,7 @@ log "README walk-through (scripts/readme-check.sh)"
 
 log "cargo clippy (result)"
 wait "$clippy_pid" || true
+clippy_pid=""
 cat "$clippy_log"
 clippy_status="$(cat "$clippy_log.rc" 2>/dev/null || echo 1)"
 rm -f "$clippy_log" "$clippy_log.rc"

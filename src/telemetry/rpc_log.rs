@@ -24,6 +24,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::limit_log::LimitLog;
 use super::metrics::{self, RpcLabels};
 use super::otel;
 
@@ -110,7 +111,7 @@ impl Finish {
         // Shed calls are counted, and summarised once per interval: an
         // overload must not turn into a flood of log lines.
         if code == tonic::Code::ResourceExhausted && error.is_none() && !self.limited {
-            OVERLOAD.shed(method);
+            OVERLOAD_LOG.refused(&method);
             return;
         }
         // Inside the span: the line carries its trace_id and span_id.
@@ -141,61 +142,12 @@ impl Drop for Finish {
     }
 }
 
-/// How often shed calls are summarised in the log.
-const OVERLOAD_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Counts shed calls; logs the first at once, then one summary line per
-/// [`OVERLOAD_LOG_INTERVAL`] with the count since the last line.
-struct OverloadLog {
-    state: std::sync::Mutex<OverloadState>,
-}
-
-struct OverloadState {
-    since_last_line: u64,
-    total: u64,
-    last_line: Option<Instant>,
-}
-
-static OVERLOAD: OverloadLog = OverloadLog::new();
-
-impl OverloadLog {
-    const fn new() -> Self {
-        OverloadLog {
-            state: std::sync::Mutex::new(OverloadState {
-                since_last_line: 0,
-                total: 0,
-                last_line: None,
-            }),
-        }
-    }
-
-    fn shed(&self, method: &str) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.since_last_line += 1;
-        state.total += 1;
-        let due = state
-            .last_line
-            .is_none_or(|last| last.elapsed() >= OVERLOAD_LOG_INTERVAL);
-        if due {
-            let shed = std::mem::take(&mut state.since_last_line);
-            let interval_secs = state
-                .last_line
-                .map(|last| last.elapsed().as_secs())
-                .unwrap_or(0);
-            state.last_line = Some(Instant::now());
-            let total = state.total;
-            drop(state);
-            tracing::warn!(
-                target: "billing::rpc",
-                shed,
-                interval_secs,
-                total,
-                last_method = method,
-                "overloaded: calls shed with RESOURCE_EXHAUSTED (one summary line per 10 s)"
-            );
-        }
-    }
-}
+/// Shed calls: the first is logged at once, then one summary line per
+/// [`LIMIT_LOG_INTERVAL`](super::limit_log::LIMIT_LOG_INTERVAL) with the
+/// count since the last line, like every other limit; also counted in
+/// `billing_limits_refused_total{limit="overload"}`.
+static OVERLOAD_LOG: LimitLog =
+    LimitLog::new("overload", "overloaded: calls shed with RESOURCE_EXHAUSTED");
 
 /// Codes that mean the server failed (the span is marked as an error);
 /// the caller's mistakes are not the server's errors.
@@ -285,48 +237,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shed_calls_are_logged_as_one_summary_line_per_interval_not_one_line_each() {
-        use std::sync::{Arc, Mutex};
-        use tracing_subscriber::layer::SubscriberExt;
-        #[derive(Clone)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Buffer(Arc::new(Mutex::new(Vec::new())));
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::registry().with(crate::telemetry::log_layer(
-            crate::config::LogFormat::Json,
-            move || writer.clone(),
-        ));
-        let overload = OverloadLog::new();
-        tracing::subscriber::with_default(subscriber, || {
-            for _ in 0..10_000 {
-                overload.shed("/billing.v1.Balances/Debit");
-            }
-            // The interval passes: the next shed call writes the summary of the rest.
-            overload.state.lock().unwrap().last_line = Some(Instant::now() - OVERLOAD_LOG_INTERVAL);
-            overload.shed("/billing.v1.Balances/Debit");
-        });
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect();
-        assert_eq!(lines.len(), 2, "{text}");
-        assert_eq!(lines[0]["shed"], 1);
-        assert_eq!(lines[1]["shed"], 10_000);
-        assert_eq!(lines[1]["total"], 10_001);
-        assert_eq!(lines[1]["level"], "WARN");
-    }
 
     #[test]
     fn rpc_labels_are_bounded_to_known_rpcs_with_their_grpc_type() {

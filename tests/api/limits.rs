@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use billing::proto;
 use billing::server::ServerSettings;
+use billing::telemetry::metrics;
 use tonic::Code;
 
 use crate::helpers::{authed, count_rows, spawn_app_with};
+use crate::telemetry::sample;
 
 /// Holds the account's row lock in an open transaction, so a debit blocks.
 async fn lock_account(
@@ -58,6 +60,12 @@ async fn calls_beyond_the_concurrency_limit_are_shed_not_queued() {
     .await;
     app.account_with_balance("acme", "10.00").await;
     let token = app.service_token();
+    let overload = [("limit", "overload")];
+    let shed_before = sample(
+        &metrics::render(),
+        "billing_limits_refused_total",
+        &overload,
+    );
     let lock = lock_account(&app.pool, "acme").await;
     let mut blocked_client = app.balances();
     let blocked_token = token.clone();
@@ -79,6 +87,16 @@ async fn calls_beyond_the_concurrency_limit_are_shed_not_queued() {
         .await
         .unwrap_err();
     assert_eq!(shed.code(), Code::ResourceExhausted);
+    // Counted like every limit (other tests share the registry: it only grows).
+    let shed_after = sample(
+        &metrics::render(),
+        "billing_limits_refused_total",
+        &overload,
+    );
+    assert!(
+        shed_after >= shed_before + 1.0,
+        "the shed call is counted: {shed_before} -> {shed_after}"
+    );
 
     lock.rollback().await.unwrap();
     let admitted = blocked.await.unwrap();

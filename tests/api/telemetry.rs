@@ -55,7 +55,7 @@ async fn http_get(address: SocketAddr, path: &str) -> String {
 }
 
 /// The value of the sample of `name` whose labels include every `labels` pair (0 when absent).
-fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metrics
         .lines()
         .filter(|line| !line.starts_with('#'))
