@@ -6,6 +6,7 @@
 
 pub mod embedded;
 mod error;
+pub mod nodelay;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -44,6 +45,7 @@ impl Database {
             // No ping before each checkout: a round trip per transaction; a dead
             // connection fails its statement instead and is dropped.
             .test_before_acquire(false)
+            .after_connect(after_connect(&database_options))
             .connect_with(database_options.clone())
             .await
             .map_err(|error| connect_error(&database_options, error))?;
@@ -61,6 +63,29 @@ impl Database {
         if let Some(cluster) = self.private_cluster {
             cluster.stop();
         }
+    }
+}
+
+/// What the pool does with each new connection: `TCP_NODELAY` on TCP
+/// connections (see [`nodelay`]; a unix socket has no Nagle delay).
+#[allow(clippy::type_complexity)]
+pub fn after_connect(
+    options: &PgConnectOptions,
+) -> impl Fn(
+    &mut sqlx::PgConnection,
+    sqlx::pool::PoolConnectionMetadata,
+) -> futures::future::BoxFuture<'_, Result<(), sqlx::Error>>
++ Send
++ Sync
++ 'static {
+    let tcp_port = options.get_socket().is_none().then(|| options.get_port());
+    move |_connection, _metadata| {
+        Box::pin(async move {
+            if let Some(port) = tcp_port {
+                nodelay::set_on_sockets_to(port);
+            }
+            Ok(())
+        })
     }
 }
 

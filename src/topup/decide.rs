@@ -7,6 +7,7 @@
 //! "Apply Changes" and the chain of top-ups. Charging happens later, outside
 //! the transaction (see `pipeline`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rust_decimal::Decimal;
@@ -14,9 +15,10 @@ use sqlx::PgConnection;
 
 use super::Clock;
 use super::crossing::{self, Ensured, Observed};
-use super::settings::{self, PolicyConfig};
+use super::settings::{self, LowBalanceSettings, PolicyConfig};
 use crate::error::BillingError;
 use crate::events::BalanceEvent;
+use crate::money::Currency;
 use crate::notifications::{self, Notice};
 use crate::telemetry::links::{self, Cause};
 use crate::telemetry::metrics;
@@ -27,17 +29,34 @@ pub struct PolicyDecider {
 }
 
 impl PolicyDecider {
+    /// The settings of the accounts of a batch of events, in one round trip
+    /// (read once per batch: the decisions below never change them).
+    pub async fn settings_of(
+        &self,
+        connection: &mut PgConnection,
+        events: &[BalanceEvent],
+    ) -> Result<HashMap<String, LowBalanceSettings>, BillingError> {
+        let mut accounts: Vec<(&str, Currency)> = events
+            .iter()
+            .map(|event| (event.account_id.as_str(), event.currency))
+            .collect();
+        accounts.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        accounts.dedup_by(|a, b| a.0 == b.0);
+        settings::load_many(connection, &accounts, &self.config).await
+    }
+
     /// Returns the id of the automatic top-up it started, if any (to be
-    /// driven once the batch commits).
+    /// driven once the batch commits). `settings`: the event's account's,
+    /// from [`PolicyDecider::settings_of`].
     #[tracing::instrument(name = "engine.decide", skip_all, fields(account_id = %event.account_id, cursor = event.cursor))]
     pub async fn decide(
         &self,
         connection: &mut PgConnection,
         event: &BalanceEvent,
+        settings: &LowBalanceSettings,
     ) -> Result<Option<String>, BillingError> {
         // A root span of its own: linked to the call that wrote the event.
         links::link_to(&Cause::Transaction(event.transaction_id));
-        let settings = settings::load(&mut *connection, &event.account_id, &self.config).await?;
         let after = event.total_balance_after;
         let before = after - event.amount;
         let crossed = |threshold: Decimal| before >= threshold && after < threshold;
@@ -69,7 +88,7 @@ impl PolicyDecider {
             as_of: event.sequence,
         };
         if settings.auto_refill_enabled
-            && crossing::may_change(&mut *connection, &settings, observed).await?
+            && crossing::may_change(&mut *connection, settings, observed).await?
         {
             // The crossing state follows the account's events in order, under
             // the account row lock; the charge itself decides on live state.
@@ -79,7 +98,7 @@ impl PolicyDecider {
                 .await?;
             let ensured = crossing::ensure_top_up(
                 connection,
-                &settings,
+                settings,
                 observed,
                 false,
                 &self.config,

@@ -51,8 +51,24 @@ pub async fn run_policy_decisions(
             };
             let mut started = Vec::new();
             let mut failed = false;
-            for event in batch.events().to_vec() {
-                match decider.decide(batch.connection(), &event).await {
+            let events = batch.events().to_vec();
+            let settings = match decider.settings_of(batch.connection(), &events).await {
+                Ok(settings) => settings,
+                Err(error) => {
+                    tracing::warn!(%error, "reading low-balance settings failed; retrying the batch");
+                    drop(batch);
+                    tokio::time::sleep(pause).await;
+                    break;
+                }
+            };
+            for event in events {
+                let Some(account_settings) = settings.get(&event.account_id) else {
+                    continue;
+                };
+                match decider
+                    .decide(batch.connection(), &event, account_settings)
+                    .await
+                {
                     Ok(Some(top_up_id)) => started.push(StartedTopUp {
                         account_id: event.account_id.clone(),
                         top_up_id,

@@ -106,47 +106,90 @@ pub async fn get_settings(
     load(&mut connection, account_id.as_str(), config).await
 }
 
-/// The account's settings (defaults when never applied).
+/// The account's low-balance settings (the defaults when it has none).
+/// Errors: `NotFound` when the account does not exist; database errors.
 pub async fn load(
     connection: &mut PgConnection,
     account_id: &str,
     config: &PolicyConfig,
 ) -> Result<LowBalanceSettings, BillingError> {
     let account = ledger::load_account(&mut *connection, account_id).await?;
-    let row = sqlx::query(
-        "SELECT auto_refill_enabled, threshold, refill_amount, notification_enabled, notification_threshold, \
-                max_top_ups_per_day, max_amount_per_day, updated_at \
-           FROM low_balance_settings WHERE account_id = $1",
-    )
-    .bind(account_id)
-    .fetch_optional(connection)
-    .await?;
-    Ok(match row {
-        Some(row) => LowBalanceSettings {
-            account_id: account_id.to_owned(),
-            currency: account.currency,
-            auto_refill_enabled: row.try_get("auto_refill_enabled")?,
-            threshold: row.try_get("threshold")?,
-            refill_amount: row.try_get("refill_amount")?,
-            notification_enabled: row.try_get("notification_enabled")?,
-            notification_threshold: row.try_get("notification_threshold")?,
-            max_top_ups_per_day: row.try_get("max_top_ups_per_day")?,
-            max_amount_per_day: row.try_get("max_amount_per_day")?,
-            updated_at: row.try_get("updated_at")?,
-        },
-        None => LowBalanceSettings {
-            account_id: account_id.to_owned(),
-            currency: account.currency,
-            auto_refill_enabled: false,
-            threshold: Decimal::ZERO,
-            refill_amount: Decimal::ZERO,
-            notification_enabled: false,
-            notification_threshold: Decimal::ZERO,
-            max_top_ups_per_day: config.default_max_top_ups_per_day,
-            max_amount_per_day: config.default_max_amount_per_day,
-            updated_at: None,
-        },
+    let row = sqlx::query(SELECT_SETTINGS_SQL)
+        .bind([account_id])
+        .fetch_optional(connection)
+        .await?;
+    match row {
+        Some(row) => from_row(&row, account.currency),
+        None => Ok(defaults(account_id, account.currency, config)),
+    }
+}
+
+/// The settings of several accounts in one round trip, for accounts known
+/// to exist with the given currency (the balance events of one batch):
+/// stored settings, else the defaults. Keyed by account id.
+pub async fn load_many(
+    connection: &mut PgConnection,
+    accounts: &[(&str, Currency)],
+    config: &PolicyConfig,
+) -> Result<std::collections::HashMap<String, LowBalanceSettings>, BillingError> {
+    let ids: Vec<&str> = accounts.iter().map(|(id, _)| *id).collect();
+    let rows = sqlx::query(SELECT_SETTINGS_SQL)
+        .bind(&ids)
+        .fetch_all(connection)
+        .await?;
+    let mut settings = std::collections::HashMap::with_capacity(accounts.len());
+    for (account_id, currency) in accounts {
+        settings.insert(
+            (*account_id).to_owned(),
+            defaults(account_id, *currency, config),
+        );
+    }
+    for row in &rows {
+        let account_id: String = row.try_get("account_id")?;
+        if let Some(entry) = settings.get_mut(&account_id) {
+            *entry = from_row(row, entry.currency)?;
+        }
+    }
+    Ok(settings)
+}
+
+const SELECT_SETTINGS_SQL: &str = "\
+SELECT account_id, auto_refill_enabled, threshold, refill_amount, notification_enabled, \
+       notification_threshold, max_top_ups_per_day, max_amount_per_day, updated_at \
+  FROM low_balance_settings WHERE account_id = ANY($1)";
+
+fn from_row(
+    row: &sqlx::postgres::PgRow,
+    currency: Currency,
+) -> Result<LowBalanceSettings, BillingError> {
+    Ok(LowBalanceSettings {
+        account_id: row.try_get("account_id")?,
+        currency,
+        auto_refill_enabled: row.try_get("auto_refill_enabled")?,
+        threshold: row.try_get("threshold")?,
+        refill_amount: row.try_get("refill_amount")?,
+        notification_enabled: row.try_get("notification_enabled")?,
+        notification_threshold: row.try_get("notification_threshold")?,
+        max_top_ups_per_day: row.try_get("max_top_ups_per_day")?,
+        max_amount_per_day: row.try_get("max_amount_per_day")?,
+        updated_at: row.try_get("updated_at")?,
     })
+}
+
+/// An account without stored settings: no alert, no auto refill, the configured caps.
+fn defaults(account_id: &str, currency: Currency, config: &PolicyConfig) -> LowBalanceSettings {
+    LowBalanceSettings {
+        account_id: account_id.to_owned(),
+        currency,
+        auto_refill_enabled: false,
+        threshold: Decimal::ZERO,
+        refill_amount: Decimal::ZERO,
+        notification_enabled: false,
+        notification_threshold: Decimal::ZERO,
+        max_top_ups_per_day: config.default_max_top_ups_per_day,
+        max_amount_per_day: config.default_max_amount_per_day,
+        updated_at: None,
+    }
 }
 
 /// `refill_amount` lies within the refill bounds of `currency`, whenever

@@ -111,6 +111,7 @@ pub async fn fresh_database() -> (PgPool, PgConnectOptions) {
     let options = server.database(&name);
     let pool = PgPoolOptions::new()
         .max_connections(8)
+        .after_connect(billing::db::after_connect(&options))
         .connect_with(options.clone())
         .await
         .expect("connect to the test database");

@@ -6,6 +6,7 @@ mod alerts;
 mod audit;
 mod auth_attacks;
 mod balances;
+mod database;
 mod events;
 mod group_commit;
 mod helpers;
