@@ -615,11 +615,7 @@ pub async fn serve(
     });
     let engine_tasks = if settings.engines {
         // Top-ups the subscriber starts go straight to the reactor
-        // (src/topup/react.rs), not through an engine pass. Crossings seen by
-        // the debit batch are not sent to it: the subscriber enqueues the
-        // low-balance email in the transaction that starts the top-up, and a
-        // reaction ahead of it sent the receipt before that email.
-        let (_, crossings_receiver) = mpsc::channel(topup::REACTOR_CHANNEL);
+        // (src/topup/react.rs), not through an engine pass.
         let (started, started_receiver) = mpsc::channel(topup::REACTOR_CHANNEL);
         let decisions = tokio::spawn(topup::run_policy_decisions(
             pool.clone(),
@@ -632,11 +628,9 @@ pub async fn serve(
             Some(started),
             stop_receiver.clone(),
         ));
-        let reactor = tokio::spawn(TopUpReactor::new(top_ups.clone()).run(
-            crossings_receiver,
-            started_receiver,
-            stop_receiver.clone(),
-        ));
+        let reactor = tokio::spawn(
+            TopUpReactor::new(top_ups.clone()).run(started_receiver, stop_receiver.clone()),
+        );
         let engine = TopUpEngine {
             top_ups: top_ups.clone(),
             poll_interval: settings.engine_poll,

@@ -28,11 +28,20 @@
 //!    writer of a cursor `<= L` has committed or rolled back: `L` is the new
 //!    horizon.
 //!
+//!    Only a transaction of *this* database can write its events, so when
+//!    the cluster-wide `xmin` keeps a candidate waiting (a long transaction
+//!    of another database, a `DROP DATABASE` waiting for its checkpoint),
+//!    the horizon asks, after `horizon::LOCAL_CHECK_AFTER` (50 ms), for the
+//!    oldest transaction of this database the snapshot lists as running
+//!    (`pg_locks`, `pg_stat_activity.datid`, `pg_prepared_xacts`): no
+//!    transaction of this database below it runs, which proves the same.
+//!
 //! When nothing else runs, step 3 succeeds on the very next snapshot; a
-//! long-running writer (in any database of the cluster: transaction ids are
-//! cluster-wide) holds the horizon back until it ends, which delays events
-//! but never reorders them. Checking `writer_xid < xmin` per event alone is
-//! *not* enough: a transaction with a higher id can hold a lower cursor.
+//! long-running transaction of this database holds the horizon back until
+//! it ends, which delays events but never reorders them; one of another
+//! database delays them by about `horizon::LOCAL_CHECK_AFTER` (50 ms). Checking
+//! `writer_xid < xmin` per event alone is *not* enough: a transaction with
+//! a higher id can hold a lower cursor.
 //!
 //! # Delivery
 //!

@@ -33,11 +33,9 @@
 //! is redone, a few times, before its callers are told to retry.
 //!
 //! After the commit the batch wakes this process's event feed
-//! ([`CommitSignal`]) and hands the accounts whose total balance it took
-//! below their auto-refill threshold to the top-up reactor, when one listens
-//! (`with_crossings`): the reaction starts without waiting for the event to
-//! travel through the database. The decision is taken again there, under
-//! the account lock; the balance-policy subscriber still sees every event.
+//! ([`CommitSignal`]); the balance-policy subscriber decides on the
+//! crossings it made from their events (it sends the low-balance email
+//! before the top-up it starts can send a receipt).
 //!
 //! With no contention a batch holds one debit and costs what a plain debit
 //! costs. The row locks still serialize against other replicas and other
@@ -47,10 +45,9 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use opentelemetry::trace::SpanContext;
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::accounts::account_from_row;
@@ -59,7 +56,6 @@ use super::{Account, EntryKind, LedgerEntry, Posting, PostingResult, idempotency
 use crate::auth::Caller;
 use crate::error::{BillingError, Reason};
 use crate::events::CommitSignal;
-use crate::telemetry::links::{self, Cause};
 
 type Reply = oneshot::Sender<Result<PostingResult, BillingError>>;
 
@@ -94,9 +90,6 @@ pub(super) struct Waiting {
     pub(super) posting: Posting,
     pub(super) fingerprint: String,
     reply: Reply,
-    /// The span of the call that queued it (the Debit RPC), when traced:
-    /// the cause a crossing it makes is linked to.
-    span: Option<SpanContext>,
 }
 
 impl Waiting {
@@ -123,7 +116,6 @@ pub struct DebitBatcher {
     settings: BatchSettings,
     queue: Arc<Mutex<Queue>>,
     commits: CommitSignal,
-    crossings: Option<mpsc::Sender<String>>,
 }
 
 impl DebitBatcher {
@@ -137,7 +129,6 @@ impl DebitBatcher {
             },
             queue: Arc::default(),
             commits: CommitSignal::default(),
-            crossings: None,
         }
     }
 
@@ -145,15 +136,6 @@ impl DebitBatcher {
     /// event feed and, through it, the other replicas).
     pub fn with_commit_signal(mut self, commits: CommitSignal) -> Self {
         self.commits = commits;
-        self
-    }
-
-    /// Receives the id of every account whose total balance a committed
-    /// batch took from at or above its auto-refill threshold to below it.
-    /// Best effort: when the channel is full the nudge is dropped (the
-    /// balance-policy subscriber decides on the event anyway).
-    pub fn with_crossings(mut self, crossings: mpsc::Sender<String>) -> Self {
-        self.crossings = Some(crossings);
         self
     }
 
@@ -180,7 +162,6 @@ impl DebitBatcher {
             fingerprint: posting.fingerprint(),
             posting,
             reply,
-            span: links::current(),
         };
         let lead = {
             let mut queue = self.lock_queue();
@@ -243,14 +224,6 @@ impl DebitBatcher {
                 Ok(Applied::Done(done)) => {
                     if done.committed {
                         self.commits.committed();
-                    }
-                    if let Some(crossings) = &self.crossings {
-                        for (account_id, span) in done.crossed {
-                            if let Some(span) = span {
-                                links::remember_span(Cause::Crossing(account_id.clone()), span);
-                            }
-                            let _ = crossings.try_send(account_id);
-                        }
                     }
                     return done.results;
                 }
@@ -356,9 +329,6 @@ type BatchResults = Vec<Result<PostingResult, BillingError>>;
 struct Done {
     results: BatchResults,
     committed: bool,
-    /// Accounts taken below their auto-refill threshold, each with the
-    /// span of the batch's last debit of it, when traced.
-    crossed: Vec<(String, Option<SpanContext>)>,
 }
 
 enum Applied {
@@ -448,7 +418,6 @@ struct Locked {
     account: Account,
     /// Popped from the back: ascending, one per debit of the account.
     entry_ids: Vec<i64>,
-    refill_threshold: Option<Decimal>,
 }
 
 /// Runs the batch's statements and says how its transaction ends.
@@ -483,16 +452,7 @@ async fn apply_in(
                 &mut optimistic,
             )?;
         }
-        locked.insert(
-            account.account_id.clone(),
-            Locked {
-                refill_threshold: row
-                    .try_get("refill_threshold")
-                    .map_err(BillingError::from)?,
-                account,
-                entry_ids,
-            },
-        );
+        locked.insert(account.account_id.clone(), Locked { account, entry_ids });
     }
     let now = now.unwrap_or_else(Utc::now);
     let mut fresh = read == Read::AfterLock;
@@ -535,21 +495,6 @@ async fn apply_in(
             ))));
         }
     }
-    let crossed = outcomes
-        .iter()
-        .filter(|outcome| !outcome.accepted.is_empty())
-        .filter_map(|outcome| {
-            let before = locked.get(&outcome.account_id)?;
-            let threshold = before.refill_threshold?;
-            let after = outcome.balance + before.account.credit_limit;
-            let span = outcome
-                .accepted
-                .last()
-                .and_then(|accepted| batch[accepted.index].span.clone());
-            (before.account.total_balance() >= threshold && after < threshold)
-                .then(|| (outcome.account_id.clone(), span))
-        })
-        .collect();
     for outcome in outcomes {
         for Accepted { index, result } in outcome.accepted {
             results[index] = Some(Ok(result));
@@ -569,7 +514,6 @@ async fn apply_in(
     let done = Done {
         results,
         committed: debits > 0,
-        crossed,
     };
     if debits == 0 {
         // Nothing to write: end the transaction without a commit record.

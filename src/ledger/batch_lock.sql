@@ -15,8 +15,6 @@
 -- batch.rs). A refusal is never answered from this read: a batch that would
 -- refuse a debit reads its keys again first (the key may belong to a retry
 -- that the transaction the lock waited for has just committed).
--- `refill_threshold`: the auto-refill threshold when auto refill is on (a
--- hint for the top-up reactor; the decision is taken again under the lock).
 WITH wanted AS (
     SELECT d.account_id, count(*) AS debits, array_agg(d.idempotency_key) AS keys
       FROM unnest($1::TEXT[], $2::TEXT[]) AS d (account_id, idempotency_key)
@@ -32,8 +30,6 @@ WITH wanted AS (
 SELECT locked.*,
        ARRAY(SELECT nextval('ledger_entries_entry_id_seq') FROM generate_series(1, wanted.debits)
               WHERE locked.version >= 0) AS entry_ids,
-       (SELECT s.threshold FROM low_balance_settings s
-         WHERE s.account_id = locked.account_id AND s.auto_refill_enabled) AS refill_threshold,
        (SELECT json_agg(json_build_array(k.idempotency_key, k.operation, k.request_hash, k.response))::TEXT
           FROM idempotency_keys k
          WHERE k.account_id = locked.account_id AND k.idempotency_key = ANY(wanted.keys)) AS stored_keys

@@ -27,9 +27,6 @@ pub enum Cause {
     Transaction(Uuid),
     /// The start of a top-up.
     TopUp(String),
-    /// The last crossing of an account below its auto-refill threshold:
-    /// the debit that took it there (the top-up reactor's decision).
-    Crossing(String),
 }
 
 #[derive(Default)]

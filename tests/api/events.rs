@@ -423,3 +423,32 @@ async fn a_replica_that_receives_no_notification_still_delivers_events_by_pollin
     drop(stream);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_transaction_left_open_in_another_database_does_not_hold_back_the_events() {
+    let app = spawn_app().await;
+    app.account_with_balance("acme", "5.00").await;
+    let mut stream = watch(&app, "acme", 0).await;
+    assert_eq!(next_event(&mut stream).await.sequence, 1);
+
+    // Another database of the same cluster: a transaction that holds an id
+    // (so the cluster-wide xmin stays below every later id) and stays open.
+    let (other, options) = fresh_database().await;
+    let mut long = other.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *long)
+        .await
+        .unwrap();
+
+    debit(&app, "acme", "1.00", "while-another-database-is-busy").await;
+    let event = next_event(&mut stream).await;
+    assert_eq!((event.sequence, event.balance_after.as_str()), (2, "4.00"));
+    // Still open: it was not its end that let the event through.
+    sqlx::query("SELECT 1").execute(&mut *long).await.unwrap();
+
+    long.rollback().await.unwrap();
+    other.close().await;
+    crate::helpers::drop_database(options.get_database().unwrap());
+    drop(stream);
+    app.stop().await;
+}
