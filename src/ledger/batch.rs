@@ -791,7 +791,6 @@ mod tests {
             },
             fingerprint: String::new(),
             reply,
-            span: None,
         }
     }
 
