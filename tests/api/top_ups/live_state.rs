@@ -564,3 +564,64 @@ async fn an_outcome_still_unknown_after_the_last_reconciliation_needs_attention_
     assert_eq!(balance(&s.app).await, "5.00");
     s.app.stop().await;
 }
+
+/// A fault injected into the real database: every top-up credit row is refused.
+const REFUSE_TOP_UP_CREDITS: &str = "
+CREATE FUNCTION test_refuse_top_up_credit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'injected fault: no top-up credit may be written';
+END $$;
+CREATE TRIGGER test_refuse_top_up_credit BEFORE INSERT ON ledger_entries
+    FOR EACH ROW WHEN (NEW.kind = 'top_up') EXECUTE FUNCTION test_refuse_top_up_credit();";
+
+/// Issue 13: a charge that succeeded and whose ledger credit cannot be
+/// posted is an ERROR, a metric and `NEEDS_ATTENTION` — never a silent loop
+/// of retries, never a second charge, and nothing else is charged for the
+/// account until an operator resolves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_whose_credit_cannot_be_posted_needs_attention_and_is_never_charged_again() {
+    let (s, cards) = scenario("20.00", &[VISA]).await;
+    sqlx::raw_sql(REFUSE_TOP_UP_CREDITS)
+        .execute(&s.app.pool)
+        .await
+        .unwrap();
+    let needs_attention = [("outcome", "NEEDS_ATTENTION")];
+    let counted_before = crate::telemetry::sample(
+        &billing::telemetry::metrics::render(),
+        "billing_top_ups_total",
+        &needs_attention,
+    );
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "usage-1").await;
+
+    let stuck = wait_for_top_up(&s, TopUpStatus::NeedsAttention).await;
+    assert!(
+        stuck.failure_reason.starts_with("credit_failed"),
+        "{}",
+        stuck.failure_reason
+    );
+    assert_eq!(charges_of(&s, &cards[0]).await, 1, "charged once");
+    assert_eq!(balance(&s.app).await, "5.00", "no credit was posted");
+    let counted_after = crate::telemetry::sample(
+        &billing::telemetry::metrics::render(),
+        "billing_top_ups_total",
+        &needs_attention,
+    );
+    assert!(
+        counted_after >= counted_before + 1.0,
+        "counted: {counted_before} -> {counted_after}"
+    );
+
+    // Hours pass: no retry loop, no second charge, no new top-up.
+    s.clock.advance(Duration::hours(3));
+    settle_briefly().await;
+    assert_eq!(charges_of(&s, &cards[0]).await, 1);
+    assert_eq!(top_ups(&s.app, &s.admin).await.len(), 1);
+    // The gate stays closed for manual charges too.
+    let refused = add_funds(&s.app, &s.admin, funds("30.00", &cards[0], "add-1"))
+        .await
+        .expect_err("the gate is closed");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(charges_of(&s, &cards[0]).await, 1);
+    s.app.stop().await;
+}
