@@ -21,6 +21,7 @@ use crate::helpers::{
     SmtpSink, TestApp, authed, count_rows, eventually, mail_settings, spawn_app, spawn_app_with,
     spawn_app_with_settings_and_keys, table_counts, test_keys,
 };
+use crate::notifications::notifications;
 
 /// Generous bound of every wait: these things normally take milliseconds.
 const WAIT: Duration = Duration::from_secs(20);
@@ -305,10 +306,6 @@ async fn streams_beyond_the_replica_limit_get_resource_exhausted_naming_the_limi
     app.stop().await;
 }
 
-fn notifications(app: &TestApp) -> proto::notifications_client::NotificationsClient<Channel> {
-    proto::notifications_client::NotificationsClient::new(app.channel.clone())
-}
-
 #[tokio::test]
 async fn send_test_notification_is_rate_limited_per_account() {
     let app = spawn_app().await;
@@ -589,18 +586,8 @@ async fn email_addresses_the_mailer_refuses_are_invalid_argument_naming_field_an
 
 /// Notification `id` of acme, as the API lists it.
 async fn listed(app: &TestApp, admin: &str, id: &str) -> proto::Notification {
-    notifications(app)
-        .list_notifications(authed(
-            admin,
-            proto::ListNotificationsRequest {
-                account_id: "acme".into(),
-                ..Default::default()
-            },
-        ))
+    crate::notifications::list(app, admin)
         .await
-        .unwrap()
-        .into_inner()
-        .notifications
         .into_iter()
         .find(|n| n.notification_id == id)
         .unwrap()

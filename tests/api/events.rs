@@ -53,6 +53,22 @@ async fn next_events(stream: &mut EventStream, count: usize) -> Vec<proto::Balan
     events
 }
 
+/// A replica whose feed polls once an hour: only an announcement from
+/// another replica wakes it.
+async fn replica_that_hardly_polls(pool: sqlx::PgPool) -> TestApp {
+    spawn_app_on(
+        pool,
+        ServerSettings {
+            events: FeedSettings {
+                poll_interval: Duration::from_secs(3600),
+                ..FeedSettings::default()
+            },
+            ..ServerSettings::default()
+        },
+    )
+    .await
+}
+
 async fn debit(app: &TestApp, account: &str, amount: &str, key: &str) {
     app.balances()
         .debit(authed(
@@ -246,17 +262,7 @@ async fn a_debit_through_one_server_reaches_a_subscriber_of_another() {
     let (pool, _) = fresh_database().await;
     let first = spawn_app_on(pool.clone(), ServerSettings::default()).await;
     // No polling to speak of: only the notification between replicas wakes it.
-    let second = spawn_app_on(
-        pool,
-        ServerSettings {
-            events: FeedSettings {
-                poll_interval: Duration::from_secs(3600),
-                ..FeedSettings::default()
-            },
-            ..ServerSettings::default()
-        },
-    )
-    .await;
+    let second = replica_that_hardly_polls(pool).await;
     first.account_with_balance("acme", "5.00").await;
     let mut stream = watch(&second, "acme", 0).await;
     assert_eq!(next_event(&mut stream).await.amount, "5.00");
@@ -377,17 +383,7 @@ async fn no_writing_transaction_notifies_yet_events_committed_on_one_replica_rea
     );
     let writer = spawn_app_on(pool.clone(), ServerSettings::default()).await;
     // No polling to speak of: only the writer's announcement wakes this replica.
-    let reader = spawn_app_on(
-        pool,
-        ServerSettings {
-            events: FeedSettings {
-                poll_interval: Duration::from_secs(3600),
-                ..FeedSettings::default()
-            },
-            ..ServerSettings::default()
-        },
-    )
-    .await;
+    let reader = replica_that_hardly_polls(pool).await;
     // A credit and a debit (the two write paths), each committed on the writer.
     writer.account_with_balance("acme", "5.00").await;
     let mut stream = watch(&reader, "acme", 0).await;

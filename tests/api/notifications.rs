@@ -11,13 +11,13 @@ use crate::helpers::{
     SmtpSink, authed, count_rows, eventually, mail_settings, spawn_app_on, spawn_app_with,
 };
 
-fn notifications(
+pub(crate) fn notifications(
     app: &crate::helpers::TestApp,
 ) -> proto::notifications_client::NotificationsClient<tonic::transport::Channel> {
     proto::notifications_client::NotificationsClient::new(app.channel.clone())
 }
 
-async fn list(app: &crate::helpers::TestApp, token: &str) -> Vec<proto::Notification> {
+pub(crate) async fn list(app: &crate::helpers::TestApp, token: &str) -> Vec<proto::Notification> {
     notifications(app)
         .list_notifications(authed(
             token,

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::process::{SECRET, Serve, billing, fresh_database_url};
+use crate::process::{SECRET, Serve, fresh_database_url, token};
 
 fn grpcurl(address: &str, args: &[&str]) -> (bool, String) {
     let output = Command::new("grpcurl")
@@ -88,44 +88,31 @@ async fn grpcurl_lists_services_checks_health_and_runs_a_debit_flow() {
         "{unauthenticated}"
     );
 
-    let token_output = billing()
-        .args(["token", "--role", "service"])
-        .env("BILLING_JWT_SECRET", SECRET)
-        .output()
-        .unwrap();
-    assert!(
-        token_output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&token_output.stderr)
-    );
-    let token = String::from_utf8(token_output.stdout)
-        .unwrap()
-        .trim()
-        .to_owned();
+    let service_token = token("service", None);
 
     let created = call(
         &address,
-        &token,
+        &service_token,
         "billing.v1.Balances/CreateAccount",
         r#"{"account_id":"acme","currency":"EUR","billing_email":"ops@acme.example"}"#,
     );
     assert_eq!(created["account"]["currency"], "EUR");
     call(
         &address,
-        &token,
+        &service_token,
         "billing.v1.Balances/Credit",
         r#"{"account_id":"acme","amount":"25.00","kind":"TRANSACTION_KIND_PROMOTION","idempotency_key":"promo-1"}"#,
     );
     let debit = call(
         &address,
-        &token,
+        &service_token,
         "billing.v1.Balances/Debit",
         r#"{"account_id":"acme","amount":"0.0035","idempotency_key":"call-1","description":"call"}"#,
     );
     assert_eq!(debit["balance"], "24.9965");
     let balance = call(
         &address,
-        &token,
+        &service_token,
         "billing.v1.Balances/GetBalance",
         r#"{"account_id":"acme"}"#,
     );
@@ -134,14 +121,14 @@ async fn grpcurl_lists_services_checks_health_and_runs_a_debit_flow() {
     assert_eq!(balance["currency"], "EUR");
     let history = call(
         &address,
-        &token,
+        &service_token,
         "billing.v1.Balances/ListTransactions",
         r#"{"account_id":"acme"}"#,
     );
     assert_eq!(history["transactions"].as_array().map(Vec::len), Some(2));
 
     // `billing token --role service --account acme`: the token reaches acme only.
-    let bound = self::token("service", Some("acme"));
+    let bound = token("service", Some("acme"));
     let audit = call(
         &address,
         &bound,
@@ -151,7 +138,7 @@ async fn grpcurl_lists_services_checks_health_and_runs_a_debit_flow() {
     assert_eq!(audit["events"][0]["idempotencyKey"], "call-1", "{audit}");
     call(
         &address,
-        &token,
+        &service_token,
         "billing.v1.Balances/CreateAccount",
         r#"{"account_id":"globex","currency":"EUR"}"#,
     );
@@ -171,23 +158,6 @@ async fn grpcurl_lists_services_checks_health_and_runs_a_debit_flow() {
 
     let status = serve.terminate();
     assert!(status.success(), "serve exited with {status} after SIGTERM");
-}
-
-fn token(role: &str, account: Option<&str>) -> String {
-    let mut command = billing();
-    command
-        .args(["token", "--role", role])
-        .env("BILLING_JWT_SECRET", SECRET);
-    if let Some(account) = account {
-        command.args(["--account", account]);
-    }
-    let output = command.output().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
 /// Every JSON object grpcurl printed (a server stream prints one per message).

@@ -11,6 +11,25 @@ pub fn billing() -> Command {
     Command::new(env!("CARGO_BIN_EXE_billing"))
 }
 
+/// A token minted by `billing token --role <role> [--account <account>]`
+/// with the tests' secret.
+pub fn token(role: &str, account: Option<&str>) -> String {
+    let mut command = billing();
+    command
+        .args(["token", "--role", role])
+        .env("BILLING_JWT_SECRET", SECRET);
+    if let Some(account) = account {
+        command.args(["--account", account]);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

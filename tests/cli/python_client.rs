@@ -8,24 +8,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::process::{SECRET, Serve, billing, fresh_database_url};
-
-fn token(role: &str, account: Option<&str>) -> String {
-    let mut command = billing();
-    command
-        .args(["token", "--role", role])
-        .env("BILLING_JWT_SECRET", SECRET);
-    if let Some(account) = account {
-        command.args(["--account", account]);
-    }
-    let output = command.output().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
-}
+use crate::process::{SECRET, Serve, fresh_database_url, token};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_grpcio_client_runs_the_product_and_reads_structured_errors() {
