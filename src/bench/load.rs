@@ -41,7 +41,8 @@ pub(super) async fn run(bench: &Bench) -> anyhow::Result<Report> {
         .rate
         .map(|rate| Duration::from_secs_f64(bench.args.concurrency as f64 / rate.max(0.001)));
     let mut workers = Vec::new();
-    for worker in 0..bench.args.concurrency.max(1) {
+    let callers = bench.args.concurrency.max(1);
+    for worker in 0..callers {
         let mut balances = BalancesClient::new(bench.channel(worker));
         let mut health = HealthClient::new(bench.channel(worker));
         let token = bench.token.clone();
@@ -52,8 +53,13 @@ pub(super) async fn run(bench: &Bench) -> anyhow::Result<Report> {
         workers.push(tokio::spawn(async move {
             let mut latencies = report::histogram();
             let (mut ok, mut errors, mut samples) = (0u64, 0u64, Vec::new());
+            // Callers paced at the same instant would arrive in bursts of
+            // `concurrency` calls: spread their first calls evenly over one
+            // period, so arrivals are evenly spaced at the asked rate.
             let mut ticker = pace.map(|pace| {
-                let mut ticker = tokio::time::interval(pace);
+                let offset = pace.mul_f64(worker as f64 / callers as f64);
+                let mut ticker =
+                    tokio::time::interval_at(tokio::time::Instant::now() + offset, pace);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 ticker
             });

@@ -69,7 +69,7 @@ pub struct BenchArgs {
     /// Accounts of `debit-spread`.
     #[arg(long, default_value_t = 10_000)]
     pub accounts: usize,
-    /// Total calls per second, paced over the callers; unset = as fast as possible.
+    /// Total calls per second, paced over the callers (their first calls spread evenly over one period, so arrivals are evenly spaced); unset = as fast as possible.
     #[arg(long)]
     pub rate: Option<f64>,
     /// Amount of each debit.

@@ -16,18 +16,23 @@ pub enum EventFilter {
     Account(AccountId),
 }
 
+// The currency comes from a correlated subquery (one primary-key lookup per
+// event read), not a join: for a wide cursor range the planner chose a hash
+// join that read the whole accounts table on every read.
 const READ_ALL_SQL: &str = "\
 SELECT e.cursor, e.account_id, e.sequence, e.kind, e.amount, e.balance_after,
-       e.total_balance_after, e.transaction_id, e.created_at, a.currency
-  FROM balance_events e JOIN accounts a ON a.account_id = e.account_id
+       e.total_balance_after, e.transaction_id, e.created_at,
+       (SELECT a.currency FROM accounts a WHERE a.account_id = e.account_id) AS currency
+  FROM balance_events e
  WHERE e.cursor > $1 AND e.cursor <= $2
  ORDER BY e.cursor
  LIMIT $3";
 
 const READ_ACCOUNT_SQL: &str = "\
 SELECT e.cursor, e.account_id, e.sequence, e.kind, e.amount, e.balance_after,
-       e.total_balance_after, e.transaction_id, e.created_at, a.currency
-  FROM balance_events e JOIN accounts a ON a.account_id = e.account_id
+       e.total_balance_after, e.transaction_id, e.created_at,
+       (SELECT a.currency FROM accounts a WHERE a.account_id = e.account_id) AS currency
+  FROM balance_events e
  WHERE e.account_id = $4 AND e.cursor > $1 AND e.cursor <= $2
  ORDER BY e.cursor
  LIMIT $3";

@@ -147,7 +147,11 @@ impl Subscriber {
                     return Err(error);
                 }
             }
-            batch.commit().await?;
+            // Up to the horizon: another read would find nothing (and cost
+            // a transaction) until the horizon moves again.
+            if batch.commit().await? >= horizon {
+                break;
+            }
         }
         Ok(())
     }

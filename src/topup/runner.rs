@@ -87,7 +87,7 @@ pub async fn run_policy_decisions(
                 break;
             }
             match batch.commit().await {
-                Ok(_) => {
+                Ok(cursor) => {
                     for top_up in started {
                         let handed = started_top_ups
                             .as_ref()
@@ -95,6 +95,11 @@ pub async fn run_policy_decisions(
                         if !handed {
                             wake.notify_one();
                         }
+                    }
+                    // Up to the horizon: another read would find nothing
+                    // (and cost a transaction) until the horizon moves.
+                    if cursor >= safe {
+                        break;
                     }
                 }
                 Err(error) => {
