@@ -347,20 +347,12 @@ fn is_deadlock(error: &sqlx::Error) -> bool {
         .is_some_and(|code| code == "40P01")
 }
 
-/// Opens a batch's transaction, in the `BEGIN`'s round trip: the batch's two
-/// statements take one array per column, and with Postgres's default plan
-/// cache mode they were planned again on every execution (the estimate for
-/// an unknown array made the generic plan look dearer), which cost about as
-/// much Postgres CPU as executing them. Their generic plans take the same
-/// index paths (primary keys of `accounts` and `idempotency_keys`).
-const BATCH_BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
-
 async fn apply_batch(
     pool: &PgPool,
     batch: &[Waiting],
     read: Read,
 ) -> Result<Applied, BillingError> {
-    let mut transaction = pool.begin_with(BATCH_BEGIN).await?;
+    let mut transaction = pool.begin().await?;
     match apply_in(&mut transaction, batch, read).await {
         Ok(Step::Commit {
             done,
