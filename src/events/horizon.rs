@@ -125,20 +125,9 @@ impl Horizon {
         .fetch_one(pool)
         .await?;
         if last_cursor > self.newest_known() {
-            // Only the id's order matters, not its durability: the commit
-            // of this write-less transaction need not wait for a WAL flush
-            // (`synchronous_commit` off for it alone). A snapshot's `xmax`
-            // would not do instead of a fresh id: it is one past the latest
-            // *completed* id, and a writer that took its id later and still
-            // runs is neither below it nor listed in the snapshot
-            // (`events::a_lower_cursor_committed_after_a_higher_one_is_delivered_first_and_never_skipped`
-            // caught exactly that).
-            let xid: i64 = sqlx::query_scalar(
-                "SELECT pg_current_xact_id()::text::bigint \
-                   FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit",
-            )
-            .fetch_one(pool)
-            .await?;
+            let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+                .fetch_one(pool)
+                .await?;
             self.propose(last_cursor, xid);
         }
         if self.has_candidates() {

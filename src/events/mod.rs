@@ -18,8 +18,7 @@
 //!
 //! 1. Read `L`, the sequence's last handed-out value.
 //! 2. Then take a fresh transaction id `N` (`pg_current_xact_id()` in its own
-//!    committed statement; its commit does not wait for a WAL flush, since
-//!    only the id's order matters). Transaction ids are assigned in increasing order,
+//!    committed statement). Transaction ids are assigned in increasing order,
 //!    and a writer holds its id *before* it takes a cursor (the column default
 //!    makes sure, see `migrations/0003`). So every writer of a cursor `<= L`
 //!    got its id before step 1, and that id is `< N`.
