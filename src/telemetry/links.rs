@@ -40,22 +40,13 @@ static CAUSES: LazyLock<Mutex<Causes>> = LazyLock::new(Mutex::default);
 /// Remembers the current span as the cause of `cause` (nothing when the
 /// current span has no valid span context: telemetry off).
 pub fn remember(cause: Cause) {
-    if let Some(span_context) = current() {
-        remember_span(cause, span_context);
-    }
-}
-
-/// The current span's context, when it has a valid one (telemetry on), to
-/// remember later, from another task, with [`remember_span`].
-pub fn current() -> Option<SpanContext> {
     let context = tracing::Span::current().context();
     let span = context.span();
     let span_context = span.span_context();
-    span_context.is_valid().then(|| span_context.clone())
-}
-
-/// Remembers `span_context` as the cause of `cause`.
-pub fn remember_span(cause: Cause, span_context: SpanContext) {
+    if !span_context.is_valid() {
+        return;
+    }
+    let span_context = span_context.clone();
     let mut causes = CAUSES.lock().unwrap_or_else(|p| p.into_inner());
     if causes.spans.insert(cause.clone(), span_context).is_none() {
         causes.order.push_back(cause);
