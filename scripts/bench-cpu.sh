@@ -9,7 +9,10 @@
 #
 # Usage: scripts/bench-cpu.sh [extra `billing serve` arguments]
 # Environment: BILLING_BIN (target/release/billing), BENCH_PG_URL
-# (postgres://postgres@127.0.0.1:5432), BENCH_DB (billing_bench_cpu).
+# (postgres://postgres@127.0.0.1:5432), BENCH_DB (billing_bench_cpu),
+# BENCH_DATABASE_URL (the server's own URL for that database, e.g. over the
+# unix socket: postgres://postgres@%2Fvar%2Frun%2Fpostgresql/billing_bench_cpu;
+# default $BENCH_PG_URL/$BENCH_DB).
 # For an A/B, alternate two binaries several times on a quiet machine:
 #   for i in 1 2; do BILLING_BIN=a/billing scripts/bench-cpu.sh; BILLING_BIN=b/billing scripts/bench-cpu.sh; done
 set -euo pipefail
@@ -21,7 +24,7 @@ PORT=50162
 METRICS=127.0.0.1:19098
 psql "$PG_URL/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
 psql "$PG_URL/postgres" -qc "CREATE DATABASE $DB" >/dev/null
-export DATABASE_URL="$PG_URL/$DB"
+export DATABASE_URL="${BENCH_DATABASE_URL:-$PG_URL/$DB}"
 export BILLING_JWT_SECRET="bench-secret-at-least-16-bytes-long"
 export BILLING_DATA_DIR="${TMPDIR:-/tmp}/billing-bench-cpu"
 export BILLING_METRICS_LISTEN="$METRICS"

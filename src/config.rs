@@ -223,6 +223,12 @@ pub struct ServeArgs {
     /// Most debit transactions of this replica in flight at once (each holds a pooled connection).
     #[arg(long, env = "BILLING_DEBIT_BATCH_IN_FLIGHT", default_value_t = 4)]
     pub debit_batch_in_flight: usize,
+    /// While one debit batch is forming (taken, locked, written; not yet
+    /// committing), how long the next waits before starting beside it
+    /// (milliseconds). Debits arriving meanwhile join the next batch
+    /// together; 0 starts a batch for every free debit at once.
+    #[arg(long, env = "BILLING_DEBIT_BATCH_PATIENCE_MS", default_value_t = 5)]
+    pub debit_batch_patience_ms: u64,
     /// Log format (the container image and the Helm chart set json).
     #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -407,6 +407,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_debits: args.debit_batch_max,
             max_accounts: args.debit_batch_accounts,
             max_in_flight: args.debit_batch_in_flight,
+            forming_patience: Duration::from_millis(args.debit_batch_patience_ms),
         },
         gateway: build_gateway(&args, &database.pool)?,
         stripe_webhook_secret: webhook_secret,

@@ -6,7 +6,22 @@
 //! up to `max_debits` debits of up to `max_accounts` accounts, leaving out
 //! the accounts that are in another leader's batch right now, so one
 //! account's debits are applied in arrival order, one batch after the
-//! other — and apply it in one transaction, in four round trips:
+//! other — and apply it in one transaction, in four round trips (below).
+//!
+//! The leaders form a pipeline: one batch at a time is *forming* — taken
+//! off the queue, locked, checked and written — while the batches before it
+//! wait for their commits. The next batch is taken when the forming one
+//! sends its `COMMIT` (or fails), so it holds every debit that arrived
+//! meanwhile, and the commit's wait for the disk overlaps the next batch's
+//! work. A debit that finds no batch forming starts one at once (no
+//! waiting when the service is idle); one that finds a batch forming for
+//! longer than [`BatchSettings::forming_patience`] (its lock waits for another
+//! transaction) starts a new one beside it, so a slow lock never holds up
+//! every other account. Under load this makes batches as large as the
+//! arrivals allow — each batch costs its round trips and its commit once,
+//! whatever its size — instead of many small batches started side by side.
+//!
+//! Each batch:
 //!
 //! 1. BEGIN;
 //! 2. one statement ([`batch_lock.sql`]) locks every account of the batch
@@ -43,6 +58,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -73,6 +89,10 @@ pub struct BatchSettings {
     /// Most batch transactions of this process in flight at once (each
     /// holds one pooled connection while it runs).
     pub max_in_flight: usize,
+    /// How long a forming batch keeps the next one from starting (see the
+    /// module header); past it, a debit that arrives starts another batch
+    /// beside it. Default 5 ms: a few of a batch's round trips.
+    pub forming_patience: Duration,
 }
 
 impl Default for BatchSettings {
@@ -81,6 +101,7 @@ impl Default for BatchSettings {
             max_debits: 128,
             max_accounts: 128,
             max_in_flight: 4,
+            forming_patience: Duration::from_millis(5),
         }
     }
 }
@@ -107,6 +128,66 @@ struct Queue {
     busy: HashSet<String>,
     /// Leader tasks running.
     leaders: usize,
+    /// The batch forming now, if any (see the module header).
+    forming: Option<FormingBatch>,
+    /// Numbers the forming batches, so a batch that stops forming after a
+    /// newer one started beside it leaves the newer one's mark alone.
+    formed: u64,
+    /// The forming batch whose patience a timer already watches.
+    watched: Option<u64>,
+}
+
+/// The mark of the batch that is forming.
+#[derive(Debug, Clone, Copy)]
+struct FormingBatch {
+    number: u64,
+    since: Instant,
+}
+
+impl Queue {
+    /// True when a new batch may start forming now: none is forming, or
+    /// the one forming has taken `patience` already.
+    fn may_form(&self, now: Instant, patience: Duration) -> bool {
+        self.forming
+            .is_none_or(|forming| now.saturating_duration_since(forming.since) >= patience)
+    }
+
+    /// Marks a new batch as forming; returns its number.
+    fn start_forming(&mut self, now: Instant) -> u64 {
+        self.formed += 1;
+        self.forming = Some(FormingBatch {
+            number: self.formed,
+            since: now,
+        });
+        self.formed
+    }
+
+    /// True when some waiting debit's account is in no batch.
+    fn has_free_debit(&self) -> bool {
+        self.waiting
+            .iter()
+            .any(|w| !self.busy.contains(w.account()))
+    }
+
+    /// When free debits wait only because a batch is forming: the moment
+    /// its patience runs out, unless a timer already watches it.
+    fn watch_forming(&mut self, patience: Duration) -> Option<Instant> {
+        let forming = self.forming?;
+        if self.watched == Some(forming.number) {
+            return None;
+        }
+        self.watched = Some(forming.number);
+        Some(forming.since + patience)
+    }
+}
+
+/// What a queued debit or a finished batch sets going.
+enum Next {
+    /// A leader for the forming batch of this number (already counted).
+    Lead(u64),
+    /// A check at this moment, when the forming batch's patience runs out.
+    CheckAt(Instant),
+    Nothing,
 }
 
 /// Coalesces concurrent debits of any accounts (see the module header).
@@ -126,6 +207,7 @@ impl DebitBatcher {
                 max_debits: settings.max_debits.max(1),
                 max_accounts: settings.max_accounts.max(1),
                 max_in_flight: settings.max_in_flight.max(1),
+                forming_patience: settings.forming_patience,
             },
             queue: Arc::default(),
             commits: CommitSignal::default(),
@@ -163,31 +245,83 @@ impl DebitBatcher {
             posting,
             reply,
         };
-        let lead = {
+        let next = {
             let mut queue = self.lock_queue();
-            // A busy account's leader takes this debit when its batch ends.
+            // A busy account's leader takes this debit when its batch ends;
+            // a forming batch's leader starts the next batch when it commits
+            // (or a timer, if that takes longer than the patience).
             let free = !queue.busy.contains(waiting.account());
             queue.waiting.push_back(waiting);
-            let lead = free && queue.leaders < self.settings.max_in_flight;
-            if lead {
-                queue.leaders += 1;
+            if free && queue.leaders < self.settings.max_in_flight {
+                self.start_or_watch(&mut queue)
+            } else {
+                Next::Nothing
             }
-            lead
         };
-        if lead {
-            // A task, not this future: a cancelled caller must not strand the queue.
-            let batcher = self.clone();
-            tokio::spawn(async move { batcher.lead().await });
-        }
+        self.set_going(next);
         answer.await.map_err(|_| {
             BillingError::Unexpected(anyhow::anyhow!("the debit batch ended without an answer"))
         })?
     }
 
-    async fn lead(self) {
-        let mut batch = self.next_batch(&[]);
+    /// With a free debit waiting and a leader to spare: starts a batch
+    /// forming now if none is (or the one forming ran out of patience),
+    /// else watches the forming one's patience.
+    fn start_or_watch(&self, queue: &mut Queue) -> Next {
+        let now = Instant::now();
+        if queue.may_form(now, self.settings.forming_patience) {
+            queue.leaders += 1;
+            Next::Lead(queue.start_forming(now))
+        } else {
+            queue
+                .watch_forming(self.settings.forming_patience)
+                .map_or(Next::Nothing, Next::CheckAt)
+        }
+    }
+
+    /// Starts what `next` says, outside the queue's lock. Tasks, not the
+    /// caller's future: a cancelled caller must not strand the queue.
+    fn set_going(&self, next: Next) {
+        match next {
+            Next::Lead(number) => {
+                let batcher = self.clone();
+                tokio::spawn(async move { batcher.lead(number).await });
+            }
+            Next::CheckAt(at) => {
+                let batcher = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    batcher.check_waiting();
+                });
+            }
+            Next::Nothing => {}
+        }
+    }
+
+    /// Starts a batch for the free debits still waiting, if a leader is to spare.
+    fn check_waiting(&self) {
+        let next = {
+            let mut queue = self.lock_queue();
+            if queue.leaders < self.settings.max_in_flight && queue.has_free_debit() {
+                self.start_or_watch(&mut queue)
+            } else {
+                Next::Nothing
+            }
+        };
+        self.set_going(next);
+    }
+
+    async fn lead(self, mut number: u64) {
+        let mut batch = self.first_batch(number);
         while !batch.is_empty() {
-            let results = self.apply(&batch).await;
+            let results = {
+                let mut forming = Forming {
+                    batcher: &self,
+                    number: Some(number),
+                };
+                self.apply(&batch, &mut forming).await
+                // Dropping `forming` ends it on every path that did not commit.
+            };
             let mut accounts: Vec<String> = batch.iter().map(|w| w.account().to_owned()).collect();
             accounts.sort_unstable();
             accounts.dedup();
@@ -195,32 +329,81 @@ impl DebitBatcher {
                 // A caller that went away just misses its answer; its debit stands.
                 let _ = waiting.reply.send(result);
             }
-            batch = self.next_batch(&accounts);
+            (batch, number) = self.next_batch(&accounts);
         }
     }
 
-    /// Frees the accounts of the batch just answered and takes the next
-    /// batch; a leader that gets none ends (counted under the same lock, so
-    /// a debit queued meanwhile starts a new one).
-    fn next_batch(&self, done: &[String]) -> Vec<Waiting> {
+    /// Takes the first batch of a leader started for the forming batch
+    /// `number`; a leader that gets none ends.
+    fn first_batch(&self, number: u64) -> Vec<Waiting> {
         let mut queue = self.lock_queue();
-        for account in done {
-            queue.busy.remove(account);
-        }
         let batch = take(&mut queue, &self.settings);
         if batch.is_empty() {
             queue.leaders -= 1;
+            if queue.forming.is_some_and(|f| f.number == number) {
+                queue.forming = None;
+            }
         }
         batch
     }
 
+    /// Frees the accounts of the batch just answered and, unless another
+    /// batch is forming, takes the next one; a leader that gets none ends
+    /// (counted under the same lock, so a debit queued meanwhile starts a
+    /// new one, and the forming batch, or its patience's timer, starts the
+    /// next).
+    fn next_batch(&self, done: &[String]) -> (Vec<Waiting>, u64) {
+        let next = {
+            let mut queue = self.lock_queue();
+            for account in done {
+                queue.busy.remove(account);
+            }
+            let now = Instant::now();
+            let free = queue.has_free_debit();
+            if free && queue.may_form(now, self.settings.forming_patience) {
+                let number = queue.start_forming(now);
+                let batch = take(&mut queue, &self.settings);
+                debug_assert!(!batch.is_empty(), "a free debit joins the batch");
+                return (batch, number);
+            }
+            queue.leaders -= 1;
+            if free {
+                queue
+                    .watch_forming(self.settings.forming_patience)
+                    .map_or(Next::Nothing, Next::CheckAt)
+            } else {
+                Next::Nothing
+            }
+        };
+        self.set_going(next);
+        (Vec::new(), 0)
+    }
+
+    /// The forming batch `number` has sent its commit or failed: the next
+    /// batch may form. If debits are waiting for it, a leader starts it.
+    fn formed(&self, number: u64) {
+        let next = {
+            let mut queue = self.lock_queue();
+            if queue.forming.is_none_or(|f| f.number != number) {
+                return;
+            }
+            queue.forming = None;
+            if queue.leaders < self.settings.max_in_flight && queue.has_free_debit() {
+                self.start_or_watch(&mut queue)
+            } else {
+                Next::Nothing
+            }
+        };
+        self.set_going(next);
+    }
+
     /// Applies one batch, redoing it after a missed key or a deadlock;
     /// one result per debit.
-    async fn apply(&self, batch: &[Waiting]) -> BatchResults {
+    async fn apply(&self, batch: &[Waiting], forming: &mut Forming<'_>) -> BatchResults {
         let mut read = Read::Optimistic;
         let mut deadlocks = 0;
         loop {
-            match apply_batch(&self.pool, batch, read).await {
+            match apply_batch(&self.pool, batch, read, forming).await {
                 Ok(Applied::Done(done)) => {
                     if done.committed {
                         self.commits.committed();
@@ -347,10 +530,32 @@ fn is_deadlock(error: &sqlx::Error) -> bool {
         .is_some_and(|code| code == "40P01")
 }
 
+/// A leader's hold on the forming batch: ended once, when the batch sends
+/// its commit, or when it is dropped (the batch failed or wrote nothing).
+struct Forming<'a> {
+    batcher: &'a DebitBatcher,
+    number: Option<u64>,
+}
+
+impl Forming<'_> {
+    fn end(&mut self) {
+        if let Some(number) = self.number.take() {
+            self.batcher.formed(number);
+        }
+    }
+}
+
+impl Drop for Forming<'_> {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
 async fn apply_batch(
     pool: &PgPool,
     batch: &[Waiting],
     read: Read,
+    forming: &mut Forming<'_>,
 ) -> Result<Applied, BillingError> {
     let mut transaction = pool.begin().await?;
     match apply_in(&mut transaction, batch, read).await {
@@ -359,6 +564,8 @@ async fn apply_batch(
             debits,
             accounts,
         }) => {
+            // The next batch forms while this one waits for its commit.
+            forming.end();
             transaction.commit().await?;
             crate::telemetry::metrics::debit_batch_committed(debits, accounts);
             for _ in 0..debits {
@@ -799,6 +1006,9 @@ mod tests {
             waiting: debits.iter().map(|(a, k)| waiting(a, k)).collect(),
             busy: busy.iter().map(|a| (*a).to_owned()).collect(),
             leaders: 1,
+            forming: None,
+            formed: 0,
+            watched: None,
         }
     }
 
@@ -814,6 +1024,7 @@ mod tests {
             max_debits,
             max_accounts,
             max_in_flight: 4,
+            forming_patience: Duration::ZERO,
         }
     }
 

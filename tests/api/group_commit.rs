@@ -767,3 +767,88 @@ async fn two_replicas_batching_overlapping_accounts_in_opposite_orders_never_dea
     }
     app.stop().await;
 }
+
+/// A batcher whose leaders pipeline: up to four batches in flight, and a
+/// forming batch keeps the next from starting for `patience`.
+fn pipelined(pool: &sqlx::PgPool, patience: std::time::Duration) -> DebitBatcher {
+    DebitBatcher::new(
+        pool.clone(),
+        BatchSettings {
+            max_in_flight: 4,
+            forming_patience: patience,
+            ..BatchSettings::default()
+        },
+    )
+}
+
+#[tokio::test]
+async fn debits_arriving_while_a_batch_forms_wait_and_join_the_next_batch_together() {
+    let app = spawn_app().await;
+    app.account_with_balance("gate", "10.00").await;
+    let accounts: Vec<String> = (0..10).map(|i| format!("next-{i:02}")).collect();
+    for account in &accounts {
+        app.account_with_balance(account, "10.00").await;
+    }
+    // The forming batch waits for a lock for as long as the test holds it;
+    // the patience outlasts the test.
+    let batcher = pipelined(&app.pool, std::time::Duration::from_secs(600));
+    let gate = hold_locks(&app.pool, &["gate"]).await;
+    let first = spawn_debit(&batcher, "gate", "1.00", "gate");
+    crate::helpers::eventually("the forming batch waits for the gate's lock", || async {
+        waiting_for_locks(&app.pool).await >= 1 && batcher.waiting() == 0
+    })
+    .await;
+    let tasks: Vec<DebitTask> = accounts
+        .iter()
+        .map(|account| spawn_debit(&batcher, account, "1.00", "k"))
+        .collect();
+    // Free leaders are left, yet no second batch starts while one forms.
+    queued(&batcher, "every other debit waits for the next batch", 10).await;
+    assert!(tasks.iter().all(|task| !task.is_finished()));
+    gate.commit().await.unwrap();
+    first.await.unwrap().expect("the gate debit");
+    for task in tasks {
+        let answer = task.await.unwrap().expect("every debit fits");
+        assert_eq!(answer.balance, "9.00".parse().unwrap());
+    }
+    let commits = accounts_per_commit(&app.pool).await;
+    assert_eq!(
+        commits,
+        vec![(10, 10), (1, 1)],
+        "the ten debits that waited were written by one transaction"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_waiting_for_a_lock_holds_up_other_accounts_only_for_the_patience() {
+    let app = spawn_app().await;
+    for account in ["gate", "other"] {
+        app.account_with_balance(account, "10.00").await;
+    }
+    // Long enough that the other debit arrives while the gate's batch is
+    // still within it: only the patience's timer can start its batch.
+    let patience = std::time::Duration::from_secs(1);
+    let batcher = pipelined(&app.pool, patience);
+    let gate = hold_locks(&app.pool, &["gate"]).await;
+    let first = spawn_debit(&batcher, "gate", "1.00", "gate");
+    crate::helpers::eventually("the forming batch waits for the gate's lock", || async {
+        waiting_for_locks(&app.pool).await >= 1 && batcher.waiting() == 0
+    })
+    .await;
+    // The gate stays locked until the other account's debit is answered:
+    // a batch must have started beside the one still forming. (The bound
+    // only keeps a broken batcher from hanging the suite.)
+    let other = spawn_debit(&batcher, "other", "1.00", "k");
+    let answer = tokio::time::timeout(patience * 30, other)
+        .await
+        .expect("the other account's debit was held up by the batch waiting for the gate")
+        .unwrap()
+        .expect("the other account's debit");
+    assert_eq!(answer.balance, "9.00".parse().unwrap());
+    assert!(!first.is_finished(), "the gate's batch still waits");
+    gate.commit().await.unwrap();
+    let gated = first.await.unwrap().expect("the gate debit");
+    assert_eq!(gated.balance, "9.00".parse().unwrap());
+    app.stop().await;
+}
