@@ -10,11 +10,16 @@
 # The machine's load average is printed at the start; a run started with a
 # load above 1 is flagged BUSY in the report (BENCH_REFUSE_BUSY=1 refuses it).
 #
+# The server reaches Postgres the way the bare debit's pgbench does: over
+# the unix socket when the server has one (else over TCP, as BENCH_PG_URL).
+#
 # Environment: BENCH_SECONDS (10), BENCH_CONCURRENCY (64), BENCH_ACCOUNTS
 # (10000), BENCH_STREAMS (10000), BENCH_TOPUP_SAMPLES (30), BENCH_PORT (50151),
 # BENCH_OUT (bench-results), BENCH_AB (0; 1 adds the A/B runs: the product SQL
-# with the per-transaction NOTIFY trigger put back, and spread debits with
-# one account per transaction), BENCH_REFUSE_BUSY (0), BENCH_PG_URL, BENCH_DB
+# with the per-transaction NOTIFY trigger put back, spread debits with one
+# account per transaction, with every free debit starting a batch at once
+# (--debit-batch-patience-ms 0), and with the server on TCP, TLS when the
+# server offers it), BENCH_REFUSE_BUSY (0), BENCH_PG_URL, BENCH_DB
 # (billing_bench; the bare debit uses <BENCH_DB>_bare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,7 +91,21 @@ export BILLING_METRICS_LISTEN="${BILLING_METRICS_LISTEN:-127.0.0.1:0}"
 log "fresh database $DB on $BENCH_PG_URL"
 psql "$BENCH_PG_URL/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
 psql "$BENCH_PG_URL/postgres" -qc "CREATE DATABASE $DB" >/dev/null
-export DATABASE_URL="$BENCH_PG_URL/$DB"
+TCP_DATABASE_URL="$BENCH_PG_URL/$DB"
+read -r PG_HOST PG_PORT < <(python3 - "$BENCH_PG_URL" <<'PY'
+import sys, urllib.parse
+u = urllib.parse.urlparse(sys.argv[1])
+print(u.hostname or "127.0.0.1", u.port or 5432)
+PY
+)
+SOCKET_DIR="$(psql "$BENCH_PG_URL/postgres" -Atc "SHOW unix_socket_directories" | cut -d, -f1 | xargs)"
+if [[ -S "$SOCKET_DIR/.s.PGSQL.$PG_PORT" ]]; then
+  SOCKET_URL="$TCP_DATABASE_URL?host=$SOCKET_DIR"; SERVER_VIA="unix socket"
+else
+  SOCKET_URL="$TCP_DATABASE_URL"; SERVER_VIA="TCP (no unix socket found)"
+fi
+export DATABASE_URL="$SOCKET_URL"
+log "billing serve reaches Postgres over the $SERVER_VIA"
 export BILLING_JWT_SECRET="bench-secret-at-least-16-bytes-long"
 export BILLING_DATA_DIR="$OUT/data"
 "$BILLING" migrate >/dev/null 2>&1
@@ -146,6 +165,14 @@ if [[ "$AB" == 1 ]]; then
   start_server --debit-batch-accounts 1
   run ab_spread_one_account debit-spread "${COMMON[@]}" --accounts "$ACCOUNTS"
   stop_server
+  # No pipeline: every free debit starts a batch at once (up to 4 in flight).
+  start_server --debit-batch-patience-ms 0
+  run ab_spread_no_pipeline debit-spread "${COMMON[@]}" --accounts "$ACCOUNTS"
+  stop_server
+  # The server on TCP (TLS when Postgres offers it), like the product-SQL pgbench.
+  DATABASE_URL="$TCP_DATABASE_URL" start_server
+  run ab_spread_tcp debit-spread "${COMMON[@]}" --accounts "$ACCOUNTS"
+  stop_server
 fi
 trap - EXIT
 
@@ -156,25 +183,18 @@ pgbench_tps() { # script, connection args...
 }
 : >"$OUT/pgbench.txt"
 log "pgbench, the product's one-debit SQL, spread over $ACCOUNTS accounts (TCP)"
-PG_SPREAD=$(pgbench_tps scripts/bench/debit_spread.sql "$DATABASE_URL")
+PG_SPREAD=$(pgbench_tps scripts/bench/debit_spread.sql "$TCP_DATABASE_URL")
 log "pgbench, the product's one-debit SQL, one hot row (TCP)"
-PG_HOT=$(pgbench_tps scripts/bench/debit_hot.sql "$DATABASE_URL")
+PG_HOT=$(pgbench_tps scripts/bench/debit_hot.sql "$TCP_DATABASE_URL")
 PG_NOTIFY_SPREAD=""
 if [[ "$AB" == 1 ]]; then
   log "pgbench, the product's one-debit SQL with the per-transaction NOTIFY trigger put back (A/B)"
-  psql "$DATABASE_URL" -q -f scripts/bench/notify_trigger.sql >/dev/null
-  PG_NOTIFY_SPREAD=$(pgbench_tps scripts/bench/debit_spread.sql "$DATABASE_URL")
-  psql "$DATABASE_URL" -qc "DROP TRIGGER bench_balance_events_notify ON balance_events; DROP FUNCTION bench_notify_balance_events()" >/dev/null
+  psql "$TCP_DATABASE_URL" -q -f scripts/bench/notify_trigger.sql >/dev/null
+  PG_NOTIFY_SPREAD=$(pgbench_tps scripts/bench/debit_spread.sql "$TCP_DATABASE_URL")
+  psql "$TCP_DATABASE_URL" -qc "DROP TRIGGER bench_balance_events_notify ON balance_events; DROP FUNCTION bench_notify_balance_events()" >/dev/null
 fi
 
 # The bare debit: its own database, over the unix socket.
-read -r PG_HOST PG_PORT < <(python3 - "$BENCH_PG_URL" <<'PY'
-import sys, urllib.parse
-u = urllib.parse.urlparse(sys.argv[1])
-print(u.hostname or "127.0.0.1", u.port or 5432)
-PY
-)
-SOCKET_DIR="$(psql "$BENCH_PG_URL/postgres" -Atc "SHOW unix_socket_directories" | cut -d, -f1 | xargs)"
 if [[ -S "$SOCKET_DIR/.s.PGSQL.$PG_PORT" ]]; then
   BARE_HOST="$SOCKET_DIR"; BARE_VIA="unix socket"
 else
@@ -195,7 +215,7 @@ import json, os, sys
 out = sys.argv[1]
 names = ["noop", "spread", "hot", "spread_half", "events", "topup", "idle_streams", "stream_flood"]
 if "$AB" == "1":
-    names.append("ab_spread_one_account")
+    names += ["ab_spread_one_account", "ab_spread_no_pipeline", "ab_spread_tcp"]
 r = {n: json.load(open(f"{out}/{n}.json")) for n in names}
 pg = {"product_spread": float("$PG_SPREAD"), "product_hot": float("$PG_HOT"),
       "bare_spread": float("$BARE_SPREAD"), "bare_hot": float("$BARE_HOT")}
@@ -209,7 +229,7 @@ def line(label, value, target, ok):
 flag = "  ** BUSY MACHINE: figures are pessimistic and noisy **" if busy else ""
 print(f"\n=== billing benchmark: $CALLERS callers, $SECONDS_EACH s each; load average at start {load_start}, at end {load_end}{flag} ===")
 print(f"no-op gRPC (Health/Check)                {t('noop'):10.0f}/s  p99 {p99('noop'):.2f} ms")
-print(f"billing debits, spread                   {t('spread'):10.0f}/s  p99 {p99('spread'):.2f} ms  errors {r['spread']['errors']}")
+print(f"billing debits, spread                   {t('spread'):10.0f}/s  p99 {p99('spread'):.2f} ms  errors {r['spread']['errors']}  (server to Postgres: $SERVER_VIA)")
 print(f"billing debits, hot                      {t('hot'):10.0f}/s  p99 {p99('hot'):.2f} ms  errors {r['hot']['errors']}")
 print(f"pgbench bare debit, spread ($BARE_VIA)   {pg['bare_spread']:10.0f} tps")
 print(f"pgbench bare debit, hot ($BARE_VIA)      {pg['bare_hot']:10.0f} tps")
@@ -224,6 +244,10 @@ if "$AB" == "1":
           f"{pg['product_spread']:.0f} / {pg['product_spread_with_notify']:.0f} tps = {pg['product_spread']/pg['product_spread_with_notify']:.2f}x")
     print(f"  cross-account batching: spread debits, many / one account per transaction  "
           f"{t('spread'):.0f} / {t('ab_spread_one_account'):.0f} /s = {t('spread')/t('ab_spread_one_account'):.2f}x")
+    print(f"  batch pipeline: spread debits, one batch forming at a time / every free debit starting one  "
+          f"{t('spread'):.0f} / {t('ab_spread_no_pipeline'):.0f} /s = {t('spread')/t('ab_spread_no_pipeline'):.2f}x")
+    print(f"  transport: spread debits, server over the $SERVER_VIA / over TCP (TLS when offered)  "
+          f"{t('spread'):.0f} / {t('ab_spread_tcp'):.0f} /s = {t('spread')/t('ab_spread_tcp'):.2f}x")
     print("  shared event reader: not measured by this script")
 print()
 line("spread debits / pgbench bare spread", f"{t('spread')/pg['bare_spread']:.2f}x", ">= 1.0x", t('spread')/pg['bare_spread'] >= 1.0)
@@ -242,6 +266,6 @@ line("idle RSS", f"{int('$IDLE_RSS_KB')/1024:.1f} MiB", "<= 50 MiB", int('$IDLE_
 line("start to SERVING (migrated)", "$FIRST_SERVING_MS ms", "<= 1000 ms", int("$FIRST_SERVING_MS") <= 1000)
 print("(event delivery: the upper bound is from the debit transaction's start, the lower from its answer; MET only when the upper bound is)")
 json.dump({"load_average_at_start": float(load_start), "busy": busy, "pgbench_tps": pg,
-           "bare_via": "$BARE_VIA", "serving_ms": int("$FIRST_SERVING_MS"), "idle_rss_kib": int("$IDLE_RSS_KB"), **r},
+           "bare_via": "$BARE_VIA", "server_via": "$SERVER_VIA", "serving_ms": int("$FIRST_SERVING_MS"), "idle_rss_kib": int("$IDLE_RSS_KB"), **r},
           open(f"{out}/summary.json", "w"), indent=1)
 PY
