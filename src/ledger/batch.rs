@@ -638,9 +638,13 @@ async fn apply_in(
         .iter()
         .map(|w| w.posting.idempotency_key.as_str())
         .collect();
+    let mut accounts = debit_accounts.clone();
+    accounts.sort_unstable();
+    accounts.dedup();
     let rows = sqlx::query(include_str!("batch_lock.sql"))
         .bind(&debit_accounts)
         .bind(&keys)
+        .bind(&accounts)
         .fetch_all(&mut **transaction)
         .await?;
     let mut locked: HashMap<String, Locked> = HashMap::with_capacity(rows.len());

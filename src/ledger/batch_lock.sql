@@ -1,7 +1,10 @@
 -- Locks every account of a batch, in account id order, and in the same round
 -- trip reads the batch's keys already used on them and takes one entry id
 -- per debit. One row per account found (a missing account has no row).
--- $1 each debit's account_id, $2 each debit's idempotency key (same length).
+-- $1 each debit's account_id, $2 each debit's idempotency key (same length),
+-- $3 the batch's accounts, each once: the planner then counts the accounts,
+-- not the debits (it counted 64 for one account's 64 debits and locked that
+-- one row through a scan of the whole accounts table).
 -- Lock order: every batch of every replica locks its accounts sorted by id
 -- (the sort runs below the row locking), so two batches with overlapping
 -- accounts wait for each other and never deadlock.
@@ -23,7 +26,7 @@ WITH wanted AS (
     SELECT a.account_id, a.currency, a.display_name, a.billing_email, a.balance, a.credit_limit,
            a.version, a.created_at, now() AS now
       FROM accounts a
-     WHERE a.account_id IN (SELECT account_id FROM wanted)
+     WHERE a.account_id = ANY($3::TEXT[])
      ORDER BY a.account_id
        FOR UPDATE OF a
 )
