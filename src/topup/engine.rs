@@ -1,9 +1,10 @@
 //! The top-up engine, run by every replica. Each pass it
 //! - claims due top-ups with a lease (`FOR UPDATE SKIP LOCKED`; no
 //!   transaction stays open during gateway calls) and drives them through
-//!   the one charge path (`pipeline`): automatic ones that are due, any
-//!   top-up whose outcome is `UNKNOWN` (reconciled by idempotency key), and
-//!   manual ones whose caller went away;
+//!   the one charge path (`pipeline`): automatic ones that are due (one
+//!   that waited for another charge's unknown outcome is due as soon as
+//!   that outcome is known), any top-up whose outcome is `UNKNOWN`
+//!   (reconciled by idempotency key), and manual ones whose caller went away;
 //! - resumes crossings a cap stopped, once the rolling window allows;
 //! - ends top-ups that waited for 3-D Secure too long (`authentication_expired`);
 //! - once an hour, queues card-expiry reminders.
@@ -79,13 +80,15 @@ impl TopUpEngine {
         let now = self.top_ups.clock.now();
         let owner = Uuid::new_v4();
         let claimed: Option<(String, String)> = sqlx::query_as(
-            "UPDATE top_ups SET lease_until = $2, lease_owner = $3, \
+            "UPDATE top_ups SET lease_until = $2, lease_owner = $3, waits_for = NULL, \
                     status = CASE WHEN status = 'RETRY_SCHEDULED' THEN 'PENDING' ELSE status END, \
                     reconcile_tries = reconcile_tries + CASE WHEN status = 'UNKNOWN' THEN 1 ELSE 0 END \
               WHERE top_up_id = ( \
                     SELECT top_up_id FROM top_ups \
                      WHERE status IN ('PENDING', 'RETRY_SCHEDULED', 'UNKNOWN') \
                        AND ((trigger = 'AUTOMATIC' AND COALESCE(next_attempt_at, created_at) <= $1) \
+                         OR (trigger = 'AUTOMATIC' AND waits_for IS NOT NULL \
+                             AND NOT top_up_outcome_unknown(waits_for)) \
                          OR (trigger <> 'AUTOMATIC' AND status = 'UNKNOWN' AND COALESCE(next_attempt_at, updated_at) <= $1) \
                          OR (trigger <> 'AUTOMATIC' AND status = 'PENDING' AND updated_at <= $4)) \
                        AND (lease_until IS NULL OR lease_until <= $1) \

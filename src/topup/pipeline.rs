@@ -459,11 +459,15 @@ impl TopUps {
         }
         if let Some(other) = gate_closed_by(&mut *connection, &account, &top_up.top_up_id).await? {
             tracing::info!(account_id = %account, top_up_id = %top_up.top_up_id, %other, "automatic top-up waits: another charge's outcome is unknown");
+            // Due again once `other`'s outcome is known (the engine's due
+            // query), or after `reconcile_after` at the latest.
             sqlx::query(
-                "UPDATE top_ups SET lease_until = NULL, lease_owner = NULL, next_attempt_at = $2 WHERE top_up_id = $1",
+                "UPDATE top_ups SET lease_until = NULL, lease_owner = NULL, next_attempt_at = $2, \
+                        waits_for = $3 WHERE top_up_id = $1",
             )
             .bind(&top_up.top_up_id)
             .bind(now + self.config.reconcile_after)
+            .bind(&other)
             .execute(connection)
             .await?;
             return Ok(None);
@@ -1322,11 +1326,10 @@ pub(super) async fn gate_closed_by(
     except_top_up_id: &str,
 ) -> Result<Option<String>, BillingError> {
     Ok(sqlx::query_scalar(
-        "SELECT t.top_up_id FROM top_ups t \
-          WHERE t.account_id = $1 AND t.top_up_id <> $2 \
-            AND (t.status IN ('UNKNOWN', 'NEEDS_ATTENTION') \
-                 OR (t.status = 'PENDING' AND EXISTS (SELECT 1 FROM top_up_attempts a \
-                      WHERE a.top_up_id = t.top_up_id AND a.outcome = 'UNKNOWN'))) \
+        "SELECT top_up_id FROM top_ups \
+          WHERE account_id = $1 AND top_up_id <> $2 \
+            AND status IN ('UNKNOWN', 'NEEDS_ATTENTION', 'PENDING') \
+            AND top_up_outcome_unknown(top_up_id) \
           LIMIT 1",
     )
     .bind(account.as_str())

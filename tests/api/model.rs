@@ -23,7 +23,8 @@
 //!
 //! Seeded and replayable: `MODEL_SEED` (default: random, printed) and
 //! `MODEL_CASES` (default 200). A failing case is shrunk to a shortest
-//! failing sequence, which is printed with its seed.
+//! failing sequence, which is printed with its seed. `MODEL_CASE=N` replays
+//! case N of the seed alone (`MODEL_REPEAT` times) to hunt a rare failure.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -494,6 +495,24 @@ impl Runner {
         Ok(())
     }
 
+    /// The top-up's stored scheduling columns, for a failure message.
+    async fn stored_top_up(&self, top_up_id: &str) -> String {
+        let row: Option<(String, Option<chrono::DateTime<chrono::Utc>>, chrono::DateTime<chrono::Utc>, Option<String>, i32)> =
+            sqlx::query_as(
+                "SELECT status, next_attempt_at, created_at, lease_owner, rounds FROM top_ups WHERE top_up_id = $1",
+            )
+            .bind(top_up_id)
+            .fetch_optional(&self.app.pool)
+            .await
+            .unwrap_or(None);
+        match row {
+            Some((status, next, created, lease, rounds)) => format!(
+                "status {status}, next_attempt_at {next:?}, created_at {created}, lease_owner {lease:?}, rounds {rounds}"
+            ),
+            None => "no row".into(),
+        }
+    }
+
     async fn gate_closed(&self, account: &str) -> bool {
         let open: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM top_ups WHERE account_id = $1 AND status IN ('UNKNOWN', 'NEEDS_ATTENTION')",
@@ -506,8 +525,9 @@ impl Runner {
     }
 
     /// Waits until nothing is left to decide or charge now for the account
-    /// (the decider has read its events; no top-up is due, being driven, or
-    /// waiting for 3-D Secure past its expiry).
+    /// (the decider has read its events; no top-up is due, being driven,
+    /// waiting for a charge outcome that is known, or waiting for 3-D
+    /// Secure past its expiry).
     async fn quiesce(&self, account: &str) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + StdDuration::from_secs(30);
         let mut calm = 0;
@@ -519,6 +539,7 @@ impl Runner {
                    COALESCE((SELECT cursor FROM event_subscribers WHERE name = 'balance-policy'), 0) \
                  OR EXISTS (SELECT 1 FROM top_ups WHERE account_id = $1 AND ( \
                       lease_owner IS NOT NULL \
+                      OR (waits_for IS NOT NULL AND NOT top_up_outcome_unknown(waits_for)) \
                       OR (status IN ('PENDING', 'RETRY_SCHEDULED', 'UNKNOWN') \
                           AND COALESCE(next_attempt_at, created_at) <= $2) \
                       OR (status = 'REQUIRES_ACTION' AND updated_at <= $3))) \
@@ -804,15 +825,17 @@ impl Runner {
                 TopUpStatus::Pending => self.gate_closed(&account).await,
                 _ => false,
             };
-            ensure(told, || {
-                format!(
-                    "below the threshold ({} < {}) with auto refill on; the latest automatic top-up is {:?} ({}) and no email says why",
+            if !told {
+                let row = self.stored_top_up(&latest.top_up_id).await;
+                return Err(format!(
+                    "below the threshold ({} < {}) with auto refill on; the latest automatic top-up is {:?} ({}) and no email says why; stored: {row}; clock {}",
                     model.balance,
                     model.settings.threshold,
                     status(latest),
-                    latest.failure_reason
-                )
-            })?;
+                    latest.failure_reason,
+                    self.clock.now()
+                ));
+            }
         }
         Ok(())
     }
@@ -859,6 +882,31 @@ async fn shrink(runner: &mut Runner, mut ops: Vec<Op>, mut failure: String) -> (
     (ops, failure)
 }
 
+/// Replays one case (`MODEL_CASE`) of `seed`, `MODEL_REPEAT` times (default
+/// 1) on one server, shrinking the first failure.
+async fn replay(seed: u64, case: u64) {
+    let repeat: u32 = std::env::var("MODEL_REPEAT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let case_seed = seed.wrapping_add(case);
+    let ops = ops_for(case_seed);
+    eprintln!("replaying case {case} (case seed {case_seed}), {repeat} times: {ops:?}");
+    let mut runner = Runner::new().await;
+    for run in 0..repeat {
+        if let Err(failure) = runner.run(&format!("r{run}"), &ops).await {
+            let (shortest, failure) = shrink(&mut runner, ops, failure).await;
+            runner.app.stop().await;
+            panic!(
+                "case {case} (MODEL_SEED={seed}) failed on run {run}: {failure}\n\
+                 shortest failing sequence ({} ops):\n{shortest:#?}",
+                shortest.len()
+            );
+        }
+    }
+    runner.app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_operation_sequences_keep_the_top_up_card_and_ledger_rules() {
     let seed: u64 = std::env::var("MODEL_SEED")
@@ -871,6 +919,13 @@ async fn random_operation_sequences_keep_the_top_up_card_and_ledger_rules() {
         .unwrap_or(200);
     let workers: u64 = 4;
     eprintln!("model test: MODEL_SEED={seed} MODEL_CASES={cases}");
+    if let Some(case) = std::env::var("MODEL_CASE")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        replay(seed, case).await;
+        return;
+    }
     let mut tasks = Vec::new();
     for worker in 0..workers {
         tasks.push(tokio::spawn(async move {

@@ -418,6 +418,66 @@ async fn while_a_manual_charge_has_an_unknown_outcome_nothing_else_is_charged_fo
     s.app.stop().await;
 }
 
+/// The gate opens for a waiting automatic top-up the moment the other
+/// charge's outcome is known. It was parked for `reconcile_after` and, if
+/// the engine reached it just before the reconciliation, parked again: an
+/// account left below its threshold for no reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automatic_top_up_waiting_for_an_unknown_outcome_charges_as_soon_as_it_is_known() {
+    let (s, cards) = scenario("100.00", &[VISA, TIMES_OUT]).await;
+    apply(&s, settings("80.00", "30.00")).await;
+    let unknown = add_funds(&s.app, &s.admin, funds("30.00", &cards[1], "add-1"))
+        .await
+        .expect("an unknown outcome is an answer");
+    assert_eq!(
+        status_of(unknown.top_up.as_ref().unwrap()),
+        TopUpStatus::Unknown
+    );
+    // Reconciled 30 s after it was charged; the automatic top-up, parked
+    // 20 s later, would wait until 50 s.
+    s.clock.advance(Duration::seconds(20));
+    debit(&s.app, "90.00", "usage-1").await;
+    eventually("the automatic top-up waits at the closed gate", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM top_ups WHERE trigger = 'AUTOMATIC' AND status = 'PENDING' \
+              AND lease_owner IS NULL AND next_attempt_at IS NOT NULL",
+        )
+        .fetch_one(&s.app.pool)
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+    assert_eq!(automatic_attempts(&s).await, 0, "the gate is closed");
+
+    // The reconciliation (31 s) comes before the automatic top-up's own
+    // wait would end (50 s): the clock is not moved again.
+    s.clock.advance(Duration::seconds(11));
+    eventually(
+        "the automatic top-up charges once the manual charge is known",
+        || async {
+            top_ups(&s.app, &s.admin).await.iter().any(|t| {
+                t.trigger == proto::TopUpTrigger::Automatic as i32
+                    && status_of(t) == TopUpStatus::Succeeded
+            })
+        },
+    )
+    .await;
+    let manual = top_ups(&s.app, &s.admin)
+        .await
+        .into_iter()
+        .find(|t| t.trigger == proto::TopUpTrigger::Manual as i32)
+        .unwrap();
+    assert_eq!(status_of(&manual), TopUpStatus::Succeeded, "reconciled");
+    assert_eq!(charges_of(&s, &cards[0]).await, 1);
+    let after: rust_decimal::Decimal = balance(&s.app).await.parse().unwrap();
+    assert!(
+        after >= rust_decimal::Decimal::from(80),
+        "refilled to the threshold: {after}"
+    );
+    s.app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_card_or_one_whose_auto_charge_was_switched_off_is_never_charged_automatically() {
     let (s, cards) = scenario("50.00", &[DECLINES, DECLINES_OFF_SESSION, VISA]).await;
