@@ -497,20 +497,17 @@ impl Runner {
 
     /// The top-up's stored scheduling columns, for a failure message.
     async fn stored_top_up(&self, top_up_id: &str) -> String {
-        let row: Option<(String, Option<chrono::DateTime<chrono::Utc>>, chrono::DateTime<chrono::Utc>, Option<String>, i32)> =
-            sqlx::query_as(
-                "SELECT status, next_attempt_at, created_at, lease_owner, rounds FROM top_ups WHERE top_up_id = $1",
-            )
-            .bind(top_up_id)
-            .fetch_optional(&self.app.pool)
-            .await
-            .unwrap_or(None);
-        match row {
-            Some((status, next, created, lease, rounds)) => format!(
-                "status {status}, next_attempt_at {next:?}, created_at {created}, lease_owner {lease:?}, rounds {rounds}"
-            ),
-            None => "no row".into(),
-        }
+        sqlx::query_scalar(
+            "SELECT format('status %s, next_attempt_at %s, created_at %s, lease_owner %s, waits_for %s, rounds %s', \
+                           status, next_attempt_at, created_at, lease_owner, waits_for, rounds) \
+               FROM top_ups WHERE top_up_id = $1",
+        )
+        .bind(top_up_id)
+        .fetch_optional(&self.app.pool)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "no row".into())
     }
 
     async fn gate_closed(&self, account: &str) -> bool {
