@@ -2,7 +2,8 @@
 -- else is charged for the account. An automatic top-up that finds the gate
 -- closed names the charge it waits for, and is due again as soon as that
 -- charge's outcome is known (the engine's due query), not after a fixed wait
--- that could outlast the reconciliation by up to `reconcile_after`.
+-- that could outlast the reconciliation by up to `reconcile_after`. Read only
+-- while the top-up is PENDING (a top-up ended meanwhile keeps what it named).
 ALTER TABLE top_ups ADD COLUMN waits_for TEXT REFERENCES top_ups (top_up_id);
 
 -- True while the top-up's charge outcome is unknown: its status says so,

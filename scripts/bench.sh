@@ -17,8 +17,8 @@
 # (10000), BENCH_STREAMS (10000), BENCH_TOPUP_SAMPLES (30), BENCH_PORT (50151),
 # BENCH_OUT (bench-results), BENCH_AB (0; 1 adds the A/B runs: the product SQL
 # with the per-transaction NOTIFY trigger put back, spread debits with one
-# account per transaction, with the batch pipeline on
-# (--debit-batch-patience-ms 5), and with the server on TCP, TLS when the
+# account per transaction, with the batch pipeline off
+# (--debit-batch-patience-ms 0), and with the server on TCP, TLS when the
 # server offers it), BENCH_REFUSE_BUSY (0), BENCH_PG_URL, BENCH_DB
 # (billing_bench; the bare debit uses <BENCH_DB>_bare).
 set -euo pipefail
@@ -165,9 +165,9 @@ if [[ "$AB" == 1 ]]; then
   start_server --debit-batch-accounts 1
   run ab_spread_one_account debit-spread "${COMMON[@]}" --accounts "$ACCOUNTS"
   stop_server
-  # The batch pipeline on (off by default): one batch forms at a time.
-  start_server --debit-batch-patience-ms 5
-  run ab_spread_pipeline debit-spread "${COMMON[@]}" --accounts "$ACCOUNTS"
+  # The batch pipeline off (on by default): every free debit starts a batch.
+  start_server --debit-batch-patience-ms 0
+  run ab_spread_no_pipeline debit-spread "${COMMON[@]}" --accounts "$ACCOUNTS"
   stop_server
   # The server on TCP (TLS when Postgres offers it), like the product-SQL pgbench.
   DATABASE_URL="$TCP_DATABASE_URL" start_server
@@ -215,7 +215,7 @@ import json, os, sys
 out = sys.argv[1]
 names = ["noop", "spread", "hot", "spread_half", "events", "topup", "idle_streams", "stream_flood"]
 if "$AB" == "1":
-    names += ["ab_spread_one_account", "ab_spread_pipeline", "ab_spread_tcp"]
+    names += ["ab_spread_one_account", "ab_spread_no_pipeline", "ab_spread_tcp"]
 r = {n: json.load(open(f"{out}/{n}.json")) for n in names}
 pg = {"product_spread": float("$PG_SPREAD"), "product_hot": float("$PG_HOT"),
       "bare_spread": float("$BARE_SPREAD"), "bare_hot": float("$BARE_HOT")}
@@ -244,8 +244,8 @@ if "$AB" == "1":
           f"{pg['product_spread']:.0f} / {pg['product_spread_with_notify']:.0f} tps = {pg['product_spread']/pg['product_spread_with_notify']:.2f}x")
     print(f"  cross-account batching: spread debits, many / one account per transaction  "
           f"{t('spread'):.0f} / {t('ab_spread_one_account'):.0f} /s = {t('spread')/t('ab_spread_one_account'):.2f}x")
-    print(f"  batch pipeline: spread debits, one batch forming at a time (--debit-batch-patience-ms 5) / every free debit starting one (default)  "
-          f"{t('ab_spread_pipeline'):.0f} / {t('spread'):.0f} /s = {t('ab_spread_pipeline')/t('spread'):.2f}x")
+    print(f"  batch pipeline: spread debits, one batch forming at a time (default) / every free debit starting one (--debit-batch-patience-ms 0)  "
+          f"{t('spread'):.0f} / {t('ab_spread_no_pipeline'):.0f} /s = {t('spread')/t('ab_spread_no_pipeline'):.2f}x")
     print(f"  transport: spread debits, server over the $SERVER_VIA / over TCP (TLS when offered)  "
           f"{t('spread'):.0f} / {t('ab_spread_tcp'):.0f} /s = {t('spread')/t('ab_spread_tcp'):.2f}x")
     print("  shared event reader: not measured by this script")

@@ -226,9 +226,9 @@ pub struct ServeArgs {
     /// While one debit batch is forming (taken, locked, written; not yet
     /// committing), how long the next waits before starting beside it
     /// (milliseconds). Debits arriving meanwhile join the next batch
-    /// together; 0 (the default) starts a batch for every free debit at once.
-    /// 5 turns the batch pipeline on (BENCHMARKS.md, "Third session").
-    #[arg(long, env = "BILLING_DEBIT_BATCH_PATIENCE_MS", default_value_t = 0)]
+    /// together (the batch pipeline, BENCHMARKS.md); 0 turns it off: every
+    /// free debit starts a batch at once.
+    #[arg(long, env = "BILLING_DEBIT_BATCH_PATIENCE_MS", default_value_t = 5)]
     pub debit_batch_patience_ms: u64,
     /// Log format (the container image and the Helm chart set json).
     #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -8,8 +8,8 @@
 //! account's debits are applied in arrival order, one batch after the
 //! other — and apply it in one transaction, in four round trips (below).
 //!
-//! With [`BatchSettings::forming_patience`] above zero (off by default: see
-//! there) the leaders form a pipeline: one batch at a time is *forming* — taken
+//! With [`BatchSettings::forming_patience`] above zero (the default) the
+//! leaders form a pipeline: one batch at a time is *forming* — taken
 //! off the queue, locked, checked and written — while the batches before it
 //! wait for their commits. The next batch is taken when the forming one
 //! sends its `COMMIT` (or fails), so it holds every debit that arrived
@@ -92,9 +92,8 @@ pub struct BatchSettings {
     pub max_in_flight: usize,
     /// How long a forming batch keeps the next one from starting (see the
     /// module header); past it, a debit that arrives starts another batch
-    /// beside it. Default zero: the pipeline is off (every free debit
-    /// starts a batch at once) until the model-test case it changes is
-    /// understood (`MODEL_SEED=12502472940771580560`, case 121; BENCHMARKS.md).
+    /// beside it. Default 5 ms, a few of a batch's round trips; zero turns
+    /// the pipeline off (every free debit starts a batch at once).
     pub forming_patience: Duration,
 }
 
@@ -104,7 +103,7 @@ impl Default for BatchSettings {
             max_debits: 128,
             max_accounts: 128,
             max_in_flight: 4,
-            forming_patience: Duration::ZERO,
+            forming_patience: Duration::from_millis(5),
         }
     }
 }

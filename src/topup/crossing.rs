@@ -146,7 +146,7 @@ pub(super) async fn rearm(
     )
     .await?;
     let canceled_ids: Vec<String> = sqlx::query_scalar(
-        "UPDATE top_ups SET status = 'CANCELED', failure_reason = $2, next_attempt_at = NULL, updated_at = $3 \
+        "UPDATE top_ups SET status = 'CANCELED', failure_reason = $2, next_attempt_at = NULL, waits_for = NULL, updated_at = $3 \
           WHERE account_id = $1 AND trigger = 'AUTOMATIC' AND status IN ('PENDING', 'RETRY_SCHEDULED') \
             AND (lease_until IS NULL OR lease_until <= $3) \
             AND NOT EXISTS (SELECT 1 FROM top_up_attempts a \

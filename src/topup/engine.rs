@@ -87,7 +87,7 @@ impl TopUpEngine {
                     SELECT top_up_id FROM top_ups \
                      WHERE status IN ('PENDING', 'RETRY_SCHEDULED', 'UNKNOWN') \
                        AND ((trigger = 'AUTOMATIC' AND COALESCE(next_attempt_at, created_at) <= $1) \
-                         OR (trigger = 'AUTOMATIC' AND waits_for IS NOT NULL \
+                         OR (trigger = 'AUTOMATIC' AND status = 'PENDING' AND waits_for IS NOT NULL \
                              AND NOT top_up_outcome_unknown(waits_for)) \
                          OR (trigger <> 'AUTOMATIC' AND status = 'UNKNOWN' AND COALESCE(next_attempt_at, updated_at) <= $1) \
                          OR (trigger <> 'AUTOMATIC' AND status = 'PENDING' AND updated_at <= $4)) \

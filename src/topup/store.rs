@@ -241,7 +241,7 @@ pub(super) async fn finish(
 ) -> Result<(), BillingError> {
     sqlx::query(
         "UPDATE top_ups SET status = $2, transaction_id = COALESCE($3, transaction_id), failure_reason = $4, \
-                challenge_id = $5, challenge_url = $6, next_attempt_at = NULL, lease_until = NULL, \
+                challenge_id = $5, challenge_url = $6, next_attempt_at = NULL, waits_for = NULL, lease_until = NULL, \
                 lease_owner = NULL, updated_at = $7 \
           WHERE top_up_id = $1",
     )

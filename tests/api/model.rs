@@ -536,7 +536,8 @@ impl Runner {
                    COALESCE((SELECT cursor FROM event_subscribers WHERE name = 'balance-policy'), 0) \
                  OR EXISTS (SELECT 1 FROM top_ups WHERE account_id = $1 AND ( \
                       lease_owner IS NOT NULL \
-                      OR (waits_for IS NOT NULL AND NOT top_up_outcome_unknown(waits_for)) \
+                      OR (status = 'PENDING' AND waits_for IS NOT NULL \
+                          AND NOT top_up_outcome_unknown(waits_for)) \
                       OR (status IN ('PENDING', 'RETRY_SCHEDULED', 'UNKNOWN') \
                           AND COALESCE(next_attempt_at, created_at) <= $2) \
                       OR (status = 'REQUIRES_ACTION' AND updated_at <= $3))) \
