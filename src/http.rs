@@ -7,7 +7,6 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 
 use crate::telemetry::metrics;
 
@@ -19,18 +18,6 @@ pub fn router(pool: PgPool, extra: Option<Router>) -> Router {
         Some(extra) => router.merge(extra),
         None => router,
     }
-}
-
-/// Serves `router` on `listener` until `shutdown` completes.
-pub async fn serve(
-    listener: TcpListener,
-    pool: PgPool,
-    extra: Option<Router>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(pool, extra))
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 /// Never waits on the database: the database gauges come from the snapshot

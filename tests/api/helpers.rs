@@ -17,10 +17,7 @@ use tonic::transport::Channel;
 pub const TEST_SECRET: &str = "test-secret-at-least-16-bytes-long";
 
 /// The server every test database lives on: TEST_DATABASE_URL or the local default.
-pub fn server_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+pub use crate::test_db::server_url;
 
 pub fn init_logs() {
     if std::env::var("TEST_LOG").is_ok() {
@@ -28,32 +25,11 @@ pub fn init_logs() {
     }
 }
 
-/// This run's prefix of test database names: `BILLING_TEST_RUN` (set by
-/// scripts/test.sh for the whole run) or `<unix seconds>_<pid>`. It starts
-/// with the time it was made, so a clean-up can tell a day-old leftover from a
-/// database some concurrent run is still using.
+/// This run's prefix of test database names (`billing_test_<run>_`, see
+/// [`crate::test_db::run_id`]).
 pub fn run_prefix() -> &'static str {
     static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PREFIX.get_or_init(|| {
-        let valid = |run: &str| {
-            run.len() <= 32
-                && run.bytes().take(10).all(|b| b.is_ascii_digit())
-                && run
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        };
-        let run = match std::env::var("BILLING_TEST_RUN") {
-            Ok(run) if valid(&run) => run,
-            _ => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .expect("the clock is after 1970")
-                    .as_secs();
-                format!("{now}_{}", std::process::id())
-            }
-        };
-        format!("billing_test_{run}_")
-    })
+    PREFIX.get_or_init(|| format!("billing_test_{}_", crate::test_db::run_id()))
 }
 
 /// Drops a test database (ours: it carries this run's prefix), closing
@@ -95,19 +71,7 @@ pub fn drop_database(name: &str) {
 /// database when it ends; databases made here for other uses are dropped by
 /// scripts/test.sh at the end of the run.
 pub async fn fresh_database() -> (PgPool, PgConnectOptions) {
-    let server: PgConnectOptions = server_url()
-        .parse()
-        .expect("TEST_DATABASE_URL is a postgres URL");
-    let unique = uuid::Uuid::new_v4().simple().to_string();
-    let name = format!("{}{}", run_prefix(), &unique[..12]);
-    let mut admin = server
-        .connect()
-        .await
-        .expect("connect to the test Postgres server");
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await
-        .expect("create test database");
+    let (server, name) = crate::test_db::create(run_prefix()).await;
     let options = server.database(&name);
     let pool = PgPoolOptions::new()
         .max_connections(8)

@@ -22,4 +22,6 @@ mod rich_errors;
 mod stripe;
 mod subscribers;
 mod telemetry;
+#[path = "../support/test_db.rs"]
+mod test_db;
 mod top_ups;

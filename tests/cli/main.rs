@@ -9,4 +9,6 @@ mod health;
 mod process;
 mod proto_compatibility;
 mod python_client;
+#[path = "../support/test_db.rs"]
+mod test_db;
 mod token;

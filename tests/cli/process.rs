@@ -122,48 +122,13 @@ impl Drop for Serve {
     }
 }
 
-/// This run's prefix of database names: `BILLING_TEST_RUN` (set by
-/// scripts/test.sh, which drops the run's databases when it ends) or
-/// `<unix seconds>_<pid>`; it starts with the time, so a clean-up can tell a
-/// day-old leftover from a database a concurrent run is using.
-pub fn run_prefix() -> &'static str {
-    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PREFIX.get_or_init(|| {
-        let valid = |run: &str| {
-            run.len() <= 32
-                && run.bytes().take(10).all(|b| b.is_ascii_digit())
-                && run
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        };
-        let run = match std::env::var("BILLING_TEST_RUN") {
-            Ok(run) if valid(&run) => run,
-            _ => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .expect("the clock is after 1970")
-                    .as_secs();
-                format!("{now}_{}", std::process::id())
-            }
-        };
-        format!("billing_cli_{run}_")
-    })
-}
-
-/// Creates a fresh empty database on the test server, named under this run's
-/// prefix, and returns its URL.
+/// Creates a fresh empty database on the test server, named under this
+/// run's prefix (`billing_cli_<run>_`, see [`crate::test_db::run_id`]), and
+/// returns its URL.
 pub async fn fresh_database_url() -> String {
-    use sqlx::{ConnectOptions, Executor};
-    let server_url = std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let options: sqlx::postgres::PgConnectOptions = server_url.parse().unwrap();
-    let unique = uuid::Uuid::new_v4().simple().to_string();
-    let name = format!("{}{}", run_prefix(), &unique[..12]);
-    let mut admin = options.connect().await.unwrap();
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await
-        .unwrap();
+    let prefix = format!("billing_cli_{}_", crate::test_db::run_id());
+    let (_, name) = crate::test_db::create(&prefix).await;
+    let server_url = crate::test_db::server_url();
     let base = server_url
         .rsplit_once('/')
         .map(|(base, _)| base.to_owned())
