@@ -239,7 +239,7 @@ impl TopUps {
         let now = self.clock.now();
         let owner = Uuid::new_v4();
         let claimed = sqlx::query(
-            "UPDATE top_ups SET lease_until = $3, lease_owner = $4 \
+            "UPDATE top_ups SET lease_until = $3, lease_owner = $4, waits_for = NULL \
               WHERE account_id = $1 AND top_up_id = $2 AND status IN ('PENDING', 'UNKNOWN') \
                 AND (lease_until IS NULL OR lease_until <= $5)",
         )

@@ -440,7 +440,7 @@ async fn an_automatic_top_up_waiting_for_an_unknown_outcome_charges_as_soon_as_i
     eventually("the automatic top-up waits at the closed gate", || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT COUNT(*) FROM top_ups WHERE trigger = 'AUTOMATIC' AND status = 'PENDING' \
-              AND lease_owner IS NULL AND next_attempt_at IS NOT NULL",
+              AND lease_owner IS NULL AND next_attempt_at > created_at",
         )
         .fetch_one(&s.app.pool)
         .await
