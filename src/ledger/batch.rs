@@ -316,17 +316,19 @@ impl DebitBatcher {
     async fn lead(self, mut number: u64) {
         let mut batch = self.first_batch(number);
         while !batch.is_empty() {
+            // The batch's accounts, each once, in id order: locked by the
+            // batch, freed after it.
+            let mut accounts: Vec<String> = batch.iter().map(|w| w.account().to_owned()).collect();
+            accounts.sort_unstable();
+            accounts.dedup();
             let results = {
                 let mut forming = Forming {
                     batcher: &self,
                     number: Some(number),
                 };
-                self.apply(&batch, &mut forming).await
+                self.apply(&batch, &accounts, &mut forming).await
                 // Dropping `forming` ends it on every path that did not commit.
             };
-            let mut accounts: Vec<String> = batch.iter().map(|w| w.account().to_owned()).collect();
-            accounts.sort_unstable();
-            accounts.dedup();
             for (waiting, result) in batch.drain(..).zip(results) {
                 // A caller that went away just misses its answer; its debit stands.
                 let _ = waiting.reply.send(result);
@@ -401,11 +403,17 @@ impl DebitBatcher {
 
     /// Applies one batch, redoing it after a missed key or a deadlock;
     /// one result per debit.
-    async fn apply(&self, batch: &[Waiting], forming: &mut Forming<'_>) -> BatchResults {
+    /// `accounts`: the batch's accounts, each once, sorted.
+    async fn apply(
+        &self,
+        batch: &[Waiting],
+        accounts: &[String],
+        forming: &mut Forming<'_>,
+    ) -> BatchResults {
         let mut read = Read::Optimistic;
         let mut deadlocks = 0;
         loop {
-            match apply_batch(&self.pool, batch, read, forming).await {
+            match apply_batch(&self.pool, batch, accounts, read, forming).await {
                 Ok(Applied::Done(done)) => {
                     if done.committed {
                         self.commits.committed();
@@ -556,11 +564,12 @@ impl Drop for Forming<'_> {
 async fn apply_batch(
     pool: &PgPool,
     batch: &[Waiting],
+    accounts: &[String],
     read: Read,
     forming: &mut Forming<'_>,
 ) -> Result<Applied, BillingError> {
     let mut transaction = pool.begin().await?;
-    match apply_in(&mut transaction, batch, read).await {
+    match apply_in(&mut transaction, batch, accounts, read).await {
         Ok(Step::Commit {
             done,
             debits,
@@ -633,6 +642,7 @@ struct Locked {
 async fn apply_in(
     transaction: &mut Transaction<'static, Postgres>,
     batch: &[Waiting],
+    accounts: &[String],
     read: Read,
 ) -> Result<Step, Failure> {
     let debit_accounts: Vec<&str> = batch.iter().map(Waiting::account).collect();
@@ -640,13 +650,10 @@ async fn apply_in(
         .iter()
         .map(|w| w.posting.idempotency_key.as_str())
         .collect();
-    let mut accounts = debit_accounts.clone();
-    accounts.sort_unstable();
-    accounts.dedup();
     let rows = sqlx::query(include_str!("batch_lock.sql"))
         .bind(&debit_accounts)
         .bind(&keys)
-        .bind(&accounts)
+        .bind(accounts)
         .fetch_all(&mut **transaction)
         .await?;
     let mut locked: HashMap<String, Locked> = HashMap::with_capacity(rows.len());

@@ -380,17 +380,23 @@ fn top_up_status_of(top_up: &proto::TopUp) -> TopUpStatus {
     status_of(top_up)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn while_a_manual_charge_has_an_unknown_outcome_nothing_else_is_charged_for_the_account() {
-    let (s, cards) = scenario("50.00", &[TIMES_OUT, VISA]).await;
-    apply(&s, settings("10.00", "30.00")).await;
-    let unknown = add_funds(&s.app, &s.admin, funds("100.00", &cards[0], "add-1"))
+/// Add Funds on the card that times out: the answer is a top-up whose
+/// outcome is unknown, which closes the account's gate.
+async fn add_funds_with_unknown_outcome(s: &Scenario, card: &str, amount: &str) {
+    let unknown = add_funds(&s.app, &s.admin, funds(amount, card, "add-1"))
         .await
         .expect("an unknown outcome is an answer");
     assert_eq!(
         status_of(unknown.top_up.as_ref().unwrap()),
         TopUpStatus::Unknown
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_manual_charge_has_an_unknown_outcome_nothing_else_is_charged_for_the_account() {
+    let (s, cards) = scenario("50.00", &[TIMES_OUT, VISA]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    add_funds_with_unknown_outcome(&s, &cards[0], "100.00").await;
     debit(&s.app, "45.00", "usage-1").await;
     settle_briefly().await;
     settle_briefly().await;
@@ -426,13 +432,7 @@ async fn while_a_manual_charge_has_an_unknown_outcome_nothing_else_is_charged_fo
 async fn an_automatic_top_up_waiting_for_an_unknown_outcome_charges_as_soon_as_it_is_known() {
     let (s, cards) = scenario("100.00", &[VISA, TIMES_OUT]).await;
     apply(&s, settings("80.00", "30.00")).await;
-    let unknown = add_funds(&s.app, &s.admin, funds("30.00", &cards[1], "add-1"))
-        .await
-        .expect("an unknown outcome is an answer");
-    assert_eq!(
-        status_of(unknown.top_up.as_ref().unwrap()),
-        TopUpStatus::Unknown
-    );
+    add_funds_with_unknown_outcome(&s, &cards[1], "30.00").await;
     // Reconciled 30 s after it was charged; the automatic top-up, parked
     // 20 s later, would wait until 50 s.
     s.clock.advance(Duration::seconds(20));
