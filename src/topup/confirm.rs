@@ -5,13 +5,14 @@
 
 use uuid::Uuid;
 
-use super::pipeline::{Answer, Lease, TopUps, lock_account};
+use super::pipeline::{Answer, Lease, TopUps, gate_closed_by, gate_refusal, lock_account};
 use super::{AttemptOutcome, TopUpStatus, Trigger, gateway_key, store};
 use crate::audit;
 use crate::auth::Caller;
 use crate::error::{BillingError, Reason};
-use crate::gateway::{GatewayError, Outcome};
+use crate::gateway::{Charge, GatewayError, Outcome};
 use crate::ids::AccountId;
+use crate::payment_methods::{self, MethodStatus};
 
 impl TopUps {
     /// Completes the challenge of a `REQUIRES_ACTION` top-up of `account`
@@ -37,11 +38,20 @@ impl TopUps {
             .rev()
             .find(|a| a.outcome == AttemptOutcome::RequiresAction && a.challenge.is_some());
         let Some(waiting) = waiting else {
-            let challenged_and_settled = top_up
+            let challenged = |a: &&super::TopUpAttempt| a.challenge.is_some();
+            let settled = top_up
                 .attempts
                 .iter()
-                .any(|a| a.challenge.is_some() && a.outcome != AttemptOutcome::RequiresAction);
-            if challenged_and_settled && top_up.status.is_final() {
+                .filter(challenged)
+                .any(|a| a.outcome != AttemptOutcome::RequiresAction);
+            let in_flight = top_up
+                .attempts
+                .iter()
+                .filter(challenged)
+                .any(|a| a.outcome == AttemptOutcome::Unknown);
+            // Settled, or another confirmation's charge is in flight: the
+            // top-up is answered as it stands; nothing is charged again.
+            if settled && (top_up.status.is_final() || in_flight) {
                 return self.result(account, top_up_id).await;
             }
             return Err(not_awaiting_authentication(top_up_id, top_up.status));
@@ -54,43 +64,45 @@ impl TopUps {
         }
         let number = waiting.attempt_number;
         let key = gateway_key(top_up_id, number);
+        // A passed challenge moves money: it is taken like every other
+        // charge, on the live state under the account lock (see
+        // `take_confirmation`). A failed one charges nothing.
+        let lease = if authenticated {
+            match self.take_confirmation(account, top_up_id, number).await? {
+                Taken::Charge(lease) => Some(lease),
+                Taken::Elsewhere => return self.result(account, top_up_id).await,
+                Taken::Refused(error) => return Err(error),
+            }
+        } else {
+            None
+        };
         let charge = match self.gateway.confirm_charge(&key, authenticated).await {
             Ok(charge) => charge,
-            Err(GatewayError::Rejected(reason)) => {
-                return Err(BillingError::precondition(
-                    Reason::GatewayRejected,
-                    format!("top_ups/{top_up_id}"),
-                    format!("the payment gateway refused the confirmation: {reason}"),
-                ));
-            }
-            Err(GatewayError::UnknownToken) => {
-                return Err(BillingError::precondition(
-                    Reason::CardUnknownToGateway,
-                    format!("top_ups/{top_up_id}"),
-                    "the card of this top-up is no longer known to the payment gateway",
-                ));
-            }
-            Err(GatewayError::Unexpected(cause)) => {
-                tracing::error!(error = ?cause, "payment gateway failed");
-                return Err(BillingError::unavailable(
-                    Reason::GatewayUnavailable,
-                    "the payment gateway is unavailable; retry later",
-                ));
+            Err(error) => {
+                if let Some(lease) = &lease {
+                    self.confirmation_not_answered(lease, number, &error)
+                        .await?;
+                }
+                return Err(confirmation_error(top_up_id, error));
             }
         };
-        // Still waiting (the customer has not finished in the browser) or
-        // processing: the top-up is answered as it is.
-        if !matches!(
+        // A taken attempt is settled whatever the answer (a challenge still
+        // open waits again; a processing charge is reconciled by its key).
+        // Untaken (a failed challenge), only a final answer is settled.
+        let answered = !matches!(
             charge.outcome,
             Outcome::RequiresAction { .. } | Outcome::Unknown
-        ) {
-            let lease = Lease {
+        );
+        if lease.is_some() || answered {
+            let lease = lease.unwrap_or_else(|| Lease {
                 top_up_id: top_up_id.to_owned(),
                 account: account.clone(),
                 owner: Uuid::new_v4(),
-            };
+            });
             self.settle(&lease, number, charge, Answer::Confirmed)
                 .await?;
+        }
+        if answered {
             let mut connection = self.pool.acquire().await?;
             audit::record(
                 &mut connection,
@@ -102,6 +114,172 @@ impl TopUps {
             .await?;
         }
         self.result(account, top_up_id).await
+    }
+
+    /// Takes attempt `number` of a `REQUIRES_ACTION` top-up for the
+    /// customer's passed challenge, in one transaction under the account
+    /// lock, on the live state — the rules every charge meets when it is
+    /// made, not when the challenge was asked:
+    ///
+    /// - the attempt's card is still active (not removed, not failed):
+    ///   else the top-up ends `FAILED` (`payment_method_removed` /
+    ///   `payment_method_not_active`) and an automatic one's crossing starts
+    ///   the next top-up on the other cards;
+    /// - the gate is open (no other charge of the account has an unknown
+    ///   outcome): else refused, the top-up still waiting;
+    /// - an automatic top-up is still wanted ([`TopUps::still_wanted`]:
+    ///   auto refill on, the balance below the threshold): else `CANCELED`.
+    ///
+    /// Taken, the attempt is `UNKNOWN` and the top-up `PENDING` under this
+    /// confirmation's lease before the gateway hears of it: a card removal
+    /// or a settings change meanwhile sees a charge in flight (as for any
+    /// charge), the expiry of waiting top-ups leaves it alone, and if this
+    /// process dies the engine reconciles it by its key once the lease runs
+    /// out.
+    async fn take_confirmation(
+        &self,
+        account: &AccountId,
+        top_up_id: &str,
+        number: i32,
+    ) -> Result<Taken, BillingError> {
+        let now = self.clock.now();
+        let mut transaction = self.pool.begin().await?;
+        lock_account(&mut transaction, account).await?;
+        let top_up = store::lock(&mut transaction, account, top_up_id).await?;
+        let waiting = top_up
+            .attempts
+            .iter()
+            .find(|a| a.attempt_number == number && a.outcome == AttemptOutcome::RequiresAction);
+        let Some(waiting) = waiting.filter(|_| top_up.status == TopUpStatus::RequiresAction) else {
+            transaction.commit().await?;
+            return Ok(Taken::Elsewhere);
+        };
+        let card =
+            payment_methods::find_method(&mut transaction, account, &waiting.payment_method_id)
+                .await?;
+        let unusable = match card.status {
+            MethodStatus::Removed => Some((
+                "payment_method_removed",
+                Reason::PaymentMethodRemoved,
+                "the card of this top-up was removed",
+            )),
+            MethodStatus::Active => None,
+            _ => Some((
+                "payment_method_not_active",
+                Reason::PaymentMethodNotActive,
+                "the card of this top-up is no longer active",
+            )),
+        };
+        let automatic = top_up.trigger == Trigger::Automatic;
+        if let Some(other) = gate_closed_by(&mut transaction, account, top_up_id).await? {
+            transaction.commit().await?;
+            return Ok(Taken::Refused(gate_refusal(&other)));
+        }
+        if let Some((failure, reason, message)) = unusable {
+            self.finish(
+                &mut transaction,
+                &top_up,
+                TopUpStatus::Failed,
+                failure,
+                None,
+                None,
+            )
+            .await?;
+            let started = automatic
+                && self
+                    .recheck_locked(&mut transaction, account.as_str(), true)
+                    .await?
+                    .is_some();
+            transaction.commit().await?;
+            if started {
+                self.wake.notify_one();
+            }
+            return Ok(Taken::Refused(BillingError::precondition(
+                reason,
+                format!("payment_methods/{}", card.payment_method_id),
+                format!("{message}: top-up {top_up_id} ended FAILED and nothing was charged"),
+            )));
+        }
+        if automatic
+            && self
+                .still_wanted(&mut transaction, &top_up)
+                .await?
+                .is_none()
+        {
+            transaction.commit().await?;
+            let status = store::get(&mut *self.pool.acquire().await?, account, top_up_id)
+                .await?
+                .status;
+            return Ok(Taken::Refused(not_awaiting_authentication(
+                top_up_id, status,
+            )));
+        }
+        let owner = Uuid::new_v4();
+        sqlx::query(
+            "UPDATE top_up_attempts SET outcome = 'UNKNOWN' WHERE top_up_id = $1 AND attempt_number = $2",
+        )
+        .bind(top_up_id)
+        .bind(number)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query(
+            "UPDATE top_ups SET status = 'PENDING', lease_owner = $2, lease_until = $3, updated_at = $4 \
+              WHERE top_up_id = $1",
+        )
+        .bind(top_up_id)
+        .bind(owner)
+        .bind(now + self.config.lease)
+        .bind(now)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(Taken::Charge(Lease {
+            top_up_id: top_up_id.to_owned(),
+            account: account.clone(),
+            owner,
+        }))
+    }
+
+    /// The gateway did not answer a taken confirmation. Refused (it charged
+    /// nothing): the attempt waits for the customer again. No answer at all:
+    /// the outcome is unknown and the charge is reconciled by its key.
+    async fn confirmation_not_answered(
+        &self,
+        lease: &Lease,
+        number: i32,
+        error: &GatewayError,
+    ) -> Result<(), BillingError> {
+        if let GatewayError::Unexpected(_) = error {
+            let unknown = Charge {
+                charge_id: None,
+                outcome: Outcome::Unknown,
+            };
+            self.settle(lease, number, unknown, Answer::Confirmed)
+                .await?;
+            return Ok(());
+        }
+        let mut transaction = self.pool.begin().await?;
+        lock_account(&mut transaction, &lease.account).await?;
+        let released = sqlx::query(
+            "UPDATE top_ups SET status = 'REQUIRES_ACTION', lease_owner = NULL, lease_until = NULL \
+              WHERE top_up_id = $1 AND lease_owner = $2 AND status = 'PENDING'",
+        )
+        .bind(&lease.top_up_id)
+        .bind(lease.owner)
+        .execute(&mut *transaction)
+        .await?;
+        if released.rows_affected() == 1 {
+            sqlx::query(
+                "UPDATE top_up_attempts SET outcome = 'REQUIRES_ACTION' \
+                  WHERE top_up_id = $1 AND attempt_number = $2 AND outcome = 'UNKNOWN'",
+            )
+            .bind(&lease.top_up_id)
+            .bind(number)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
     }
 
     /// `REQUIRES_ACTION` top-ups the customer did not complete in time end
@@ -184,6 +362,39 @@ impl TopUps {
             self.wake.notify_one();
         }
         Ok(true)
+    }
+}
+
+/// What a confirmation found when it took the attempt.
+enum Taken {
+    /// Taken: charge it under this lease.
+    Charge(Lease),
+    /// Another confirmation took it, or it settled meanwhile.
+    Elsewhere,
+    /// The live state refuses the charge; the top-up has ended.
+    Refused(BillingError),
+}
+
+/// The answer to a confirmation the gateway did not answer.
+fn confirmation_error(top_up_id: &str, error: GatewayError) -> BillingError {
+    match error {
+        GatewayError::Rejected(reason) => BillingError::precondition(
+            Reason::GatewayRejected,
+            format!("top_ups/{top_up_id}"),
+            format!("the payment gateway refused the confirmation: {reason}"),
+        ),
+        GatewayError::UnknownToken => BillingError::precondition(
+            Reason::CardUnknownToGateway,
+            format!("top_ups/{top_up_id}"),
+            "the card of this top-up is no longer known to the payment gateway",
+        ),
+        GatewayError::Unexpected(cause) => {
+            tracing::error!(error = ?cause, "payment gateway failed");
+            BillingError::unavailable(
+                Reason::GatewayUnavailable,
+                "the payment gateway is unavailable; retry later",
+            )
+        }
     }
 }
 

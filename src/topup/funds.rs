@@ -8,7 +8,7 @@
 
 use rust_decimal::Decimal;
 
-use super::pipeline::{Driver, REPLAY_WAIT, TopUps, gate_closed_by};
+use super::pipeline::{Driver, REPLAY_WAIT, TopUps, gate_closed_by, gate_refusal};
 use super::{TopUp, Trigger, store};
 use crate::audit;
 use crate::auth::Caller;
@@ -163,14 +163,7 @@ impl TopUps {
             }
         }
         if let Some(other) = gate_closed_by(&mut transaction, account, "").await? {
-            return Err(BillingError::precondition(
-                Reason::ChargeOutcomeUnknown,
-                format!("top_ups/{other}"),
-                format!(
-                    "another charge of the account (top-up {other}) has an unknown outcome; \
-                     nothing else is charged until it is reconciled — try again later"
-                ),
-            ));
+            return Err(gate_refusal(&other));
         }
         let top_up = store::insert(
             &mut transaction,

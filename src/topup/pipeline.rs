@@ -427,6 +427,42 @@ impl TopUps {
         }))
     }
 
+    /// Whether an automatic top-up is still wanted, on the live state read
+    /// under the account lock the caller holds: auto refill on, and the total
+    /// balance below the threshold. If not, the top-up ends `CANCELED`
+    /// (`auto_refill_disabled`, or `balance_restored` with the crossing
+    /// re-armed) and `None` is returned. The one check before every
+    /// automatic charge: the next attempt of a round and the customer's
+    /// confirmation of a 3-D Secure challenge (`confirm.rs`).
+    pub(super) async fn still_wanted(
+        &self,
+        connection: &mut PgConnection,
+        top_up: &TopUp,
+    ) -> Result<Option<(settings::LowBalanceSettings, Observed)>, BillingError> {
+        let account_id = top_up.account_id.as_str();
+        let settings = settings::load(&mut *connection, account_id, &self.config).await?;
+        if !settings.auto_refill_enabled {
+            self.cancel(connection, top_up, cancel_reason::AUTO_REFILL_DISABLED)
+                .await?;
+            return Ok(None);
+        }
+        let live = Observed::live(&ledger::load_account(&mut *connection, account_id).await?);
+        if live.total >= settings.threshold {
+            self.cancel(connection, top_up, cancel_reason::BALANCE_RESTORED)
+                .await?;
+            crossing::rearm(
+                connection,
+                account_id,
+                live.as_of,
+                cancel_reason::BALANCE_RESTORED,
+                self.clock.as_ref(),
+            )
+            .await?;
+            return Ok(None);
+        }
+        Ok(Some((settings, live)))
+    }
+
     /// The card and amount of an automatic top-up's next attempt, decided on
     /// the live state; `None` after ending or parking the top-up.
     async fn choose_automatic(
@@ -436,27 +472,10 @@ impl TopUps {
         now: DateTime<Utc>,
     ) -> Result<Option<(PaymentMethod, Decimal)>, BillingError> {
         let account = AccountId::parse(&top_up.account_id)?;
-        let settings = settings::load(&mut *connection, account.as_str(), &self.config).await?;
-        if !settings.auto_refill_enabled {
-            self.cancel(connection, top_up, cancel_reason::AUTO_REFILL_DISABLED)
-                .await?;
+        let Some((settings, live)) = self.still_wanted(connection, top_up).await? else {
             return Ok(None);
-        }
-        let live = Observed::live(&ledger::load_account(&mut *connection, account.as_str()).await?);
+        };
         let total = live.total;
-        if total >= settings.threshold {
-            self.cancel(connection, top_up, cancel_reason::BALANCE_RESTORED)
-                .await?;
-            crossing::rearm(
-                connection,
-                account.as_str(),
-                live.as_of,
-                cancel_reason::BALANCE_RESTORED,
-                self.clock.as_ref(),
-            )
-            .await?;
-            return Ok(None);
-        }
         if let Some(other) = gate_closed_by(&mut *connection, &account, &top_up.top_up_id).await? {
             tracing::info!(account_id = %account, top_up_id = %top_up.top_up_id, %other, "automatic top-up waits: another charge's outcome is unknown");
             // Due again once `other`'s outcome is known (the engine's due
@@ -1214,7 +1233,7 @@ impl TopUps {
     }
 
     /// Moves a top-up to `status` and ends its lease.
-    async fn finish(
+    pub(super) async fn finish(
         &self,
         connection: &mut PgConnection,
         top_up: &TopUp,
@@ -1317,6 +1336,19 @@ pub(super) async fn lock_account(
     ledger::currency_from_column(&currency)
 }
 
+/// The answer to a charge the customer asked for while the gate is closed
+/// by `other` (a charge of the account whose outcome is unknown).
+pub(super) fn gate_refusal(other: &str) -> BillingError {
+    BillingError::precondition(
+        crate::error::Reason::ChargeOutcomeUnknown,
+        format!("top_ups/{other}"),
+        format!(
+            "another charge of the account (top-up {other}) has an unknown outcome; \
+             nothing else is charged until it is reconciled — try again later"
+        ),
+    )
+}
+
 /// The per-account gate: another top-up of the account whose charge may
 /// have moved money without being settled (`UNKNOWN`, `NEEDS_ATTENTION`, or
 /// an attempt in flight). Nothing else is charged while it is closed.
@@ -1339,7 +1371,7 @@ pub(super) async fn gate_closed_by(
 }
 
 /// A card whose expiry month has passed is never charged.
-fn is_expired(card: &PaymentMethod, now: DateTime<Utc>) -> bool {
+pub(super) fn is_expired(card: &PaymentMethod, now: DateTime<Utc>) -> bool {
     let today = now.date_naive();
     let current = today.year() * 12 + today.month() as i32;
     card.exp_year * 12 + card.exp_month < current

@@ -1,7 +1,7 @@
 //! A model-based test of the top-up lifecycle, the cards and the ledger, in
 //! the manner of TigerBeetle's simulator: random operation sequences (debit,
 //! credit, apply settings, add/remove/reorder cards, auto-charge, Add Funds,
-//! Retry, sandbox outcomes through the test cards, clock advances) run
+//! Retry, ConfirmTopUp, sandbox outcomes through the test cards, clock advances) run
 //! against the real server with a manual clock; after every step the system
 //! is let settle and checked against a small reference model of the rules:
 //!
@@ -10,6 +10,9 @@
 //! - a debit is refused exactly when it exceeds the total balance; enabling
 //!   auto refill is refused exactly when no active auto-charge card exists;
 //!   Add Funds is refused exactly while another charge's outcome is unknown;
+//!   a passed ConfirmTopUp is refused exactly when a charge made now could
+//!   not be (its card no longer active, the gate closed, an automatic
+//!   top-up no longer wanted);
 //! - no automatic charge while auto refill is off, nor when the total balance
 //!   is at or above the threshold at the attempt's start;
 //! - no removed, auto-charge-off or hard-declined card is charged
@@ -78,6 +81,9 @@ enum Op {
     Reorder(u64),
     AddFunds(usize),
     Retry(usize),
+    /// The customer passes the 3-D Secure challenge of the newest top-up
+    /// waiting for one (ConfirmTopUp).
+    Confirm,
     AdvanceMinutes(i64),
 }
 
@@ -105,6 +111,7 @@ fn random_op(rng: &mut StdRng) -> Op {
         72..=74 => Op::Reorder(rng.random()),
         75..=81 => Op::AddFunds(rng.random_range(0..4)),
         82..=86 => Op::Retry(rng.random_range(0..4)),
+        87..=90 => Op::Confirm,
         _ => Op::AdvanceMinutes([1, 61, 6 * 60 + 1, 25 * 60][rng.random_range(0..4)]),
     }
 }
@@ -486,6 +493,52 @@ impl Runner {
                     other => {
                         return Err(format!(
                             "manual charge: expected refused={gate_closed}, got {other:?}"
+                        ));
+                    }
+                }
+            }
+            Op::Confirm => {
+                let waiting: Option<(String, String, String)> = sqlx::query_as(
+                    "SELECT t.top_up_id, t.trigger, a.payment_method_id FROM top_ups t \
+                       JOIN top_up_attempts a ON a.top_up_id = t.top_up_id AND a.outcome = 'REQUIRES_ACTION' \
+                      WHERE t.account_id = $1 AND t.status = 'REQUIRES_ACTION' \
+                      ORDER BY t.top_up_seq DESC, a.attempt_number DESC LIMIT 1",
+                )
+                .bind(&account)
+                .fetch_optional(&self.app.pool)
+                .await
+                .map_err(|e| e.to_string())?;
+                let Some((top_up_id, trigger, card_id)) = waiting else {
+                    return Ok(());
+                };
+                // A confirmation is a charge made now: the rules of now.
+                let card_active = model
+                    .cards
+                    .iter()
+                    .any(|c| c.id == card_id && c.state == CardState::Active);
+                let wanted = trigger != "AUTOMATIC"
+                    || (model.settings.auto && model.balance < model.settings.threshold);
+                let gate_closed = self.gate_closed(&account).await;
+                let refused = !card_active || !wanted || gate_closed;
+                let result = methods
+                    .clone()
+                    .confirm_top_up(authed(
+                        &admin,
+                        proto::ConfirmTopUpRequest {
+                            account_id: account.clone(),
+                            top_up_id,
+                            authentication_result: proto::AuthenticationResult::Passed as i32,
+                        },
+                    ))
+                    .await
+                    .map(|r| r.into_inner().top_up.map(|t| t.status));
+                match result {
+                    Ok(Some(status)) if !refused && status == TopUpStatus::Succeeded as i32 => {}
+                    Err(status) if refused && status.code() == tonic::Code::FailedPrecondition => {}
+                    other => {
+                        return Err(format!(
+                            "confirmation: expected refused={refused} (card active {card_active}, \
+                             wanted {wanted}, gate closed {gate_closed}), got {other:?}"
                         ));
                     }
                 }

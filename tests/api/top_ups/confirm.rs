@@ -297,3 +297,144 @@ async fn the_action_needed_email_links_to_the_panel_with_the_top_up_id() {
 fn settings_for_email() -> proto::ApplyLowBalanceSettingsRequest {
     settings("10.00", "30.00")
 }
+
+async fn remove_card(s: &Scenario, card: &str) {
+    client(&s.app)
+        .remove_payment_method(authed(
+            &s.admin,
+            proto::RemovePaymentMethodRequest {
+                account_id: ACCT.into(),
+                payment_method_id: card.into(),
+            },
+        ))
+        .await
+        .unwrap();
+}
+
+/// The rule: a confirmation charges only what a charge made now could —
+/// the live state under the account lock, not the state when the challenge
+/// was asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmation_never_charges_a_card_removed_while_the_challenge_waited() {
+    let (s, cards) = scenario("0", &[ALWAYS_3DS]).await;
+    let waiting = add_funds(&s.app, &s.admin, funds("30.00", &cards[0], "add-1"))
+        .await
+        .unwrap();
+    let top_up_id = waiting.top_up.unwrap().top_up_id;
+    remove_card(&s, &cards[0]).await;
+
+    let refused = confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, true)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("removed"),
+        "{}",
+        refused.message()
+    );
+    let top_up = top_ups(&s.app, &s.admin)
+        .await
+        .into_iter()
+        .find(|t| t.top_up_id == top_up_id)
+        .unwrap();
+    assert_eq!(status_of(&top_up), TopUpStatus::Failed);
+    assert_eq!(top_up.failure_reason, "payment_method_removed");
+    // Confirming again answers the ended top-up and charges nothing either.
+    let again = confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, true)
+        .await
+        .unwrap();
+    assert_eq!(status_of(&again.top_up.unwrap()), TopUpStatus::Failed);
+    assert_eq!(sandbox_charges(&s.app).await, 0);
+    assert_eq!(ledger_top_ups(&s.app).await, 0);
+    assert_eq!(balance(&s.app).await, "0.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmation_never_charges_an_automatic_top_up_after_auto_refill_was_switched_off() {
+    let (s, _) = scenario("20.00", &[OFF_SESSION_3DS]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "usage-1").await;
+    let waiting = wait_for_top_up(&s, TopUpStatus::RequiresAction).await;
+    apply(
+        &s,
+        proto::ApplyLowBalanceSettingsRequest {
+            auto_refill_enabled: false,
+            ..settings("10.00", "30.00")
+        },
+    )
+    .await;
+
+    let refused = confirm_top_up(&s.app, &s.admin, ACCT, &waiting.top_up_id, true)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("CANCELED"),
+        "{}",
+        refused.message()
+    );
+    let top_up = top_ups(&s.app, &s.admin)
+        .await
+        .into_iter()
+        .find(|t| t.top_up_id == waiting.top_up_id)
+        .unwrap();
+    assert_eq!(status_of(&top_up), TopUpStatus::Canceled);
+    assert_eq!(top_up.failure_reason, "auto_refill_disabled");
+    settle_briefly().await;
+    assert_eq!(sandbox_charges(&s.app).await, 0);
+    assert_eq!(ledger_top_ups(&s.app).await, 0);
+    assert_eq!(balance(&s.app).await, "5.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmation_never_charges_an_automatic_top_up_after_the_balance_was_restored() {
+    let (s, _) = scenario("20.00", &[OFF_SESSION_3DS]).await;
+    apply(&s, settings("10.00", "30.00")).await;
+    debit(&s.app, "15.00", "usage-1").await;
+    let waiting = wait_for_top_up(&s, TopUpStatus::RequiresAction).await;
+    credit(&s.app, "50.00", "by-hand").await;
+
+    let refused = confirm_top_up(&s.app, &s.admin, ACCT, &waiting.top_up_id, true)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    let top_up = top_ups(&s.app, &s.admin)
+        .await
+        .into_iter()
+        .find(|t| t.top_up_id == waiting.top_up_id)
+        .unwrap();
+    assert_eq!(status_of(&top_up), TopUpStatus::Canceled);
+    assert_eq!(top_up.failure_reason, "balance_restored");
+    settle_briefly().await;
+    assert_eq!(sandbox_charges(&s.app).await, 0);
+    assert_eq!(ledger_top_ups(&s.app).await, 0);
+    assert_eq!(balance(&s.app).await, "55.00");
+    s.app.stop().await;
+}
+
+/// One confirmation takes the attempt and charges; the others answer the
+/// top-up as it stands (`PENDING` while that charge is in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_confirmations_charge_once_and_the_others_answer_the_top_up_as_it_stands() {
+    let (s, cards) = scenario("0", &[ALWAYS_3DS]).await;
+    let waiting = add_funds(&s.app, &s.admin, funds("25.00", &cards[0], "add-1"))
+        .await
+        .unwrap();
+    let top_up_id = waiting.top_up.unwrap().top_up_id;
+    let confirmations = (0..8).map(|_| confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, true));
+    for answer in futures::future::join_all(confirmations).await {
+        let answer = answer.unwrap();
+        let status = status_of(answer.top_up.as_ref().unwrap());
+        assert!(
+            matches!(status, TopUpStatus::Succeeded | TopUpStatus::Pending),
+            "{status:?}"
+        );
+    }
+    settle_briefly().await;
+    assert_eq!(sandbox_charges(&s.app).await, 1);
+    assert_eq!(ledger_top_ups(&s.app).await, 1);
+    assert_eq!(balance(&s.app).await, "25.00");
+    s.app.stop().await;
+}
