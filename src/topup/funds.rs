@@ -100,9 +100,23 @@ impl TopUps {
                 min
             }
         } else {
-            currency
+            let amount = currency
                 .parse_charge_amount(&request.amount)
-                .map_err(|e| BillingError::invalid("amount", e.to_string()))?
+                .map_err(|e| BillingError::invalid("amount", e.to_string()))?;
+            // The largest single charge of every path: automatic top-ups
+            // are bounded by it too (`--refill-max`).
+            let (_, max) = self.config.refill_bounds.of(currency);
+            if amount > max {
+                return Err(BillingError::invalid_because(
+                    Reason::RefillOutOfBounds,
+                    "amount",
+                    format!(
+                        "must be at most {} (the largest single charge)",
+                        currency.display(max)
+                    ),
+                ));
+            }
+            amount
         };
         let method_field = request.payment_method_id.as_deref().unwrap_or("");
         // "10" and "10.00" are the same request; an empty Retry amount stays

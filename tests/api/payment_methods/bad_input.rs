@@ -118,11 +118,17 @@ async fn bad_cards_are_invalid_argument_naming_the_field_and_write_nothing() {
 }
 
 #[tokio::test]
-async fn bad_amounts_are_invalid_argument_and_charge_nothing() {
+async fn bad_amounts_are_invalid_argument_and_charge_nothing_up_to_the_largest_single_charge() {
     let (app, token) = app_with_accounts().await;
     let id = add_active_card(&app, &token, ACCT, VISA).await;
     let before = row_counts(&app).await;
-    for amount in ["10.001", "0", "0.00", "-5.00", "1e3", "", "ten"] {
+    // Above the largest single charge (`--refill-max`, 10,000.00 USD): a
+    // typo never reaches the card.
+    let too_large = ["10000.01", "999999999999.99"];
+    for amount in ["10.001", "0", "0.00", "-5.00", "1e3", "", "ten"]
+        .into_iter()
+        .chain(too_large)
+    {
         let error = add_funds(&app, &token, funds(amount, "", &format!("amount-{amount}")))
             .await
             .unwrap_err();
