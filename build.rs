@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     .collect();
     let well_known = protoc_bin_vendored::include_path()?;
     tonic_prost_build::configure()
+        // Bad request bodies are INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::ProtoCodec")
         .file_descriptor_set_path(out_dir.join("billing_descriptor.bin"))
         .compile_protos(&protos, &[PathBuf::from("proto"), well_known])?;
     println!("cargo:rerun-if-changed=proto");

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod bench;
 pub mod card;
+pub mod codec;
 pub mod config;
 pub mod db;
 pub mod error;

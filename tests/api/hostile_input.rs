@@ -1020,3 +1020,78 @@ async fn oversized_metadata_is_refused_and_the_server_stays_healthy() {
     still_serving(&app).await;
     app.stop().await;
 }
+
+/// Sends raw bytes as a request body: what a broken or hostile client can.
+#[derive(Default)]
+struct RawBody;
+
+struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Codec for RawBody {
+    type Encode = Vec<u8>;
+    type Decode = proto::DebitResponse;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<proto::DebitResponse>;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(Default::default())
+    }
+}
+
+/// The rule: a body that does not decode is the caller's bad input, like
+/// any bad field — `INVALID_ARGUMENT` naming the field, nothing written,
+/// and logged as a caller's mistake (not `INTERNAL`, an ERROR line each).
+#[tokio::test]
+async fn a_request_body_that_does_not_decode_is_invalid_argument_naming_the_field() {
+    let app = spawn_app().await;
+    app.account_with_balance(ACCT, "100.00").await;
+    let before = table_counts(&app.pool).await;
+    let cases: [(&[u8], &str); 3] = [
+        // description (field 4) holding bytes that are not UTF-8
+        (&[0x22, 0x02, 0xc3, 0x28], "description"),
+        // account_id (field 1, a string) sent as a number
+        (&[0x08, 0xff, 0x01], "account_id"),
+        // not a field at all: tag 0
+        (&[0x00, 0x01], "request"),
+    ];
+    for (body, field) in cases {
+        let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary(
+                authed(&app.service_token(), body.to_vec()),
+                http::uri::PathAndQuery::from_static("/billing.v1.Balances/Debit"),
+                RawBody,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{body:?}: {status:?}");
+        let details = tonic_types::StatusExt::get_error_details(&status);
+        let violations = &details
+            .bad_request()
+            .expect("a BadRequest")
+            .field_violations;
+        assert_eq!(violations[0].field, field, "{body:?}: {status:?}");
+    }
+    assert_eq!(table_counts(&app.pool).await, before);
+    still_serving(&app).await;
+    app.stop().await;
+}
