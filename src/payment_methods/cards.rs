@@ -9,6 +9,8 @@
 
 use std::collections::HashSet;
 
+use tracing::Instrument;
+
 use super::store::{self, NewMethod};
 use super::{BillingAddress, MethodStatus, PaymentMethod, PaymentMethods, gateway_error};
 use crate::audit;
@@ -133,6 +135,32 @@ impl PaymentMethods {
         };
         transaction.commit().await?;
 
+        // Steps 2 and 3 run to their end even when the caller goes away (its
+        // deadline, a dropped connection): a card set up at the gateway is
+        // then saved under the key (a replay answers it) or detached, never
+        // left attached with no record of it.
+        let this = self.clone();
+        let caller = caller.clone();
+        let finish = async move {
+            this.set_up_and_save(&caller, &new, payment_method_id, request_fingerprint)
+                .await
+        };
+        tokio::spawn(finish.instrument(tracing::Span::current()))
+            .await
+            .map_err(|error| BillingError::Unexpected(anyhow::anyhow!("adding a card: {error}")))?
+    }
+
+    /// Steps 2 and 3 of [`Self::add_card`]: the set-up at the gateway, then
+    /// the card saved under the account lock (or, a duplicate, detached).
+    async fn set_up_and_save(
+        &self,
+        caller: &Caller,
+        new: &NewCard,
+        payment_method_id: String,
+        request_fingerprint: String,
+    ) -> Result<PaymentMethod, BillingError> {
+        let key = new.idempotency_key.as_str();
+        let account = new.account_id.as_str();
         // 2. The set-up at the gateway, with no transaction open.
         let setup = match self.gateway.setup_card(account, new.source.clone()).await {
             Ok(setup) => setup,
@@ -276,11 +304,17 @@ impl PaymentMethods {
     }
 
     /// Detaches a card set up but not saved (a duplicate, or a replay's
-    /// second set-up); no transaction is open.
+    /// second set-up), on a task of its own: the caller's answer does not
+    /// wait for the processor, and its going away does not stop the detach.
     async fn detach_quietly(&self, account: &str, token: &str) {
-        if let Err(error) = self.gateway.detach(token).await {
-            tracing::warn!(%error, account_id = account, "detaching a card that was not saved failed");
-        }
+        let gateway = self.gateway.clone();
+        let (account, token) = (account.to_owned(), token.to_owned());
+        let detach = async move {
+            if let Err(error) = gateway.detach(&token).await {
+                tracing::warn!(%error, account_id = account, "detaching a card that was not saved failed");
+            }
+        };
+        tokio::spawn(detach.instrument(tracing::Span::current()));
     }
 
     /// Completes the 3-D Secure challenge: `ACTIVE` when passed, `FAILED` otherwise.

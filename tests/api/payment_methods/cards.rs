@@ -552,14 +552,60 @@ async fn add_card_replayed_concurrently_saves_one_card_and_detaches_the_extra_se
     assert_eq!(ids.len(), 1, "one card for one key: {ids:?}");
     assert_eq!(count_rows(&app.pool, "payment_methods").await, 1);
     assert_eq!(
-        count_where(
-            &app,
-            "SELECT COUNT(*) FROM sandbox_cards WHERE detached_at IS NULL"
-        )
-        .await,
+        attached_at_the_gateway(&app, 1).await,
         1,
         "only the saved card stays attached at the gateway"
     );
+    app.stop().await;
+}
+
+/// Cards still attached at the sandbox gateway once the detaches of cards
+/// that were not saved (they run on their own tasks) have had up to 10 s to
+/// bring the count to `expected`.
+async fn attached_at_the_gateway(app: &crate::helpers::TestApp, expected: i64) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let attached = count_where(
+            app,
+            "SELECT COUNT(*) FROM sandbox_cards WHERE detached_at IS NULL",
+        )
+        .await;
+        if attached == expected || std::time::Instant::now() > deadline {
+            return attached;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The rule: a duplicate card is `ALREADY_EXISTS` as soon as the set-up shows
+/// it, and the extra set-up is detached at the gateway whatever the caller
+/// does next. With a slow processor the answer waited for the detach too
+/// (set-up + detach reached the caller's deadline, which then cut the detach
+/// and left the card attached at the processor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_card_is_already_exists_without_waiting_for_its_detach_and_is_detached() {
+    let stall = std::time::Duration::from_secs(2);
+    let (pool, _) = crate::helpers::fresh_database().await;
+    let gateway = billing::gateway::SandboxGateway::new(pool.clone()).with_stall(stall);
+    let app = crate::helpers::spawn_app_on(
+        pool,
+        billing::server::ServerSettings {
+            gateway: Some(std::sync::Arc::new(gateway)),
+            ..Default::default()
+        },
+    )
+    .await;
+    app.account_with_balance(ACCT, "100.00").await;
+    let token = app.token("admin", Some(ACCT));
+    add_card(&app, &token, ACCT, STALLS).await;
+
+    // A deadline between one stall (the set-up) and two (set-up and detach).
+    let mut again = authed(&token, add_card_request(ACCT, card(STALLS), "again"));
+    again.set_timeout(stall + stall * 3 / 4);
+    let error = client(&app).add_card(again).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::AlreadyExists, "{error:?}");
+    assert_eq!(count_rows(&app.pool, "payment_methods").await, 1);
+    assert_eq!(attached_at_the_gateway(&app, 1).await, 1);
     app.stop().await;
 }
 
