@@ -560,8 +560,8 @@ pub struct TokenArgs {
     /// The `sub` claim: who is calling.
     #[arg(long, default_value = "cli")]
     pub subject: String,
-    /// Lifetime in seconds.
-    #[arg(long, default_value_t = 3600)]
+    /// Lifetime in seconds, at least 1.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub ttl_seconds: u64,
     /// Where the development key lives when no key is configured.
     #[arg(long, env = "BILLING_DATA_DIR", default_value = "billing-data")]

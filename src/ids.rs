@@ -101,7 +101,21 @@ pub fn parse_text(field: &str, text: &str, max_chars: usize) -> Result<String, B
             "must not contain control characters",
         ));
     }
+    if text.chars().any(is_bidi_override) {
+        return Err(BillingError::invalid(
+            field,
+            "must not contain bidirectional embedding, override or isolate characters (U+202A-U+202E, U+2066-U+2069)",
+        ));
+    }
     Ok(text.to_owned())
+}
+
+/// The Unicode bidirectional embeddings, overrides and isolates: they
+/// reorder what follows them on screen, so a name shown in an email or the
+/// panel could read as something else ("Trojan Source", CVE-2021-42574).
+/// The marks U+200E/U+200F stay allowed: right-to-left text needs them.
+fn is_bidi_override(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// An email address as the mailer will take it: lettre's own [`Address`]
@@ -150,6 +164,23 @@ mod tests {
         assert!(internal.is_internal());
         assert!(IdempotencyKey::parse(internal.as_str()).is_err());
         assert!(IdempotencyKey::parse("top-up:tu_0190").is_ok_and(|k| !k.is_internal()));
+    }
+
+    #[test]
+    fn text_that_would_reorder_itself_on_screen_is_refused() {
+        for spoof in ["\u{202E}moc.elpmaxe", "Acme\u{2066}Ltd", "a\u{202A}b"] {
+            let error = parse_text("display_name", spoof, 200).unwrap_err();
+            assert!(error.to_string().contains("display_name"), "{error}");
+        }
+        // Right-to-left text and its marks are names like any other.
+        assert!(
+            parse_text(
+                "display_name",
+                "\u{5E9}\u{5DC}\u{5D5}\u{5DD} \u{200F}Ltd",
+                200
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -66,3 +66,21 @@ fn a_service_token_minted_with_an_account_is_bound_to_it() {
     assert!(!output.status.success(), "a user role needs --account");
     assert!(String::from_utf8_lossy(&output.stderr).contains("--account"));
 }
+
+#[test]
+fn a_token_that_would_be_born_expired_is_refused_naming_the_flag() {
+    for ttl in ["0", "-5"] {
+        let output = mint(&["--role", "service", &format!("--ttl-seconds={ttl}")]);
+        assert!(
+            !output.status.success(),
+            "--ttl-seconds {ttl} minted a token"
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("--ttl-seconds"),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let output = mint(&["--role", "service", "--ttl-seconds", "1"]);
+    assert!(output.status.success());
+}
