@@ -74,8 +74,11 @@ impl<U: Message + Default> Decoder for ProtoDecoder<U> {
 }
 
 /// `INVALID_ARGUMENT` for a body prost could not decode. `error` is prost's
-/// message: `failed to decode Protobuf message: Outer.field: Inner.field:
-/// what went wrong`; the field path is read from its `Type.field:` parts.
+/// message: `failed to decode Protobuf message: Inner.field: Outer.field:
+/// what went wrong`; the field path (`billing_address.city`) is read from
+/// its `Type.field:` parts, outermost first. A field inside a `oneof` is
+/// named through the oneof (`source.number`): prost records the oneof's
+/// name, not the case's.
 pub fn bad_body(error: &str) -> Status {
     let detail = error
         .strip_prefix("failed to decode Protobuf message: ")
@@ -94,6 +97,8 @@ pub fn bad_body(error: &str) -> Status {
         fields.push(field);
         rest = after;
     }
+    // prost names the innermost field first.
+    fields.reverse();
     let field = if fields.is_empty() {
         "request".to_owned()
     } else {
@@ -126,11 +131,6 @@ mod tests {
             status.message()
         );
 
-        let nested = bad_body(
-            "failed to decode Protobuf message: AddCardRequest.card: CardDetails.number: invalid string value: data is not UTF-8 encoded",
-        );
-        assert_eq!(field_of(&nested), "card.number");
-
         let anonymous = bad_body("failed to decode Protobuf message: invalid varint");
         assert_eq!(anonymous.code(), tonic::Code::InvalidArgument);
         assert_eq!(field_of(&anonymous), "request");
@@ -147,5 +147,12 @@ mod tests {
         assert_eq!(decode(&[0x08, 0xff]).code(), tonic::Code::InvalidArgument);
         // Field 4 (description), length 2, invalid UTF-8.
         assert_eq!(field_of(&decode(&[0x22, 0x02, 0xc3, 0x28])), "description");
+        // AddCardRequest.billing_address (field 4) holding city (field 3)
+        // with invalid UTF-8: the path outermost first.
+        let nested =
+            crate::proto::AddCardRequest::decode(&[0x22, 0x04, 0x1a, 0x02, 0xc3, 0x28][..])
+                .map_err(|e| bad_body(&e.to_string()))
+                .unwrap_err();
+        assert_eq!(field_of(&nested), "billing_address.city");
     }
 }

@@ -5,14 +5,16 @@
 
 use uuid::Uuid;
 
-use super::pipeline::{Answer, Lease, TopUps, gate_closed_by, gate_refusal, lock_account};
+use super::pipeline::{
+    Answer, Lease, TopUps, card_refusal, gate_closed_by, gate_refusal, lock_account,
+};
 use super::{AttemptOutcome, TopUpStatus, Trigger, gateway_key, store};
 use crate::audit;
 use crate::auth::Caller;
 use crate::error::{BillingError, Reason};
 use crate::gateway::{Charge, GatewayError, Outcome};
 use crate::ids::AccountId;
-use crate::payment_methods::{self, MethodStatus};
+use crate::payment_methods;
 
 impl TopUps {
     /// Completes the challenge of a `REQUIRES_ACTION` top-up of `account`
@@ -64,44 +66,34 @@ impl TopUps {
         }
         let number = waiting.attempt_number;
         let key = gateway_key(top_up_id, number);
-        // A passed challenge moves money: it is taken like every other
-        // charge, on the live state under the account lock (see
-        // `take_confirmation`). A failed one charges nothing.
-        let lease = if authenticated {
-            match self.take_confirmation(account, top_up_id, number).await? {
-                Taken::Charge(lease) => Some(lease),
-                Taken::Elsewhere => return self.result(account, top_up_id).await,
-                Taken::Refused(error) => return Err(error),
-            }
-        } else {
-            None
+        // The attempt is taken under the account lock before the gateway
+        // hears of the answer, so two answers (passed and failed, or a
+        // replay) never both act; a passed one moves money and meets the
+        // rules of every charge made now (see `take_confirmation`).
+        let lease = match self
+            .take_confirmation(account, top_up_id, number, authenticated)
+            .await?
+        {
+            Taken::Charge(lease) => lease,
+            Taken::Elsewhere => return self.result(account, top_up_id).await,
+            Taken::Refused(error) => return Err(error),
         };
         let charge = match self.gateway.confirm_charge(&key, authenticated).await {
             Ok(charge) => charge,
             Err(error) => {
-                if let Some(lease) = &lease {
-                    self.confirmation_not_answered(lease, number, &error)
-                        .await?;
-                }
+                self.confirmation_not_answered(&lease, number, &error)
+                    .await?;
                 return Err(confirmation_error(top_up_id, error));
             }
         };
-        // A taken attempt is settled whatever the answer (a challenge still
-        // open waits again; a processing charge is reconciled by its key).
-        // Untaken (a failed challenge), only a final answer is settled.
+        // Settled whatever the answer: a challenge still open waits again,
+        // a processing charge is reconciled by its key.
         let answered = !matches!(
             charge.outcome,
             Outcome::RequiresAction { .. } | Outcome::Unknown
         );
-        if lease.is_some() || answered {
-            let lease = lease.unwrap_or_else(|| Lease {
-                top_up_id: top_up_id.to_owned(),
-                account: account.clone(),
-                owner: Uuid::new_v4(),
-            });
-            self.settle(&lease, number, charge, Answer::Confirmed)
-                .await?;
-        }
+        self.settle(&lease, number, charge, Answer::Confirmed)
+            .await?;
         if answered {
             let mut connection = self.pool.acquire().await?;
             audit::record(
@@ -117,14 +109,16 @@ impl TopUps {
     }
 
     /// Takes attempt `number` of a `REQUIRES_ACTION` top-up for the
-    /// customer's passed challenge, in one transaction under the account
-    /// lock, on the live state — the rules every charge meets when it is
-    /// made, not when the challenge was asked:
+    /// customer's answer, in one transaction under the account lock; taken
+    /// elsewhere (another answer, a replay) or ended meanwhile, nothing is
+    /// done. A passed challenge is a charge made now, so it meets the rules
+    /// every charge meets when it is made, not when the challenge was asked:
     ///
-    /// - the attempt's card is still active (not removed, not failed):
-    ///   else the top-up ends `FAILED` (`payment_method_removed` /
-    ///   `payment_method_not_active`) and an automatic one's crossing starts
-    ///   the next top-up on the other cards;
+    /// - the attempt's card can still be charged ([`card_refusal`], the rule
+    ///   of Add Funds and Retry): else the top-up ends `FAILED`
+    ///   (`payment_method_removed`, `payment_method_not_active`,
+    ///   `expired_card`) and an automatic one's crossing starts the next
+    ///   top-up on the other cards;
     /// - the gate is open (no other charge of the account has an unknown
     ///   outcome): else refused, the top-up still waiting;
     /// - an automatic top-up is still wanted ([`TopUps::still_wanted`]:
@@ -141,6 +135,7 @@ impl TopUps {
         account: &AccountId,
         top_up_id: &str,
         number: i32,
+        authenticated: bool,
     ) -> Result<Taken, BillingError> {
         let now = self.clock.now();
         let mut transaction = self.pool.begin().await?;
@@ -154,65 +149,16 @@ impl TopUps {
             transaction.commit().await?;
             return Ok(Taken::Elsewhere);
         };
-        let card =
-            payment_methods::find_method(&mut transaction, account, &waiting.payment_method_id)
-                .await?;
-        let unusable = match card.status {
-            MethodStatus::Removed => Some((
-                "payment_method_removed",
-                Reason::PaymentMethodRemoved,
-                "the card of this top-up was removed",
-            )),
-            MethodStatus::Active => None,
-            _ => Some((
-                "payment_method_not_active",
-                Reason::PaymentMethodNotActive,
-                "the card of this top-up is no longer active",
-            )),
-        };
-        let automatic = top_up.trigger == Trigger::Automatic;
-        if let Some(other) = gate_closed_by(&mut transaction, account, top_up_id).await? {
-            transaction.commit().await?;
-            return Ok(Taken::Refused(gate_refusal(&other)));
-        }
-        if let Some((failure, reason, message)) = unusable {
-            self.finish(
-                &mut transaction,
-                &top_up,
-                TopUpStatus::Failed,
-                failure,
-                None,
-                None,
-            )
-            .await?;
-            let started = automatic
-                && self
-                    .recheck_locked(&mut transaction, account.as_str(), true)
-                    .await?
-                    .is_some();
-            transaction.commit().await?;
-            if started {
-                self.wake.notify_one();
-            }
-            return Ok(Taken::Refused(BillingError::precondition(
-                reason,
-                format!("payment_methods/{}", card.payment_method_id),
-                format!("{message}: top-up {top_up_id} ended FAILED and nothing was charged"),
-            )));
-        }
-        if automatic
-            && self
-                .still_wanted(&mut transaction, &top_up)
+        if authenticated
+            && let Some(refusal) = self
+                .refuse_charge(&mut transaction, &top_up, waiting, now)
                 .await?
-                .is_none()
         {
             transaction.commit().await?;
-            let status = store::get(&mut *self.pool.acquire().await?, account, top_up_id)
-                .await?
-                .status;
-            return Ok(Taken::Refused(not_awaiting_authentication(
-                top_up_id, status,
-            )));
+            if refusal.started_next {
+                self.wake.notify_one();
+            }
+            return Ok(Taken::Refused(refusal.error));
         }
         let owner = Uuid::new_v4();
         sqlx::query(
@@ -238,6 +184,67 @@ impl TopUps {
             account: account.clone(),
             owner,
         }))
+    }
+
+    /// Why a passed challenge may not be charged now, with the top-up ended
+    /// if it can never be (see [`Self::take_confirmation`]); `None`: charge.
+    async fn refuse_charge(
+        &self,
+        transaction: &mut sqlx::PgConnection,
+        top_up: &super::TopUp,
+        waiting: &super::TopUpAttempt,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<Refusal>, BillingError> {
+        let account = AccountId::parse(&top_up.account_id)?;
+        let top_up_id = top_up.top_up_id.as_str();
+        if let Some(other) = gate_closed_by(&mut *transaction, &account, top_up_id).await? {
+            return Ok(Some(Refusal {
+                error: gate_refusal(&other),
+                started_next: false,
+            }));
+        }
+        let card =
+            payment_methods::find_method(&mut *transaction, &account, &waiting.payment_method_id)
+                .await?;
+        let automatic = top_up.trigger == Trigger::Automatic;
+        if let Some(failure) = card_refusal(&card, now) {
+            self.finish(
+                transaction,
+                top_up,
+                TopUpStatus::Failed,
+                failure,
+                None,
+                None,
+            )
+            .await?;
+            let started_next = automatic
+                && self
+                    .recheck_locked(transaction, account.as_str(), true)
+                    .await?
+                    .is_some();
+            let reason = match failure {
+                "payment_method_removed" => Reason::PaymentMethodRemoved,
+                "expired_card" => Reason::CardExpired,
+                _ => Reason::PaymentMethodNotActive,
+            };
+            return Ok(Some(Refusal {
+                error: BillingError::precondition(
+                    reason,
+                    format!("payment_methods/{}", card.payment_method_id),
+                    format!(
+                        "the card of this top-up cannot be charged ({failure}): top-up {top_up_id} ended FAILED and nothing was charged"
+                    ),
+                ),
+                started_next,
+            }));
+        }
+        if automatic && self.still_wanted(transaction, top_up).await?.is_none() {
+            return Ok(Some(Refusal {
+                error: not_awaiting_authentication(top_up_id, TopUpStatus::Canceled),
+                started_next: false,
+            }));
+        }
+        Ok(None)
     }
 
     /// The gateway did not answer a taken confirmation. Refused (it charged
@@ -363,6 +370,13 @@ impl TopUps {
         }
         Ok(true)
     }
+}
+
+/// A passed challenge that may not be charged now.
+struct Refusal {
+    error: BillingError,
+    /// An automatic top-up ended and the next one started: wake the engine.
+    started_next: bool,
 }
 
 /// What a confirmation found when it took the attempt.

@@ -606,17 +606,7 @@ impl TopUps {
         let account = AccountId::parse(&top_up.account_id)?;
         let method_id = top_up.payment_method_id.clone().unwrap_or_default();
         let card = payment_methods::find_method(&mut *connection, &account, &method_id).await?;
-        let refusal = match card.status {
-            MethodStatus::Active | MethodStatus::TemporarilyDisabled if is_expired(&card, now) => {
-                Some("expired_card")
-            }
-            MethodStatus::Active | MethodStatus::TemporarilyDisabled => None,
-            MethodStatus::Removed => Some("payment_method_removed"),
-            MethodStatus::Failed | MethodStatus::PendingAuthentication => {
-                Some("payment_method_not_active")
-            }
-        };
-        if let Some(reason) = refusal {
+        if let Some(reason) = card_refusal(&card, now) {
             self.finish(connection, top_up, TopUpStatus::Failed, reason, None, None)
                 .await?;
             return Ok(None);
@@ -788,17 +778,22 @@ impl TopUps {
         };
         let open = attempt.outcome == AttemptOutcome::Unknown
             || (reported && attempt.outcome == AttemptOutcome::RequiresAction);
-        if !open
-            || matches!(
-                top_up.status,
-                TopUpStatus::Succeeded | TopUpStatus::Canceled
-            )
-        {
+        // A charge that succeeded is credited whatever ended its top-up
+        // meanwhile — `CANCELED` (auto refill switched off, the balance
+        // restored) while the customer completed 3-D Secure at the processor,
+        // or `FAILED` (expired): never charged for nothing. Only a top-up
+        // already credited cannot take a second credit under its key.
+        let ended = match top_up.status {
+            TopUpStatus::Succeeded => true,
+            TopUpStatus::Canceled => charge.outcome != Outcome::Succeeded,
+            _ => false,
+        };
+        if !open || ended {
             // Settled already (a replay, a webhook or another replica was first).
             if open && charge.outcome == Outcome::Succeeded {
                 // A card that asked for 3-D Secure in an automatic round was
-                // completed after another card had refilled the account (or
-                // the top-up ended): the money moved and is not credited here.
+                // completed after another card had refilled the account: the
+                // money moved and is not credited here.
                 tracing::error!(account_id = %account, top_up_id = %top_up.top_up_id, attempt = number,
                     status = top_up.status.as_str(), "a charge succeeded for a top-up already settled; refund or credit it by hand");
             }
@@ -1371,7 +1366,24 @@ pub(super) async fn gate_closed_by(
 }
 
 /// A card whose expiry month has passed is never charged.
-pub(super) fn is_expired(card: &PaymentMethod, now: DateTime<Utc>) -> bool {
+/// Why a card the customer named (Add Funds, Retry) or answered a
+/// challenge for (ConfirmTopUp) cannot be charged now — the failure reason
+/// its top-up ends with — or `None`. A `TEMPORARILY_DISABLED` card can: a
+/// success is how it comes back.
+pub(super) fn card_refusal(card: &PaymentMethod, now: DateTime<Utc>) -> Option<&'static str> {
+    match card.status {
+        MethodStatus::Active | MethodStatus::TemporarilyDisabled if is_expired(card, now) => {
+            Some("expired_card")
+        }
+        MethodStatus::Active | MethodStatus::TemporarilyDisabled => None,
+        MethodStatus::Removed => Some("payment_method_removed"),
+        MethodStatus::Failed | MethodStatus::PendingAuthentication => {
+            Some("payment_method_not_active")
+        }
+    }
+}
+
+fn is_expired(card: &PaymentMethod, now: DateTime<Utc>) -> bool {
     let today = now.date_naive();
     let current = today.year() * 12 + today.month() as i32;
     card.exp_year * 12 + card.exp_month < current

@@ -161,14 +161,17 @@ async fn stripe_confirm_top_up_reads_a_failed_payment_intent_and_credits_nothing
 }
 
 #[tokio::test]
-async fn stripe_confirm_top_up_of_a_processing_payment_intent_keeps_waiting() {
+async fn stripe_confirm_top_up_of_a_processing_payment_intent_leaves_the_outcome_unknown_until_stripe_tells()
+ {
     let server = MockServer::start().await;
     let (app, token, top_up_id, key) = waiting_top_up(&server).await;
     intent_now(&server, &key, "processing").await;
     let confirmed = confirm(&app, &token, &top_up_id).await;
+    // The charge is in flight at Stripe: its outcome is unknown (the gate is
+    // closed, the reconciler asks Stripe by key), not waiting for the customer.
     assert_eq!(
         top_up_status(confirmed.top_up.as_ref().unwrap()),
-        TopUpStatus::RequiresAction
+        TopUpStatus::Unknown
     );
     // The webhook then reports the success: credited once.
     webhook(
@@ -208,6 +211,42 @@ async fn stripe_webhook_after_confirm_top_up_changes_nothing() {
     .await;
     assert_eq!(balance(&app, ACCT).await, "25.00");
     assert_eq!(credits(&app).await, 1);
+    app.stop().await;
+}
+
+/// The rule: money that moved is credited. A top-up ended `CANCELED` (as a
+/// refused ConfirmTopUp ends an automatic top-up no longer wanted) while the
+/// customer completed 3-D Secure on Stripe's page: Stripe charged, and the
+/// webhook's success is credited once (it was logged for manual handling).
+#[tokio::test]
+async fn stripe_a_success_reported_after_the_top_up_was_canceled_is_credited_once() {
+    let server = MockServer::start().await;
+    let (app, token, top_up_id, key) = waiting_top_up(&server).await;
+    sqlx::query(
+        "UPDATE top_ups SET status = 'CANCELED', failure_reason = 'auto_refill_disabled' WHERE top_up_id = $1",
+    )
+    .bind(&top_up_id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    for event in ["evt_1", "evt_2"] {
+        webhook(
+            &app,
+            &server,
+            event,
+            "payment_intent.succeeded",
+            &key,
+            "succeeded",
+        )
+        .await;
+    }
+    assert_eq!(balance(&app, ACCT).await, "25.00");
+    assert_eq!(credits(&app).await, 1);
+    let after = confirm(&app, &token, &top_up_id).await;
+    assert_eq!(
+        top_up_status(after.top_up.as_ref().unwrap()),
+        TopUpStatus::Succeeded
+    );
     app.stop().await;
 }
 

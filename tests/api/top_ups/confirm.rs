@@ -438,3 +438,94 @@ async fn parallel_confirmations_charge_once_and_the_others_answer_the_top_up_as_
     assert_eq!(balance(&s.app).await, "25.00");
     s.app.stop().await;
 }
+
+async fn failure_reason_of(s: &Scenario, top_up_id: &str) -> (TopUpStatus, String) {
+    let top_up = top_ups(&s.app, &s.admin)
+        .await
+        .into_iter()
+        .find(|t| t.top_up_id == top_up_id)
+        .unwrap();
+    (status_of(&top_up), top_up.failure_reason)
+}
+
+/// The rule: the first answer to take the challenge decides; another
+/// answer while its gateway call is in flight gets the top-up as it stands.
+/// (A failed answer that had read the top-up before a passed one took it
+/// went on to the gateway anyway and ended both FAILED.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_answer_to_take_a_challenge_decides_and_a_later_one_gets_it_as_it_stands() {
+    let (s, cards) = scenario("0", &[ALWAYS_3DS]).await;
+    let waiting = add_funds(&s.app, &s.admin, funds("25.00", &cards[0], "add-1"))
+        .await
+        .unwrap();
+    let top_up_id = waiting.top_up.unwrap().top_up_id;
+    // The processor is slow: its charge row stays locked until we let go.
+    let mut slow = s.app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sandbox_charges FOR UPDATE")
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+    let failed = confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, false);
+    let meanwhile = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while failure_reason_of(&s, &top_up_id).await.0 != TopUpStatus::Pending {
+            assert!(std::time::Instant::now() < deadline, "never taken");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let passed = confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, true).await;
+        slow.rollback().await.unwrap();
+        passed
+    };
+    let (failed, passed) = futures::join!(failed, meanwhile);
+    assert_eq!(
+        status_of(passed.unwrap().top_up.as_ref().unwrap()),
+        TopUpStatus::Pending
+    );
+    let failed = failed.unwrap().top_up.unwrap();
+    assert_eq!(status_of(&failed), TopUpStatus::Failed);
+    assert_eq!(failed.failure_reason, "authentication_failed");
+    assert_eq!(sandbox_charges(&s.app).await, 0);
+    assert_eq!(ledger_top_ups(&s.app).await, 0);
+    assert_eq!(balance(&s.app).await, "0.00");
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_to_a_top_up_that_already_ended_changes_nothing() {
+    let (s, cards) = scenario("0", &[ALWAYS_3DS]).await;
+    let waiting = add_funds(&s.app, &s.admin, funds("30.00", &cards[0], "add-1"))
+        .await
+        .unwrap();
+    let top_up_id = waiting.top_up.unwrap().top_up_id;
+    remove_card(&s, &cards[0]).await;
+    confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, true)
+        .await
+        .unwrap_err();
+    let ended = failure_reason_of(&s, &top_up_id).await;
+    assert_eq!(
+        ended,
+        (TopUpStatus::Failed, "payment_method_removed".into())
+    );
+    let audited = count(
+        &s.app,
+        "SELECT COUNT(*) FROM audit_log WHERE action = 'finish_top_up'",
+    )
+    .await;
+    for passed in [false, true] {
+        let answer = confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, passed)
+            .await
+            .unwrap();
+        assert_eq!(status_of(&answer.top_up.unwrap()), TopUpStatus::Failed);
+        assert_eq!(failure_reason_of(&s, &top_up_id).await, ended);
+    }
+    assert_eq!(
+        count(
+            &s.app,
+            "SELECT COUNT(*) FROM audit_log WHERE action = 'finish_top_up'"
+        )
+        .await,
+        audited
+    );
+    assert_eq!(sandbox_charges(&s.app).await, 0);
+    s.app.stop().await;
+}
