@@ -17,6 +17,32 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port for a server that is killed and restarted on the same
+/// address: below the kernel's ephemeral range, so no outgoing connection
+/// of this machine (the run's own clients reconnect thousands of times) can
+/// be given it while the server is down and make the restart's bind fail.
+pub fn restartable_port() -> u16 {
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    // Each call starts its search after the previous one's port: a port
+    // that is free now is handed out once (the servers bind later, and with
+    // SO_REUSEPORT three servers would share one port without an error).
+    static HANDED_OUT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let low = 10_000u16.min(ephemeral_low / 2);
+    let span = u32::from(ephemeral_low - low);
+    let seed = std::process::id() % span;
+    loop {
+        let n = HANDED_OUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(n < span, "no free port below the ephemeral range");
+        let port = low + ((seed + n * 7919) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 pub struct Server {
     pub index: usize,
     pub address: SocketAddr,
@@ -31,7 +57,7 @@ impl Server {
     pub fn new(index: usize, database_url: &str, smtp_port: u16, dir: &Path) -> Server {
         Server {
             index,
-            address: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            address: format!("127.0.0.1:{}", restartable_port()).parse().unwrap(),
             child: None,
             database_url: database_url.to_owned(),
             smtp_port,
@@ -76,12 +102,27 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(self.address).is_err() {
             assert!(
+                self.is_running(),
+                "server {} exited at start {} (its log: {})",
+                self.index,
+                self.starts,
+                self.dir
+                    .join(format!("serve-{}.log", self.starts))
+                    .display()
+            );
+            assert!(
                 Instant::now() < deadline,
                 "server {} did not come back",
                 self.index
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        assert!(
+            self.is_running(),
+            "server {} exited, yet something answers on {}",
+            self.index,
+            self.address
+        );
     }
 
     /// kill -9: no shutdown, no drain, transactions cut mid-way.
