@@ -23,8 +23,10 @@ impl TopUps {
     /// Confirming again answers the same result and charges nothing.
     ///
     /// Errors: `NotFound` (no such top-up of the account), `FailedPrecondition`
-    /// (not waiting for authentication; names its status), `Unavailable`
-    /// (the processor did not answer; retry).
+    /// (not waiting for authentication, naming its status; a passed answer
+    /// the live state refuses: the card, the gate, an automatic top-up no
+    /// longer wanted — see `take_confirmation`), `Unavailable` (the
+    /// processor did not answer; retry).
     #[tracing::instrument(name = "top_up.confirm", skip_all, fields(account_id = %account, top_up_id))]
     pub async fn confirm_top_up(
         &self,
