@@ -214,21 +214,20 @@ async fn stripe_webhook_after_confirm_top_up_changes_nothing() {
     app.stop().await;
 }
 
-/// The rule: money that moved is credited. A top-up ended `CANCELED` (as a
-/// refused ConfirmTopUp ends an automatic top-up no longer wanted) while the
-/// customer completed 3-D Secure on Stripe's page: Stripe charged, and the
-/// webhook's success is credited once (it was logged for manual handling).
-#[tokio::test]
-async fn stripe_a_success_reported_after_the_top_up_was_canceled_is_credited_once() {
+/// A waiting top-up ended with `status` and `reason` (as the engine or a
+/// refused ConfirmTopUp ends it) while the customer completed 3-D Secure on
+/// Stripe's page; Stripe reports the success twice. Checks it is credited
+/// once with one receipt and answers SUCCEEDED; returns the server.
+async fn success_reported_after_the_top_up_ended(status: &str, reason: &str) -> TestApp {
     let server = MockServer::start().await;
     let (app, token, top_up_id, key) = waiting_top_up(&server).await;
-    sqlx::query(
-        "UPDATE top_ups SET status = 'CANCELED', failure_reason = 'auto_refill_disabled' WHERE top_up_id = $1",
-    )
-    .bind(&top_up_id)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    sqlx::query("UPDATE top_ups SET status = $2, failure_reason = $3 WHERE top_up_id = $1")
+        .bind(&top_up_id)
+        .bind(status)
+        .bind(reason)
+        .execute(&app.pool)
+        .await
+        .unwrap();
     for event in ["evt_1", "evt_2"] {
         webhook(
             &app,
@@ -242,51 +241,37 @@ async fn stripe_a_success_reported_after_the_top_up_was_canceled_is_credited_onc
     }
     assert_eq!(balance(&app, ACCT).await, "25.00");
     assert_eq!(credits(&app).await, 1);
-    let after = confirm(&app, &token, &top_up_id).await;
-    assert_eq!(
-        top_up_status(after.top_up.as_ref().unwrap()),
-        TopUpStatus::Succeeded
-    );
-    app.stop().await;
-}
-
-#[tokio::test]
-async fn stripe_a_success_reported_after_the_top_up_expired_is_credited_once_with_a_receipt() {
-    let server = MockServer::start().await;
-    let (app, _token, top_up_id, key) = waiting_top_up(&server).await;
-    // The customer took too long: the top-up expired (as the engine does it).
-    sqlx::query(
-        "UPDATE top_ups SET status = 'FAILED', failure_reason = 'authentication_expired' WHERE top_up_id = $1",
-    )
-    .bind(&top_up_id)
-    .execute(&app.pool)
-    .await
-    .unwrap();
-    webhook(
-        &app,
-        &server,
-        "evt_1",
-        "payment_intent.succeeded",
-        &key,
-        "succeeded",
-    )
-    .await;
-    webhook(
-        &app,
-        &server,
-        "evt_2",
-        "payment_intent.succeeded",
-        &key,
-        "succeeded",
-    )
-    .await;
-    assert_eq!(balance(&app, ACCT).await, "25.00");
-    assert_eq!(credits(&app).await, 1);
     let receipts: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM notifications WHERE kind = 'top_up_receipt'")
             .fetch_one(&app.pool)
             .await
             .unwrap();
     assert_eq!(receipts, 1);
-    app.stop().await;
+    let after = confirm(&app, &token, &top_up_id).await;
+    assert_eq!(
+        top_up_status(after.top_up.as_ref().unwrap()),
+        TopUpStatus::Succeeded
+    );
+    app
+}
+
+/// The rule: money that moved is credited. A top-up ended `CANCELED` (a
+/// refused ConfirmTopUp ends an automatic top-up no longer wanted so) while
+/// Stripe charged: the success is credited once (it was only logged for
+/// manual handling).
+#[tokio::test]
+async fn stripe_a_success_reported_after_the_top_up_was_canceled_is_credited_once() {
+    success_reported_after_the_top_up_ended("CANCELED", "auto_refill_disabled")
+        .await
+        .stop()
+        .await;
+}
+
+#[tokio::test]
+async fn stripe_a_success_reported_after_the_top_up_expired_is_credited_once_with_a_receipt() {
+    // The customer took too long: the top-up expired (as the engine does it).
+    success_reported_after_the_top_up_ended("FAILED", "authentication_expired")
+        .await
+        .stop()
+        .await;
 }

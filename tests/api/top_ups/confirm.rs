@@ -332,13 +332,10 @@ async fn a_confirmation_never_charges_a_card_removed_while_the_challenge_waited(
         "{}",
         refused.message()
     );
-    let top_up = top_ups(&s.app, &s.admin)
-        .await
-        .into_iter()
-        .find(|t| t.top_up_id == top_up_id)
-        .unwrap();
-    assert_eq!(status_of(&top_up), TopUpStatus::Failed);
-    assert_eq!(top_up.failure_reason, "payment_method_removed");
+    assert_eq!(
+        failure_reason_of(&s, &top_up_id).await,
+        (TopUpStatus::Failed, "payment_method_removed".into())
+    );
     // Confirming again answers the ended top-up and charges nothing either.
     let again = confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, true)
         .await
@@ -350,22 +347,20 @@ async fn a_confirmation_never_charges_a_card_removed_while_the_challenge_waited(
     s.app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_confirmation_never_charges_an_automatic_top_up_after_auto_refill_was_switched_off() {
+/// An automatic top-up of `ACCT` (20.00, threshold 10.00, refill 30.00)
+/// waiting for 3-D Secure after a 15.00 debit.
+async fn automatic_top_up_waiting_for_the_customer() -> (Scenario, proto::TopUp) {
     let (s, _) = scenario("20.00", &[OFF_SESSION_3DS]).await;
     apply(&s, settings("10.00", "30.00")).await;
     debit(&s.app, "15.00", "usage-1").await;
     let waiting = wait_for_top_up(&s, TopUpStatus::RequiresAction).await;
-    apply(
-        &s,
-        proto::ApplyLowBalanceSettingsRequest {
-            auto_refill_enabled: false,
-            ..settings("10.00", "30.00")
-        },
-    )
-    .await;
+    (s, waiting)
+}
 
-    let refused = confirm_top_up(&s.app, &s.admin, ACCT, &waiting.top_up_id, true)
+/// A passed confirmation of `top_up_id` is refused, the top-up ends
+/// `CANCELED` with `reason`, and nothing is charged or credited.
+async fn refused_and_canceled(s: &Scenario, top_up_id: &str, reason: &str, balance_now: &str) {
+    let refused = confirm_top_up(&s.app, &s.admin, ACCT, top_up_id, true)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
@@ -374,43 +369,36 @@ async fn a_confirmation_never_charges_an_automatic_top_up_after_auto_refill_was_
         "{}",
         refused.message()
     );
-    let top_up = top_ups(&s.app, &s.admin)
-        .await
-        .into_iter()
-        .find(|t| t.top_up_id == waiting.top_up_id)
-        .unwrap();
-    assert_eq!(status_of(&top_up), TopUpStatus::Canceled);
-    assert_eq!(top_up.failure_reason, "auto_refill_disabled");
+    assert_eq!(
+        failure_reason_of(s, top_up_id).await,
+        (TopUpStatus::Canceled, reason.into())
+    );
     settle_briefly().await;
     assert_eq!(sandbox_charges(&s.app).await, 0);
     assert_eq!(ledger_top_ups(&s.app).await, 0);
-    assert_eq!(balance(&s.app).await, "5.00");
+    assert_eq!(balance(&s.app).await, balance_now);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmation_never_charges_an_automatic_top_up_after_auto_refill_was_switched_off() {
+    let (s, waiting) = automatic_top_up_waiting_for_the_customer().await;
+    apply(
+        &s,
+        proto::ApplyLowBalanceSettingsRequest {
+            auto_refill_enabled: false,
+            ..settings("10.00", "30.00")
+        },
+    )
+    .await;
+    refused_and_canceled(&s, &waiting.top_up_id, "auto_refill_disabled", "5.00").await;
     s.app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirmation_never_charges_an_automatic_top_up_after_the_balance_was_restored() {
-    let (s, _) = scenario("20.00", &[OFF_SESSION_3DS]).await;
-    apply(&s, settings("10.00", "30.00")).await;
-    debit(&s.app, "15.00", "usage-1").await;
-    let waiting = wait_for_top_up(&s, TopUpStatus::RequiresAction).await;
+    let (s, waiting) = automatic_top_up_waiting_for_the_customer().await;
     credit(&s.app, "50.00", "by-hand").await;
-
-    let refused = confirm_top_up(&s.app, &s.admin, ACCT, &waiting.top_up_id, true)
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-    let top_up = top_ups(&s.app, &s.admin)
-        .await
-        .into_iter()
-        .find(|t| t.top_up_id == waiting.top_up_id)
-        .unwrap();
-    assert_eq!(status_of(&top_up), TopUpStatus::Canceled);
-    assert_eq!(top_up.failure_reason, "balance_restored");
-    settle_briefly().await;
-    assert_eq!(sandbox_charges(&s.app).await, 0);
-    assert_eq!(ledger_top_ups(&s.app).await, 0);
-    assert_eq!(balance(&s.app).await, "55.00");
+    refused_and_canceled(&s, &waiting.top_up_id, "balance_restored", "55.00").await;
     s.app.stop().await;
 }
 
