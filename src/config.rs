@@ -356,7 +356,7 @@ pub struct PolicyArgs {
     /// Seconds a replica may drive a top-up before another may take over (longer than the gateway timeout).
     #[arg(long, env = "BILLING_TOP_UP_LEASE_SECS", default_value_t = 90)]
     pub top_up_lease_secs: u32,
-    /// Seconds after which an unfinished Add Funds/retry (its caller went away) is reconciled at the gateway.
+    /// Seconds after which an unfinished Add Funds/retry (the process driving it died) is reconciled at the gateway.
     #[arg(long, env = "BILLING_TOP_UP_ABANDONED_SECS", default_value_t = 600)]
     pub top_up_abandoned_secs: u32,
     /// Run the balance-policy decisions and the top-up engine in this process.

@@ -25,6 +25,7 @@ pub mod paging;
 pub mod payment_methods;
 pub mod proto;
 pub mod server;
+pub mod tasks;
 pub mod telemetry;
 pub mod topup;
 pub mod transport;

@@ -145,9 +145,7 @@ impl PaymentMethods {
             this.set_up_and_save(&caller, &new, payment_method_id, request_fingerprint)
                 .await
         };
-        tokio::spawn(finish.instrument(tracing::Span::current()))
-            .await
-            .map_err(|error| BillingError::Unexpected(anyhow::anyhow!("adding a card: {error}")))?
+        crate::tasks::run_to_end("adding a card", finish).await
     }
 
     /// Steps 2 and 3 of [`Self::add_card`]: the set-up at the gateway, then
@@ -324,6 +322,25 @@ impl PaymentMethods {
     /// method, ask the gateway, then settle under the account lock — unless a
     /// concurrent confirmation (or the processor's webhook) settled it first.
     pub async fn confirm_card(
+        &self,
+        caller: &Caller,
+        account_id: &AccountId,
+        payment_method_id: &str,
+        authenticated: bool,
+    ) -> Result<PaymentMethod, BillingError> {
+        // The processor's answer is recorded even when the caller goes away.
+        let this = self.clone();
+        let caller = caller.clone();
+        let account_id = account_id.clone();
+        let payment_method_id = payment_method_id.to_owned();
+        crate::tasks::run_to_end("confirming a card", async move {
+            this.confirm_card_to_the_end(&caller, &account_id, &payment_method_id, authenticated)
+                .await
+        })
+        .await
+    }
+
+    async fn confirm_card_to_the_end(
         &self,
         caller: &Caller,
         account_id: &AccountId,
@@ -575,7 +592,14 @@ impl PaymentMethods {
             transaction.commit().await?;
             method
         };
-        match self.gateway.detach(&method.gateway_token).await {
+        // The detach runs to its end even when the caller goes away.
+        let gateway = self.gateway.clone();
+        let token = method.gateway_token.clone();
+        let detached = crate::tasks::run_to_end("detaching a removed card", async move {
+            Ok(gateway.detach(&token).await)
+        })
+        .await?;
+        match detached {
             Ok(()) => {}
             // The gateway does not know the card (any more): it is detached.
             Err(GatewayError::UnknownToken) => {

@@ -35,6 +35,26 @@ impl TopUps {
         top_up_id: &str,
         authenticated: bool,
     ) -> Result<super::FundsResult, BillingError> {
+        // A taken confirmation's charge runs to its end and is settled even
+        // when the caller goes away mid-charge (as Add Funds').
+        let this = self.clone();
+        let caller = caller.clone();
+        let account = account.clone();
+        let top_up_id = top_up_id.to_owned();
+        crate::tasks::run_to_end("confirming a top-up", async move {
+            this.confirm_to_the_end(&caller, &account, &top_up_id, authenticated)
+                .await
+        })
+        .await
+    }
+
+    async fn confirm_to_the_end(
+        &self,
+        caller: &Caller,
+        account: &AccountId,
+        top_up_id: &str,
+        authenticated: bool,
+    ) -> Result<super::FundsResult, BillingError> {
         let top_up = store::get(&mut *self.pool.acquire().await?, account, top_up_id).await?;
         let waiting = top_up
             .attempts

@@ -4,7 +4,8 @@
 //!   the one charge path (`pipeline`): automatic ones that are due (one
 //!   that waited for another charge's unknown outcome is due as soon as
 //!   that outcome is known), any top-up whose outcome is `UNKNOWN`
-//!   (reconciled by idempotency key), and manual ones whose caller went away;
+//!   (reconciled by idempotency key), and manual ones whose process died
+//!   mid-charge;
 //! - resumes crossings a cap stopped, once the rolling window allows;
 //! - ends top-ups that waited for 3-D Secure too long (`authentication_expired`);
 //! - once an hour, queues card-expiry reminders.

@@ -51,6 +51,23 @@ impl TopUps {
         caller: &Caller,
         request: FundsRequest,
     ) -> Result<FundsResult, BillingError> {
+        // Once the top-up is recorded, its charge runs to its end and is
+        // settled even when the caller goes away mid-charge: the gate opens
+        // as soon as the processor answers, not `--top-up-abandoned-secs`
+        // later.
+        let this = self.clone();
+        let caller = caller.clone();
+        crate::tasks::run_to_end("adding funds", async move {
+            this.add_funds_to_the_end(&caller, request).await
+        })
+        .await
+    }
+
+    async fn add_funds_to_the_end(
+        &self,
+        caller: &Caller,
+        request: FundsRequest,
+    ) -> Result<FundsResult, BillingError> {
         let account = request.account_id.clone();
         let top_up_id = self.start_manual(caller, &request).await?;
         let deadline = tokio::time::Instant::now() + REPLAY_WAIT;

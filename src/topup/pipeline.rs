@@ -58,7 +58,7 @@ pub struct TopUps {
 }
 
 /// Who drives a top-up: the customer's request (present, on-session) or
-/// the engine (automatic top-ups, and manual ones whose caller went away).
+/// the engine (automatic top-ups, and manual ones whose process died).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Driver {
     Caller,
@@ -342,7 +342,7 @@ impl TopUps {
             && driver == Driver::Engine
             && top_up.attempts.is_empty()
         {
-            // The caller went away with no attempt recorded: the gateway is
+            // Its process died with no attempt recorded: the gateway is
             // asked by the one attempt's key (credited if it was charged,
             // closed if it never was); nothing is charged now.
             let method_id = top_up.payment_method_id.clone().unwrap_or_default();
@@ -640,7 +640,7 @@ impl TopUps {
     /// A charge it knows is settled; one it never saw is sent again with the
     /// same key (the same attempt: it can never charge twice) while its
     /// driver is the customer or the engine of an automatic top-up; a manual
-    /// attempt whose caller went away is closed once old enough.
+    /// attempt whose process died is closed once old enough.
     async fn reconcile(
         &self,
         lease: &Lease,

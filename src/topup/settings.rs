@@ -34,7 +34,8 @@ pub struct PolicyConfig {
     /// (must exceed the gateway's timeout); then another replica takes over.
     pub lease: chrono::Duration,
     /// A manual top-up (Add Funds, retry) still open this long after its
-    /// last change is reconciled by the engine (its caller went away).
+    /// last change is reconciled by the engine (the process driving it
+    /// died; a caller that goes away does not stop its charge).
     pub abandoned_after: chrono::Duration,
     /// Times the gateway is asked about an unknown outcome before the
     /// top-up becomes `NEEDS_ATTENTION`.

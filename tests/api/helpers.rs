@@ -178,7 +178,7 @@ async fn spawn_app_on_with_keys(
 
 impl TestApp {
     /// Marks the app's database as its own: dropped when the app ends.
-    fn owning_its_database(mut self) -> Self {
+    pub fn owning_its_database(mut self) -> Self {
         self.owned_database = self
             .pool
             .connect_options()

@@ -6,6 +6,7 @@ mod alerts;
 mod audit;
 mod auth_attacks;
 mod balances;
+mod caller_goes_away;
 mod database;
 mod events;
 mod group_commit;
