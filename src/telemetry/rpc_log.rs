@@ -13,6 +13,13 @@
 //!
 //! The span declares `account_id` empty: the account is in the request
 //! body, so the handlers record it (`api::authorize`).
+//!
+//! An RPC ends with its status: in the response headers for an error
+//! answered at once (trailers-only), else in the trailers after the last
+//! message. So the line and the metrics are written when the response's
+//! body ends ([`RecordedBody`]): a `WatchBalanceEvents` stream is counted
+//! and logged once, when it ends, with the code it ended with and its whole
+//! duration, not as `OK` when it opens; one the client leaves is `Cancelled`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -83,8 +90,8 @@ fn rpc_labels(path: &str) -> RpcLabels {
     }
 }
 
-/// Records the end of an RPC once: when it answers, or (dropped before
-/// answering: the client went away) as `Cancelled`.
+/// Records the end of an RPC once: when its status goes out, or (dropped
+/// before that: the client went away) as `Cancelled`.
 struct Finish {
     rpc: RpcLabels,
     path: String,
@@ -114,12 +121,17 @@ impl Finish {
             OVERLOAD_LOG.refused(&method);
             return;
         }
+        // A stream ended UNAVAILABLE was interrupted on purpose (shutdown, a
+        // lagging stream) and told where to resume: the span and the
+        // metrics keep the code, the line is not an ERROR (a shutdown ends
+        // thousands of streams at once).
+        let interrupted_stream = self.rpc.grpc_type != "unary" && code == tonic::Code::Unavailable;
         // Inside the span: the line carries its trace_id and span_id.
         self.span.in_scope(|| match error {
             Some(error) => {
                 tracing::error!(target: "billing::rpc", method, code = %code_name, latency_ms, %error, "rpc failed")
             }
-            None if is_server_fault(code) => {
+            None if is_server_fault(code) && !interrupted_stream => {
                 tracing::error!(target: "billing::rpc", method, code = %code_name, latency_ms, "rpc")
             }
             // Health probes and reflection: frequent and uninteresting.
@@ -159,13 +171,80 @@ fn is_server_fault(code: tonic::Code) -> bool {
     )
 }
 
+/// A response body that records its RPC's end (its [`Finish`]) when the
+/// trailers go out — with their `grpc-status` — or, dropped before that
+/// (the client went away mid-stream), as `Cancelled`.
+struct RecordedBody<R> {
+    inner: R,
+    /// `None` once recorded (or for an answer recorded from its headers).
+    finish: Option<Finish>,
+}
+
+impl<R> http_body::Body for RecordedBody<R>
+where
+    R: http_body::Body + Unpin,
+    R::Error: std::fmt::Display,
+{
+    type Data = R::Data;
+    type Error = R::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(mut finish) = self.finish.take()
+                {
+                    finish.record(grpc_status(trailers), None);
+                }
+            }
+            Poll::Ready(Some(Err(error))) => {
+                if let Some(mut finish) = self.finish.take() {
+                    finish.record(tonic::Code::Unknown, Some(error));
+                }
+            }
+            // Ended without trailers: no status was sent.
+            Poll::Ready(None) => {
+                if let Some(mut finish) = self.finish.take() {
+                    finish.record(tonic::Code::Unknown, None);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The `grpc-status` of headers or trailers; `OK` when absent.
+fn grpc_status(headers: &http::HeaderMap) -> tonic::Code {
+    let code = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .unwrap_or(0);
+    tonic::Code::from(code)
+}
+
 impl<S, B, R> Service<http::Request<B>> for RpcLog<S>
 where
     S: Service<http::Request<B>, Response = http::Response<R>> + Send,
     S::Future: Send + 'static,
     S::Error: std::fmt::Display,
+    R: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+    R::Error: Into<tonic::codegen::StdError> + std::fmt::Display,
 {
-    type Response = S::Response;
+    type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
@@ -209,25 +288,28 @@ where
         let future = span.in_scope(|| self.inner.call(request));
         Box::pin(
             async move {
-                let result = future.await;
-                match &result {
-                    // Errors are trailers-only responses: the code is in the headers.
-                    // A successful unary call carries its code in the trailers (0).
+                match future.await {
                     Ok(response) => {
-                        let code = response
-                            .headers()
-                            .get("grpc-status")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse::<i32>().ok())
-                            .unwrap_or(0);
                         finish.limited = response
                             .headers()
                             .contains_key(crate::api::LIMIT_METADATA_KEY);
-                        finish.record(tonic::Code::from(code), None);
+                        // An error answered at once is trailers-only: its code
+                        // is in the headers. Otherwise the code comes in the
+                        // trailers, when the body ends.
+                        let finish = if response.headers().contains_key("grpc-status") {
+                            finish.record(grpc_status(response.headers()), None);
+                            None
+                        } else {
+                            Some(finish)
+                        };
+                        Ok(response
+                            .map(|inner| tonic::body::Body::new(RecordedBody { inner, finish })))
                     }
-                    Err(error) => finish.record(tonic::Code::Unknown, Some(error)),
+                    Err(error) => {
+                        finish.record(tonic::Code::Unknown, Some(&error));
+                        Err(error)
+                    }
                 }
-                result
             }
             .instrument(span),
         )

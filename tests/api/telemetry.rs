@@ -71,6 +71,75 @@ pub(crate) fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 
         .sum()
 }
 
+/// A stream's status comes in its trailers when it ends: it was counted
+/// `OK` (and logged with a latency of a fraction of a millisecond) as soon
+/// as it opened, and never with the code it really ended with.
+#[tokio::test]
+async fn a_stream_is_counted_once_when_it_ends_with_the_code_it_ended_with() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_address = listener.local_addr().unwrap();
+    let app = spawn_app_with(ServerSettings {
+        metrics_listener: Some(Arc::new(listener)),
+        ..Default::default()
+    })
+    .await;
+    app.account_with_balance("acme", "10.00").await;
+    let watch = [
+        ("grpc_type", "server_stream"),
+        ("grpc_service", "billing.v1.Balances"),
+        ("grpc_method", "WatchBalanceEvents"),
+    ];
+    let with_code = |code| {
+        let mut labels = watch.to_vec();
+        labels.push(("grpc_code", code));
+        labels
+    };
+    let before = http_get(metrics_address, "/metrics").await;
+
+    let mut stream = app
+        .balances()
+        .watch_balance_events(authed(
+            &app.service_token(),
+            proto::WatchBalanceEventsRequest {
+                account_id: "acme".into(),
+                after_cursor: 0,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // The opening credit's event: the stream is open and live.
+    assert!(stream.message().await.unwrap().is_some());
+    let open = http_get(metrics_address, "/metrics").await;
+    assert!(
+        sample(&open, "grpc_server_started_total", &watch)
+            >= sample(&before, "grpc_server_started_total", &watch) + 1.0
+    );
+    // Other tests share the registry, but no stream of theirs ends `OK`.
+    assert_eq!(
+        sample(&open, "grpc_server_handled_total", &with_code("OK")),
+        sample(&before, "grpc_server_handled_total", &with_code("OK")),
+        "an open stream was counted as handled"
+    );
+
+    drop(stream);
+    eventually(
+        "the stream counted Canceled when its client left",
+        || async {
+            let after = http_get(metrics_address, "/metrics").await;
+            sample(&after, "grpc_server_handled_total", &with_code("Canceled"))
+                >= sample(&before, "grpc_server_handled_total", &with_code("Canceled")) + 1.0
+        },
+    )
+    .await;
+    let after = http_get(metrics_address, "/metrics").await;
+    assert_eq!(
+        sample(&after, "grpc_server_handled_total", &with_code("OK")),
+        sample(&before, "grpc_server_handled_total", &with_code("OK"))
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn rpc_metrics_use_the_grpc_server_names_by_service_method_and_code_and_debits_are_counted() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
