@@ -230,6 +230,11 @@ pub enum BillingError {
     PermissionDenied(String),
     #[error("{0}")]
     Unauthenticated(String),
+    /// UNAUTHENTICATED because the bearer token expired (its `exp` plus the
+    /// leeway): reason `BEARER_TOKEN_EXPIRED`, so a client knows to refresh
+    /// its token rather than give up.
+    #[error("{0}")]
+    TokenExpired(String),
     /// A dependency (the database, the gateway) is unreachable or a
     /// conflict happened; retrying after `reason.retry_delay()` may succeed.
     #[error("{message}")]
@@ -309,6 +314,7 @@ impl BillingError {
             | BillingError::ResourceExhausted { reason, .. } => *reason,
             BillingError::PermissionDenied(_) => Reason::RoleNotAllowed,
             BillingError::Unauthenticated(_) => Reason::BearerTokenInvalid,
+            BillingError::TokenExpired(_) => Reason::BearerTokenExpired,
             BillingError::Unexpected(_) => Reason::Internal,
         }
     }

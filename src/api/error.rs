@@ -112,7 +112,9 @@ impl From<BillingError> for Status {
                 (Code::FailedPrecondition, message)
             }
             BillingError::PermissionDenied(message) => (Code::PermissionDenied, message),
-            BillingError::Unauthenticated(message) => (Code::Unauthenticated, message),
+            BillingError::Unauthenticated(message) | BillingError::TokenExpired(message) => {
+                (Code::Unauthenticated, message)
+            }
             BillingError::Unavailable { message, .. } => {
                 details.retry_after(reason.retry_delay());
                 (Code::Unavailable, message)

@@ -80,6 +80,13 @@ impl ClaimMapping {
             .and_then(Value::as_str)
             .filter(|sub| !sub.is_empty())
             .ok_or_else(|| rejected("the sub claim is missing"))?;
+        // The subject lands in the audit trail and in logs as sent: OpenID
+        // Connect caps it at 255 characters, and control or bidirectional
+        // override characters would let a token's issuer make it read as
+        // someone else there.
+        crate::ids::parse_text("sub", subject, 255).map_err(|_| {
+            rejected("the sub claim is longer than 255 characters or holds control or bidirectional override characters")
+        })?;
         let mut roles = Vec::new();
         for claim in &self.roles_claims {
             for name in role_names(lookup(claims, claim)) {
@@ -227,6 +234,34 @@ mod tests {
             .caller(&json!({"sub": "svc", "roles": ["service"]}))
             .unwrap();
         assert!(service.account.is_none());
+    }
+
+    #[test]
+    fn a_subject_that_could_read_as_someone_else_in_the_audit_trail_is_refused() {
+        let mapping = mapping(&["roles"], &[], "account");
+        for subject in [
+            "admin\u{202E}nimda",
+            "ops\u{2066}x\u{2069}",
+            "line\nbreak",
+            &"s".repeat(256),
+        ] {
+            let refused = mapping
+                .caller(&json!({"sub": subject, "roles": ["service"]}))
+                .unwrap_err();
+            assert!(
+                refused.to_string().contains("sub claim"),
+                "{subject:?}: {refused}"
+            );
+        }
+        let longest = "s".repeat(255);
+        for subject in ["auth0|42", "\u{05D0}\u{200F}x", longest.as_str()] {
+            assert!(
+                mapping
+                    .caller(&json!({"sub": subject, "roles": ["service"]}))
+                    .is_ok(),
+                "{subject:?}"
+            );
+        }
     }
 
     #[test]

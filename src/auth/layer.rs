@@ -121,6 +121,7 @@ async fn authenticate(
         .await
         .map_err(|error| match error {
             BillingError::Unauthenticated(message) => unauthenticated(&message),
+            expired @ BillingError::TokenExpired(_) => expired.into(),
             _ => unauthenticated("invalid bearer token"),
         })?;
     if !caller.may(access) {

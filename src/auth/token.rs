@@ -452,6 +452,12 @@ impl KeySet {
         if let Some(account) = account {
             AccountId::parse(account).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
+        // The same rule as verifying (`claims.rs`): a token the service
+        // would refuse is never minted.
+        if subject.is_empty() {
+            bail!("--subject must not be empty");
+        }
+        crate::ids::parse_text("--subject", subject, 255).map_err(|e| anyhow::anyhow!("{e}"))?;
         if !self.default_claims {
             bail!(
                 "billing token writes billing's own claims (roles, account): it cannot mint for \
@@ -494,6 +500,11 @@ fn rejected(why: &str) -> Rejection {
 
 fn invalid(error: &jsonwebtoken::errors::Error) -> Rejection {
     tracing::debug!(%error, "token rejected");
+    if *error.kind() == ErrorKind::ExpiredSignature {
+        return Rejection::Invalid(BillingError::TokenExpired(
+            "invalid bearer token: expired".to_owned(),
+        ));
+    }
     rejected(describe(error))
 }
 

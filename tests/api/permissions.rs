@@ -204,6 +204,12 @@ async fn missing_malformed_or_foreign_tokens_are_unauthenticated() {
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::Unauthenticated);
+    assert_eq!(
+        tonic_types::StatusExt::get_details_error_info(&error)
+            .expect("ErrorInfo")
+            .reason,
+        "BEARER_TOKEN_INVALID"
+    );
 
     // Expired.
     let claims = billing::auth::Claims {
@@ -229,6 +235,12 @@ async fn missing_malformed_or_foreign_tokens_are_unauthenticated() {
         .unwrap_err();
     assert_eq!(error.code(), Code::Unauthenticated);
     assert!(error.message().contains("expired"), "{}", error.message());
+    // Its own reason, so a client knows to refresh the token.
+    use tonic_types::StatusExt;
+    assert_eq!(
+        error.get_details_error_info().expect("ErrorInfo").reason,
+        "BEARER_TOKEN_EXPIRED"
+    );
     app.stop().await;
 }
 

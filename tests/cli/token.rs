@@ -84,3 +84,22 @@ fn a_token_that_would_be_born_expired_is_refused_naming_the_flag() {
     let output = mint(&["--role", "service", "--ttl-seconds", "1"]);
     assert!(output.status.success());
 }
+
+#[test]
+fn a_subject_the_service_would_refuse_is_never_minted_and_the_error_names_the_flag() {
+    let too_long = "s".repeat(256);
+    for subject in ["", "ops\u{202E}x", "a\nb", too_long.as_str()] {
+        let output = mint(&["--role", "service", "--subject", subject]);
+        assert!(
+            !output.status.success(),
+            "--subject {subject:?} minted a token"
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("--subject"),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let output = mint(&["--role", "service", "--subject", &"s".repeat(255)]);
+    assert!(output.status.success());
+}
