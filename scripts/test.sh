@@ -115,6 +115,8 @@ log "buf lint (STANDARD and COMMENTS)"
 (cd proto && buf lint)
 log "buf breaking (against the merge base with main)"
 ./scripts/buf-breaking.sh
+log "tests cited by RELIABILITY.md and BENCHMARKS.md exist"
+python3 scripts/cited-tests-check.py
 # Build every test target (and the binary) first; clippy then runs in the
 # background, in its own target directory (a check build shares no
 # artifacts with a test build), while the tests run: they mostly wait on

@@ -94,8 +94,14 @@ impl SmtpMailer {
                 anyhow::anyhow!("the from address {:?} is invalid: {e}", settings.from)
             })?,
             description: format!(
-                "smtp://{}:{} ({:?})",
-                settings.host, settings.port, settings.security
+                "smtp://{}:{} ({})",
+                settings.host,
+                settings.port,
+                match settings.security {
+                    SmtpSecurity::None => "plain SMTP, no TLS",
+                    SmtpSecurity::Starttls => "STARTTLS",
+                    SmtpSecurity::Tls => "TLS",
+                }
             ),
         })
     }

@@ -46,6 +46,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     secretKeyRef:
       name: {{ required "secrets.database.existingSecret is required" .Values.secrets.database.existingSecret }}
       key: {{ .Values.secrets.database.key }}
+{{- /* Without a key each pod would make a development key of its own: every token refused, replicas disagreeing. */}}
+{{- if not (or .Values.secrets.jwt.publicKeyKey .Values.secrets.jwt.hs256SecretKey .Values.config.jwtJwksUrl .Values.config.jwtOidcDiscovery) }}
+{{- fail "a JWT verification key is required: secrets.jwt.publicKeyKey or secrets.jwt.hs256SecretKey (in secrets.jwt.existingSecret), or config.jwtJwksUrl, or config.jwtOidcDiscovery" }}
+{{- end }}
 {{- if eq .Values.secrets.jwt.publicKeyKey "*" }}
 - name: BILLING_JWT_PUBLIC_KEY_FILE
   value: /etc/billing/jwt
@@ -56,7 +60,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - name: BILLING_JWT_SECRET
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.secrets.jwt.existingSecret }}
+      name: {{ required "secrets.jwt.existingSecret is required with secrets.jwt.hs256SecretKey" .Values.secrets.jwt.existingSecret }}
       key: {{ .Values.secrets.jwt.hs256SecretKey }}
 {{- end }}
 {{- if .Values.secrets.smtp.existingSecret }}

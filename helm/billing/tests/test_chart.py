@@ -233,6 +233,18 @@ class ChartTest(unittest.TestCase):
         with self.assertRaises(Exception):
             render({"gateway": {"kind": "paypal"}})
 
+    def test_a_chart_with_no_jwt_verification_key_is_refused(self):
+        # Each pod would otherwise make a development key of its own.
+        with self.assertRaises(Exception) as refused:
+            render({"secrets": {"jwt": {"existingSecret": "", "publicKeyKey": ""}}})
+        self.assertIn("JWT verification key is required", str(refused.exception))
+        with self.assertRaises(Exception) as refused:
+            render({"secrets": {"jwt": {"existingSecret": "", "publicKeyKey": "", "hs256SecretKey": "hs"}}})
+        self.assertIn("secrets.jwt.existingSecret is required", str(refused.exception))
+        # An identity provider's keys are enough.
+        render({"config": {"jwtJwksUrl": "https://sso.example.com/jwks.json"},
+                "secrets": {"jwt": {"existingSecret": "", "publicKeyKey": ""}}})
+
     def test_replicas_leave_migrations_to_the_job_and_its_own_role(self):
         documents = render(PRODUCTION)
         self.assertEqual(one(documents, "ConfigMap")["data"]["BILLING_MIGRATE"], "false")
