@@ -5,16 +5,13 @@
 
 use uuid::Uuid;
 
-use super::pipeline::{
-    Answer, Lease, TopUps, card_refusal, gate_closed_by, gate_refusal, lock_account,
-};
+use super::pipeline::{Answer, ChargeRefused, Lease, TopUps, gate_refusal, lock_account};
 use super::{AttemptOutcome, TopUpStatus, Trigger, gateway_key, store};
 use crate::audit;
 use crate::auth::Caller;
 use crate::error::{BillingError, Reason};
 use crate::gateway::{Charge, GatewayError, Outcome};
 use crate::ids::AccountId;
-use crate::payment_methods;
 
 impl TopUps {
     /// Completes the challenge of a `REQUIRES_ACTION` top-up of `account`
@@ -172,15 +169,18 @@ impl TopUps {
             return Ok(Taken::Elsewhere);
         };
         if authenticated
-            && let Some(refusal) = self
-                .refuse_charge(&mut transaction, &top_up, waiting, now)
+            && let Some(refused) = self
+                .refuse_charge(&mut transaction, &top_up, &waiting.payment_method_id, now)
                 .await?
         {
             transaction.commit().await?;
-            if refusal.started_next {
+            if let ChargeRefused::Card {
+                started_next: true, ..
+            } = refused
+            {
                 self.wake.notify_one();
             }
-            return Ok(Taken::Refused(refusal.error));
+            return Ok(Taken::Refused(refusal_error(top_up_id, refused)));
         }
         let owner = Uuid::new_v4();
         sqlx::query(
@@ -206,67 +206,6 @@ impl TopUps {
             account: account.clone(),
             owner,
         }))
-    }
-
-    /// Why a passed challenge may not be charged now, with the top-up ended
-    /// if it can never be (see [`Self::take_confirmation`]); `None`: charge.
-    async fn refuse_charge(
-        &self,
-        transaction: &mut sqlx::PgConnection,
-        top_up: &super::TopUp,
-        waiting: &super::TopUpAttempt,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Option<Refusal>, BillingError> {
-        let account = AccountId::parse(&top_up.account_id)?;
-        let top_up_id = top_up.top_up_id.as_str();
-        if let Some(other) = gate_closed_by(&mut *transaction, &account, top_up_id).await? {
-            return Ok(Some(Refusal {
-                error: gate_refusal(&other),
-                started_next: false,
-            }));
-        }
-        let card =
-            payment_methods::find_method(&mut *transaction, &account, &waiting.payment_method_id)
-                .await?;
-        let automatic = top_up.trigger == Trigger::Automatic;
-        if let Some(failure) = card_refusal(&card, now) {
-            self.finish(
-                transaction,
-                top_up,
-                TopUpStatus::Failed,
-                failure,
-                None,
-                None,
-            )
-            .await?;
-            let started_next = automatic
-                && self
-                    .recheck_locked(transaction, account.as_str(), true)
-                    .await?
-                    .is_some();
-            let reason = match failure {
-                "payment_method_removed" => Reason::PaymentMethodRemoved,
-                "expired_card" => Reason::CardExpired,
-                _ => Reason::PaymentMethodNotActive,
-            };
-            return Ok(Some(Refusal {
-                error: BillingError::precondition(
-                    reason,
-                    format!("payment_methods/{}", card.payment_method_id),
-                    format!(
-                        "the card of this top-up cannot be charged ({failure}): top-up {top_up_id} ended FAILED and nothing was charged"
-                    ),
-                ),
-                started_next,
-            }));
-        }
-        if automatic && self.still_wanted(transaction, top_up).await?.is_none() {
-            return Ok(Some(Refusal {
-                error: not_awaiting_authentication(top_up_id, TopUpStatus::Canceled),
-                started_next: false,
-            }));
-        }
-        Ok(None)
     }
 
     /// The gateway did not answer a taken confirmation. Refused (it charged
@@ -394,11 +333,30 @@ impl TopUps {
     }
 }
 
-/// A passed challenge that may not be charged now.
-struct Refusal {
-    error: BillingError,
-    /// An automatic top-up ended and the next one started: wake the engine.
-    started_next: bool,
+/// What the customer is told when a passed challenge may not be charged now.
+fn refusal_error(top_up_id: &str, refused: ChargeRefused) -> BillingError {
+    match refused {
+        ChargeRefused::Gate { other } => gate_refusal(&other),
+        ChargeRefused::Card {
+            failure,
+            payment_method_id,
+            ..
+        } => {
+            let reason = match failure {
+                "payment_method_removed" => Reason::PaymentMethodRemoved,
+                "expired_card" => Reason::CardExpired,
+                _ => Reason::PaymentMethodNotActive,
+            };
+            BillingError::precondition(
+                reason,
+                format!("payment_methods/{payment_method_id}"),
+                format!(
+                    "the card of this top-up cannot be charged ({failure}): top-up {top_up_id} ended FAILED and nothing was charged"
+                ),
+            )
+        }
+        ChargeRefused::NotWanted => not_awaiting_authentication(top_up_id, TopUpStatus::Canceled),
+    }
 }
 
 /// What a confirmation found when it took the attempt.

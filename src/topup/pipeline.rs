@@ -639,8 +639,9 @@ impl TopUps {
     /// An attempt whose outcome is unknown: the gateway is asked by its key.
     /// A charge it knows is settled; one it never saw is sent again with the
     /// same key (the same attempt: it can never charge twice) while its
-    /// driver is the customer or the engine of an automatic top-up; a manual
-    /// attempt whose process died is closed once old enough.
+    /// driver is the customer or the engine of an automatic top-up, and only
+    /// if the live state allows a charge now ([`Self::may_resend`]); a
+    /// manual attempt whose process died is closed once old enough.
     async fn reconcile(
         &self,
         lease: &Lease,
@@ -669,6 +670,9 @@ impl TopUps {
                     }
                     return self.close_not_processed(lease, attempt.number).await;
                 }
+                if !self.may_resend(lease, &attempt).await? {
+                    return Ok(Next::Stop);
+                }
                 self.charge(lease, &attempt).await
             }
             Ok(Some(_)) => {
@@ -685,6 +689,119 @@ impl TopUps {
         };
         self.settle(lease, attempt.number, charge, Answer::Direct)
             .await
+    }
+
+    /// Why attempt-bound money may not move now — a passed 3-D Secure
+    /// answer (ConfirmTopUp) or a charge the processor never saw, sent again
+    /// with its key (reconciliation) — with the top-up ended if it never
+    /// can; `None`: charge. Such a charge is made *now*, so it meets the
+    /// rules of every charge made now, on the live state read under the
+    /// account lock the caller holds, not those of the moment its attempt
+    /// was recorded:
+    ///
+    /// - the gate is open (no other charge of the account has an unknown
+    ///   outcome): else refused, nothing changed;
+    /// - the attempt's card can still be charged ([`card_refusal`], the rule
+    ///   of Add Funds and Retry): else the top-up ends `FAILED`
+    ///   (`payment_method_removed`, `payment_method_not_active`,
+    ///   `expired_card`) and an automatic one's crossing starts the next
+    ///   top-up on the other cards;
+    /// - an automatic top-up is still wanted ([`Self::still_wanted`]: auto
+    ///   refill on, the balance below the threshold): else `CANCELED`.
+    pub(super) async fn refuse_charge(
+        &self,
+        connection: &mut PgConnection,
+        top_up: &TopUp,
+        payment_method_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ChargeRefused>, BillingError> {
+        let account = AccountId::parse(&top_up.account_id)?;
+        if let Some(other) = gate_closed_by(&mut *connection, &account, &top_up.top_up_id).await? {
+            return Ok(Some(ChargeRefused::Gate { other }));
+        }
+        let card =
+            payment_methods::find_method(&mut *connection, &account, payment_method_id).await?;
+        let automatic = top_up.trigger == Trigger::Automatic;
+        if let Some(failure) = card_refusal(&card, now) {
+            self.finish(connection, top_up, TopUpStatus::Failed, failure, None, None)
+                .await?;
+            let started_next = automatic
+                && self
+                    .recheck_locked(connection, account.as_str(), true)
+                    .await?
+                    .is_some();
+            return Ok(Some(ChargeRefused::Card {
+                failure,
+                payment_method_id: card.payment_method_id,
+                started_next,
+            }));
+        }
+        if automatic && self.still_wanted(connection, top_up).await?.is_none() {
+            return Ok(Some(ChargeRefused::NotWanted));
+        }
+        Ok(None)
+    }
+
+    /// Whether a charge the processor never saw may be sent again with its
+    /// key: only if a charge made now would be ([`Self::refuse_charge`]).
+    /// Refused for good, the attempt is closed as `not_processed` (nothing
+    /// was charged) with its top-up; refused by the gate, the top-up stays
+    /// `UNKNOWN` and is asked about again later.
+    async fn may_resend(&self, lease: &Lease, attempt: &Attempt) -> Result<bool, BillingError> {
+        let now = self.clock.now();
+        let mut transaction = self.pool.begin().await?;
+        lock_account(&mut transaction, &lease.account).await?;
+        let top_up = store::lock(&mut transaction, &lease.account, &lease.top_up_id).await?;
+        let still_unknown = top_up
+            .attempts
+            .iter()
+            .any(|a| a.attempt_number == attempt.number && a.outcome == AttemptOutcome::Unknown);
+        if top_up.status.is_final() || !still_unknown {
+            transaction.commit().await?;
+            return Ok(false);
+        }
+        let refused = self
+            .refuse_charge(
+                &mut transaction,
+                &top_up,
+                &attempt.card.payment_method_id,
+                now,
+            )
+            .await?;
+        match refused {
+            None => {
+                transaction.commit().await?;
+                Ok(true)
+            }
+            Some(ChargeRefused::Gate { other }) => {
+                transaction.commit().await?;
+                tracing::info!(top_up_id = %lease.top_up_id, %other, "not sent again: another charge's outcome is unknown");
+                self.park_unknown(lease, now + self.config.reconcile_after)
+                    .await?;
+                Ok(false)
+            }
+            Some(refused) => {
+                store::settle_attempt(
+                    &mut transaction,
+                    &top_up.top_up_id,
+                    attempt.number,
+                    AttemptOutcome::Declined,
+                    Some(("not_processed", false)),
+                    None,
+                    None,
+                )
+                .await?;
+                transaction.commit().await?;
+                tracing::info!(top_up_id = %lease.top_up_id, "a charge the processor never saw is not sent again: the live state refuses it");
+                if let ChargeRefused::Card {
+                    started_next: true, ..
+                } = refused
+                {
+                    self.wake.notify_one();
+                }
+                Ok(false)
+            }
+        }
     }
 
     /// Leaves the top-up `UNKNOWN` until `at`, the gate closed.
@@ -1333,6 +1450,22 @@ pub(super) async fn lock_account(
 
 /// The answer to a charge the customer asked for while the gate is closed
 /// by `other` (a charge of the account whose outcome is unknown).
+/// Why attempt-bound money may not move now ([`TopUps::refuse_charge`]).
+pub(super) enum ChargeRefused {
+    /// Another charge of the account has an unknown outcome; nothing changed.
+    Gate { other: String },
+    /// The attempt's card cannot be charged (`failure`): the top-up ended
+    /// `FAILED`; `started_next`: an automatic crossing started the next
+    /// top-up (wake the engine).
+    Card {
+        failure: &'static str,
+        payment_method_id: String,
+        started_next: bool,
+    },
+    /// An automatic top-up no longer wanted: it ended `CANCELED`.
+    NotWanted,
+}
+
 pub(super) fn gate_refusal(other: &str) -> BillingError {
     BillingError::precondition(
         crate::error::Reason::ChargeOutcomeUnknown,

@@ -10,18 +10,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use billing::gateway::{
-    CardSource, Charge, ChargeRequest, GatewayError, Outcome, PaymentGateway, SandboxGateway, Setup,
-};
 use billing::proto::{self, PaymentMethodStatus, TopUpStatus};
-use billing::topup::ManualClock;
 
-use crate::helpers::{authed, eventually, fresh_database, spawn_app_on};
-use crate::payment_methods::{add_active_card, add_card, client, funds, status};
+use crate::helpers::{authed, eventually};
+use crate::payment_methods::{add_card, client, funds, status};
+use crate::processor::TestProcessor;
 use crate::top_ups::{
-    ACCT, Scenario, VISA, balance, engine_settings, ledger_top_ups, sandbox_charges, status_of,
-    top_ups,
+    ACCT, Scenario, VISA, balance, ledger_top_ups, sandbox_charges, scenario_on, status_of, top_ups,
 };
 
 /// How long the processor holds every call after a card's set-up.
@@ -32,56 +27,17 @@ const PATIENCE: Duration = Duration::from_millis(300);
 const ALWAYS_3DS: &str = "4000002760003184";
 const SETUP_3DS: &str = "4000002500003155";
 
-/// The sandbox behind a slow processor: charges, 3-D Secure answers and
-/// detaches are answered `STALL` after they are sent (set-ups are not, so a
-/// test adds its cards at once).
-struct SlowProcessor(SandboxGateway);
-
-#[async_trait]
-impl PaymentGateway for SlowProcessor {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    async fn setup_card(&self, account: &str, source: CardSource) -> Result<Setup, GatewayError> {
-        self.0.setup_card(account, source).await
-    }
-    async fn confirm_setup(&self, token: &str, passed: bool) -> Result<Outcome, GatewayError> {
-        tokio::time::sleep(STALL).await;
-        self.0.confirm_setup(token, passed).await
-    }
-    async fn charge(&self, request: ChargeRequest) -> Result<Charge, GatewayError> {
-        tokio::time::sleep(STALL).await;
-        self.0.charge(request).await
-    }
-    async fn find_charge(&self, key: &str) -> Result<Option<Charge>, GatewayError> {
-        self.0.find_charge(key).await
-    }
-    async fn confirm_charge(&self, key: &str, passed: bool) -> Result<Charge, GatewayError> {
-        tokio::time::sleep(STALL).await;
-        self.0.confirm_charge(key, passed).await
-    }
-    async fn detach(&self, token: &str) -> Result<(), GatewayError> {
-        tokio::time::sleep(STALL).await;
-        self.0.detach(token).await
-    }
-}
-
-/// A server with engines behind [`SlowProcessor`]; `acme` holds nothing
-/// and has `card` (confirmed when it asks for 3-D Secure at set-up: that
-/// takes one stall).
+/// A server with engines behind a processor that answers every call but
+/// set-ups `STALL` late; `acme` holds nothing and has `card` (confirmed when
+/// it asks for 3-D Secure at set-up: that takes one stall).
 async fn slow_processor_with(card: &str) -> (Scenario, String) {
-    let (pool, _) = fresh_database().await;
-    let clock = Arc::new(ManualClock::starting_now());
-    let gateway = SlowProcessor(SandboxGateway::new(pool.clone()));
-    let settings = billing::server::ServerSettings {
-        gateway: Some(Arc::new(gateway)),
-        ..engine_settings(clock.clone())
-    };
-    let app = spawn_app_on(pool, settings).await.owning_its_database();
-    app.account_with_balance(ACCT, "0").await;
-    let admin = app.token("admin", Some(ACCT));
-    let card = add_active_card(&app, &admin, ACCT, card).await;
-    (Scenario { app, clock, admin }, card)
+    let (s, cards) = scenario_on(
+        |pool| Arc::new(TestProcessor::new(pool).stalling(STALL)),
+        "0",
+        &[card],
+    )
+    .await;
+    (s, cards[0].clone())
 }
 
 /// Sends `call` and goes away after [`PATIENCE`]; fails if it was answered.

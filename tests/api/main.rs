@@ -19,6 +19,7 @@ mod model;
 mod notifications;
 mod payment_methods;
 mod permissions;
+mod processor;
 mod rich_errors;
 mod stripe;
 mod subscribers;

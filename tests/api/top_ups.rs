@@ -58,6 +58,32 @@ pub async fn scenario_with(
 ) -> (Scenario, Vec<String>) {
     let clock = Arc::new(ManualClock::starting_now());
     let app = spawn_app_with(settings(clock.clone())).await;
+    with_account_and_cards(app, clock, opening, cards).await
+}
+
+/// [`scenario`] on a server whose card processor `processor` makes from
+/// the database.
+pub async fn scenario_on(
+    processor: impl FnOnce(sqlx::PgPool) -> Arc<dyn billing::gateway::PaymentGateway>,
+    opening: &str,
+    cards: &[&str],
+) -> (Scenario, Vec<String>) {
+    let (pool, _) = crate::helpers::fresh_database().await;
+    let clock = Arc::new(ManualClock::starting_now());
+    let settings = ServerSettings {
+        gateway: Some(processor(pool.clone())),
+        ..engine_settings(clock.clone())
+    };
+    let app = spawn_app_on(pool, settings).await.owning_its_database();
+    with_account_and_cards(app, clock, opening, cards).await
+}
+
+async fn with_account_and_cards(
+    app: TestApp,
+    clock: Arc<ManualClock>,
+    opening: &str,
+    cards: &[&str],
+) -> (Scenario, Vec<String>) {
     app.account_with_balance(ACCT, opening).await;
     let admin = app.token("admin", Some(ACCT));
     let mut ids = Vec::new();

@@ -685,3 +685,83 @@ async fn a_charge_whose_credit_cannot_be_posted_needs_attention_and_is_never_cha
     assert_eq!(charges_of(&s, &cards[0]).await, 1);
     s.app.stop().await;
 }
+
+/// An automatic top-up whose first charge was lost on the way (the
+/// processor never saw it: a connection reset, or a crash mid-call),
+/// waiting to be reconciled, with the account below its threshold.
+async fn automatic_top_up_whose_charge_the_processor_never_saw() -> Scenario {
+    let (s, _) = scenario_on(
+        |pool| std::sync::Arc::new(crate::processor::TestProcessor::new(pool).losing_charges(1)),
+        "0",
+        &[VISA],
+    )
+    .await;
+    apply(&s, settings("10.00", "30.00")).await;
+    let unknown = wait_for_top_up(&s, TopUpStatus::Unknown).await;
+    assert_eq!(unknown.attempts.len(), 1);
+    assert_eq!(
+        sandbox_charges(&s.app).await,
+        0,
+        "the processor never saw it"
+    );
+    s
+}
+
+/// Reconciled (the processor never saw the charge), the top-up is refused
+/// by the live state: `CANCELED` with `reason`, its attempt closed as not
+/// processed, nothing charged.
+async fn not_sent_again(s: &Scenario, reason: &str, balance_now: &str) {
+    s.clock.advance(Duration::seconds(31));
+    let canceled = wait_for_top_up(s, TopUpStatus::Canceled).await;
+    assert_eq!(canceled.failure_reason, reason);
+    assert_eq!(canceled.attempts.len(), 1);
+    assert_eq!(canceled.attempts[0].decline_code, "not_processed");
+    settle_briefly().await;
+    assert_eq!(sandbox_charges(&s.app).await, 0, "sent again");
+    assert_eq!(ledger_top_ups(&s.app).await, 0);
+    assert_eq!(balance(&s.app).await, balance_now);
+}
+
+/// A charge the processor never saw is sent again with its key only as a
+/// charge made now: after auto refill was switched off, it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_the_processor_never_saw_is_not_sent_again_after_auto_refill_was_switched_off() {
+    let s = automatic_top_up_whose_charge_the_processor_never_saw().await;
+    apply(
+        &s,
+        proto::ApplyLowBalanceSettingsRequest {
+            auto_refill_enabled: false,
+            ..settings("10.00", "30.00")
+        },
+    )
+    .await;
+    not_sent_again(&s, "auto_refill_disabled", "0.00").await;
+    s.app.stop().await;
+}
+
+/// …nor after the balance was restored by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_the_processor_never_saw_is_not_sent_again_after_the_balance_was_restored() {
+    let s = automatic_top_up_whose_charge_the_processor_never_saw().await;
+    credit(&s.app, "500.00", "by-hand").await;
+    not_sent_again(&s, "balance_restored", "500.00").await;
+    s.app.stop().await;
+}
+
+/// …and while it is still wanted, it is sent again with the same key and
+/// credited once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_the_processor_never_saw_is_sent_again_with_its_key_while_still_wanted() {
+    let s = automatic_top_up_whose_charge_the_processor_never_saw().await;
+    s.clock.advance(Duration::seconds(31));
+    let succeeded = wait_for_top_up(&s, TopUpStatus::Succeeded).await;
+    assert_eq!(
+        succeeded.attempts.len(),
+        1,
+        "the same attempt, the same key"
+    );
+    assert_eq!(sandbox_charges(&s.app).await, 1);
+    assert_eq!(ledger_top_ups(&s.app).await, 1);
+    assert_eq!(balance(&s.app).await, "30.00");
+    s.app.stop().await;
+}
