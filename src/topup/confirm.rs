@@ -5,7 +5,11 @@
 
 use uuid::Uuid;
 
-use super::pipeline::{Answer, ChargeRefused, Lease, TopUps, gate_refusal, lock_account};
+use chrono::Datelike;
+
+use super::pipeline::{
+    Answer, ChargeRefused, Lease, TopUps, card_refusal, gate_refusal, lock_account,
+};
 use super::{AttemptOutcome, TopUpStatus, Trigger, gateway_key, store};
 use crate::audit;
 use crate::auth::Caller;
@@ -52,7 +56,9 @@ impl TopUps {
         top_up_id: &str,
         authenticated: bool,
     ) -> Result<super::FundsResult, BillingError> {
-        let top_up = store::get(&mut *self.pool.acquire().await?, account, top_up_id).await?;
+        let mut snapshot = store::snapshot(&self.pool).await?;
+        let top_up = store::get(&mut snapshot, account, top_up_id).await?;
+        snapshot.commit().await?;
         let waiting = top_up
             .attempts
             .iter()
@@ -250,81 +256,107 @@ impl TopUps {
         Ok(())
     }
 
-    /// `REQUIRES_ACTION` top-ups the customer did not complete in time end
-    /// `FAILED` with `authentication_expired`. An automatic one frees its
-    /// crossing, and the account's next top-up (possibly on other cards)
-    /// is decided in the same transaction, under the account lock: there is
+    /// `REQUIRES_ACTION` top-ups that can no longer be completed end
+    /// `FAILED`: the customer did not answer in time
+    /// (`authentication_expired`), or the card the challenge is for can no
+    /// longer be charged — removed, no longer active or expired
+    /// ([`card_refusal`]: `payment_method_removed`,
+    /// `payment_method_not_active`, `expired_card`). An automatic one frees
+    /// its crossing, and the account's next top-up (on the other cards) is
+    /// decided in the same transaction, under the account lock: there is
     /// no moment, and no failure between two steps, in which the account is
-    /// below its threshold with auto refill on and nothing open.
+    /// below its threshold with auto refill on and nothing open — nor one
+    /// in which it waits for a challenge nobody can answer any more.
     pub(super) async fn expire_waiting(&self) -> Result<usize, BillingError> {
-        let cutoff = self.clock.now() - self.config.action_expiry;
+        let now = self.clock.now();
+        let cutoff = now - self.config.action_expiry;
+        let month = now.year() * 12 + now.month() as i32;
         let due: Vec<(String, String)> = sqlx::query_as(
-            "SELECT top_up_id, account_id FROM top_ups \
-              WHERE status = 'REQUIRES_ACTION' AND updated_at <= $1 \
-              ORDER BY updated_at LIMIT 100",
+            "SELECT t.top_up_id, t.account_id FROM top_ups t \
+              WHERE t.status = 'REQUIRES_ACTION' \
+                AND (t.updated_at <= $1 \
+                     OR EXISTS (SELECT 1 FROM top_up_attempts a \
+                                  JOIN payment_methods m ON m.payment_method_id = a.payment_method_id \
+                                 WHERE a.top_up_id = t.top_up_id AND a.outcome = 'REQUIRES_ACTION' \
+                                   AND (m.status NOT IN ('ACTIVE', 'TEMPORARILY_DISABLED') \
+                                        OR m.exp_year * 12 + m.exp_month < $2))) \
+              ORDER BY t.updated_at LIMIT 100",
         )
         .bind(cutoff)
+        .bind(month)
         .fetch_all(&self.pool)
         .await?;
-        let mut expired = 0;
+        let mut ended = 0;
         for (top_up_id, account_id) in &due {
-            if self.expire_one(top_up_id, account_id, cutoff).await? {
-                expired += 1;
+            if self.end_waiting(top_up_id, account_id, cutoff).await? {
+                ended += 1;
             }
         }
-        Ok(expired)
+        Ok(ended)
     }
 
-    /// Expires one top-up if it still waits since before `cutoff`; true when
-    /// it did.
-    async fn expire_one(
+    /// Ends one waiting top-up if, read again under the account lock, it
+    /// still cannot be completed; true when it did.
+    async fn end_waiting(
         &self,
         top_up_id: &str,
         account_id: &str,
         cutoff: chrono::DateTime<chrono::Utc>,
     ) -> Result<bool, BillingError> {
+        let account = AccountId::parse(account_id)?;
         let mut transaction = self.pool.begin().await?;
-        lock_account(&mut transaction, &AccountId::parse(account_id)?).await?;
-        let trigger: Option<String> = sqlx::query_scalar(
-            "UPDATE top_ups SET status = 'FAILED', failure_reason = 'authentication_expired', \
-                    updated_at = $3, lease_until = NULL, lease_owner = NULL \
-              WHERE top_up_id = $1 AND status = 'REQUIRES_ACTION' AND updated_at <= $2 \
-          RETURNING trigger",
-        )
-        .bind(top_up_id)
-        .bind(cutoff)
-        .bind(self.clock.now())
-        .fetch_optional(&mut *transaction)
-        .await?;
-        let Some(trigger) = trigger else {
+        lock_account(&mut transaction, &account).await?;
+        let top_up = store::lock(&mut transaction, &account, top_up_id).await?;
+        let expired: bool =
+            sqlx::query_scalar("SELECT updated_at <= $2 FROM top_ups WHERE top_up_id = $1")
+                .bind(top_up_id)
+                .bind(cutoff)
+                .fetch_one(&mut *transaction)
+                .await?;
+        let waiting = top_up
+            .attempts
+            .iter()
+            .rev()
+            .find(|a| a.outcome == AttemptOutcome::RequiresAction);
+        let reason = match waiting {
+            _ if top_up.status != TopUpStatus::RequiresAction => None,
+            _ if expired => Some("authentication_expired"),
+            Some(waiting) => {
+                let card = crate::payment_methods::find_method(
+                    &mut transaction,
+                    &account,
+                    &waiting.payment_method_id,
+                )
+                .await?;
+                card_refusal(&card, self.clock.now())
+            }
+            None => None,
+        };
+        let Some(reason) = reason else {
             transaction.rollback().await?;
             return Ok(false);
         };
-        audit::record(
+        self.finish(
             &mut transaction,
-            &super::engine_caller(),
-            "finish_top_up",
-            Some(account_id),
-            serde_json::json!({
-                "top_up_id": top_up_id,
-                "status": TopUpStatus::Failed.as_str(),
-                "trigger": trigger,
-                "reason": "authentication_expired",
-            }),
+            &top_up,
+            TopUpStatus::Failed,
+            reason,
+            None,
+            None,
         )
         .await?;
-        let started = Trigger::parse(&trigger) == Some(Trigger::Automatic)
+        let started = top_up.trigger == Trigger::Automatic
             && self
                 .recheck_locked(&mut transaction, account_id, true)
                 .await?
                 .is_some();
         transaction.commit().await?;
-        crate::telemetry::metrics::top_up_finished(TopUpStatus::Failed.as_str());
         tracing::info!(
             account_id,
             top_up_id,
+            reason,
             next_top_up_started = started,
-            "top-up waiting for authentication expired"
+            "top-up waiting for authentication ended"
         );
         if started {
             self.wake.notify_one();

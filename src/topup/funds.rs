@@ -240,7 +240,9 @@ impl TopUps {
         account: &AccountId,
         top_up_id: &str,
     ) -> Result<FundsResult, BillingError> {
-        let mut connection = self.pool.acquire().await?;
+        // One snapshot: the top-up, its attempts, the card and the balance
+        // as they stood together.
+        let mut connection = store::snapshot(&self.pool).await?;
         let top_up = store::get(&mut connection, account, top_up_id).await?;
         let payment_method = match &top_up.payment_method_id {
             Some(id) => Some(payment_methods::find_method(&mut connection, account, id).await?),
@@ -249,6 +251,7 @@ impl TopUps {
         let balance = ledger::load_account(&mut connection, account.as_str())
             .await?
             .balance;
+        connection.commit().await?;
         Ok(FundsResult {
             top_up,
             payment_method,

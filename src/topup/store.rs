@@ -131,6 +131,20 @@ pub async fn get(
     with_attempts(connection, top_up).await
 }
 
+/// One transaction whose reads all see one snapshot (`REPEATABLE READ`,
+/// read-only): a top-up and its attempts are two queries, and read apart
+/// they can straddle a commit (the top-up still waiting, its attempt
+/// already settled).
+pub async fn snapshot(
+    pool: &sqlx::PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, BillingError> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *transaction)
+        .await?;
+    Ok(transaction)
+}
+
 /// Locks a top-up row for a read-modify-write.
 pub(super) async fn lock(
     connection: &mut PgConnection,

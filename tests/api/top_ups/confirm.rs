@@ -323,15 +323,19 @@ async fn a_confirmation_never_charges_a_card_removed_while_the_challenge_waited(
     let top_up_id = waiting.top_up.unwrap().top_up_id;
     remove_card(&s, &cards[0]).await;
 
-    let refused = confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, true)
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        refused.message().contains("removed"),
-        "{}",
-        refused.message()
-    );
+    // Refused — or, when the engine ended the top-up first (a challenge on
+    // a removed card can never be answered), answered as it stands.
+    match confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, true).await {
+        Err(refused) => {
+            assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+            assert!(
+                refused.message().contains("removed"),
+                "{}",
+                refused.message()
+            );
+        }
+        Ok(answer) => assert_eq!(status_of(&answer.top_up.unwrap()), TopUpStatus::Failed),
+    }
     assert_eq!(
         failure_reason_of(&s, &top_up_id).await,
         (TopUpStatus::Failed, "payment_method_removed".into())
@@ -486,9 +490,12 @@ async fn an_answer_to_a_top_up_that_already_ended_changes_nothing() {
         .unwrap();
     let top_up_id = waiting.top_up.unwrap().top_up_id;
     remove_card(&s, &cards[0]).await;
-    confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, true)
-        .await
-        .unwrap_err();
+    // Refused, or (the engine ended it first) answered as it stands.
+    let _ = confirm_top_up(&s.app, &s.admin, ACCT, &top_up_id, true).await;
+    eventually("the top-up ended", || async {
+        failure_reason_of(&s, &top_up_id).await.0 == TopUpStatus::Failed
+    })
+    .await;
     let ended = failure_reason_of(&s, &top_up_id).await;
     assert_eq!(
         ended,
@@ -515,5 +522,44 @@ async fn an_answer_to_a_top_up_that_already_ended_changes_nothing() {
         audited
     );
     assert_eq!(sandbox_charges(&s.app).await, 0);
+    s.app.stop().await;
+}
+
+/// A challenge nobody can answer any more does not hold the account below
+/// its threshold: an automatic top-up waiting for 3-D Secure on a card that
+/// was removed ends `FAILED` (`payment_method_removed`) at once — not after
+/// the day the challenge may wait — and the crossing goes on with the other
+/// cards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automatic_top_up_waiting_on_a_removed_card_ends_and_the_next_card_is_charged() {
+    let (s, waiting) = automatic_top_up_waiting_for_the_customer().await;
+    let visa = crate::payment_methods::add_active_card(&s.app, &s.admin, ACCT, VISA).await;
+    client(&s.app)
+        .set_auto_charge(authed(
+            &s.admin,
+            proto::SetAutoChargeRequest {
+                account_id: ACCT.into(),
+                payment_method_id: visa.clone(),
+                enabled: true,
+            },
+        ))
+        .await
+        .unwrap();
+    remove_card(&s, &waiting.attempts[0].payment_method_id).await;
+
+    eventually("the next card refilled the account", || async {
+        top_ups(&s.app, &s.admin)
+            .await
+            .iter()
+            .any(|t| status_of(t) == TopUpStatus::Succeeded)
+    })
+    .await;
+    assert_eq!(
+        failure_reason_of(&s, &waiting.top_up_id).await,
+        (TopUpStatus::Failed, "payment_method_removed".into())
+    );
+    assert_eq!(balance(&s.app).await, "35.00");
+    assert_eq!(sandbox_charges(&s.app).await, 1);
+    assert_eq!(ledger_top_ups(&s.app).await, 1);
     s.app.stop().await;
 }
