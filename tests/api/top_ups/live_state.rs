@@ -765,3 +765,49 @@ async fn a_charge_the_processor_never_saw_is_sent_again_with_its_key_while_still
     assert_eq!(balance(&s.app).await, "30.00");
     s.app.stop().await;
 }
+
+/// The gate counts a manual top-up that is recorded and about to charge
+/// (`PENDING`, no attempt yet): another Add Funds meanwhile is refused at
+/// once and its key is not spent. It was recorded too and then ended
+/// `FAILED` on the first one's charge, so its key answered `FAILED` forever
+/// and never charged (found with parallel Add Funds by an attacker helper).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_funds_while_another_is_about_to_charge_is_refused_and_its_key_stays_unspent() {
+    let (s, cards) = scenario("0", &[VISA]).await;
+    // The first Add Funds, between its recording and its first attempt.
+    sqlx::query(
+        "INSERT INTO top_ups (top_up_id, account_id, trigger, status, amount, currency, payment_method_id, created_at, updated_at) \
+         VALUES ('tu_first', 'acme', 'MANUAL', 'PENDING', 5, 'USD', $1, now(), now())",
+    )
+    .bind(&cards[0])
+    .execute(&s.app.pool)
+    .await
+    .unwrap();
+
+    let refused = add_funds(&s.app, &s.admin, funds("7.00", &cards[0], "second"))
+        .await
+        .expect_err("the gate is closed");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("tu_first"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(top_ups(&s.app, &s.admin).await.len(), 1, "nothing recorded");
+    assert_eq!(sandbox_charges(&s.app).await, 0);
+
+    // The first one ends; the second key, replayed, charges.
+    sqlx::query("UPDATE top_ups SET status = 'FAILED' WHERE top_up_id = 'tu_first'")
+        .execute(&s.app.pool)
+        .await
+        .unwrap();
+    let charged = add_funds(&s.app, &s.admin, funds("7.00", &cards[0], "second"))
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(charged.top_up.as_ref().unwrap()),
+        TopUpStatus::Succeeded
+    );
+    assert_eq!(balance(&s.app).await, "7.00");
+    s.app.stop().await;
+}
