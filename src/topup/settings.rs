@@ -337,12 +337,29 @@ pub async fn apply_settings(
     // switching auto refill off ends the open automatic top-ups and disarms
     // the crossing; switching it on (or re-applying) starts a top-up only
     // when it arms a new crossing.
+    // A crossing a cap stopped resumes at once when the caps were raised or
+    // removed: it waited for the rolling window of caps that no longer hold.
+    let loosened = max_top_ups_per_day > current.max_top_ups_per_day
+        || match (current.max_amount_per_day, max_amount_per_day) {
+            (Some(_), None) => true,
+            (Some(old), Some(new)) => new > old,
+            (None, _) => false,
+        };
+    let capped = matches!(
+        super::crossing::load(&mut transaction, account_id.as_str())
+            .await?
+            .0,
+        super::crossing::CrossingState::Below {
+            resume_at: Some(_),
+            ..
+        }
+    );
     let started = if settings.auto_refill_enabled {
         match super::crossing::ensure_top_up(
             &mut transaction,
             &settings,
             live,
-            false,
+            loosened && capped,
             config,
             clock,
         )

@@ -144,6 +144,34 @@ async fn the_daily_count_cap_stops_automatic_top_ups_and_reports_it() {
     s.app.stop().await;
 }
 
+/// A crossing a cap stopped resumes as soon as the cap is raised — it
+/// waited for the rolling window of a cap that no longer held, leaving the
+/// account below its threshold for up to a day (found by an attacker
+/// helper). Re-applying the same caps starts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_the_cap_that_stopped_a_crossing_resumes_it_at_once() {
+    let (s, _) = scenario("20.00", &[VISA]).await;
+    let capped_at = |max_top_ups_per_day| proto::ApplyLowBalanceSettingsRequest {
+        max_top_ups_per_day,
+        ..settings("10.00", "30.00")
+    };
+    apply(&s, capped_at(1)).await;
+    debit(&s.app, "15.00", "d1").await; // 20 -> 5: top-up to 35
+    wait_for_top_up(&s, TopUpStatus::Succeeded).await;
+    debit(&s.app, "30.00", "d2").await; // 35 -> 5: over the cap
+    wait_for_top_up(&s, TopUpStatus::CapReached).await;
+
+    apply(&s, capped_at(1)).await;
+    settle_briefly().await;
+    assert_eq!(sandbox_charges(&s.app).await, 1, "the same cap holds");
+
+    apply(&s, capped_at(2)).await;
+    wait_for_top_up(&s, TopUpStatus::Succeeded).await;
+    assert_eq!(sandbox_charges(&s.app).await, 2);
+    assert_eq!(balance(&s.app).await, "35.00");
+    s.app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daily_amount_cap_limits_the_amount_stops_the_chain_and_the_chain_resumes_when_the_window_allows()
  {
