@@ -106,6 +106,19 @@ impl BalancePolicy for BalancePolicyApi {
                 currency,
                 &self.config,
             ));
+            // A cap below one refill would stop every automatic top-up.
+            if message.auto_refill_enabled
+                && let Some(Some(Some(cap))) = max_amount_per_day
+                && cap < refill_amount
+            {
+                violations.add(
+                    "max_amount_per_day",
+                    format!(
+                        "must be at least refill_amount ({}): a smaller cap stops every automatic top-up",
+                        currency.display(refill_amount)
+                    ),
+                );
+            }
         }
         let parsed = (
             threshold,

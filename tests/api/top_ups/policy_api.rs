@@ -142,6 +142,14 @@ async fn bad_settings_name_the_field_and_change_nothing() {
                 ..settings("10.00", "50.00")
             },
         ),
+        // Below one refill: every automatic top-up would be CAP_REACHED.
+        (
+            "max_amount_per_day",
+            proto::ApplyLowBalanceSettingsRequest {
+                max_amount_per_day: "49.99".into(),
+                ..settings("10.00", "50.00")
+            },
+        ),
     ];
     for (field, request) in cases {
         let error = policy(&s.app)
