@@ -83,6 +83,13 @@ impl CardNumber {
         {
             return Err(BillingError::invalid(FIELD, "may only contain digits"));
         }
+        // Groups of digits, each separator single and between digits.
+        if text.split([' ', '-']).any(str::is_empty) {
+            return Err(BillingError::invalid(
+                FIELD,
+                "may group its digits only by single spaces or dashes between them",
+            ));
+        }
         let digits: String = text.chars().filter(char::is_ascii_digit).collect();
         if !(12..=19).contains(&digits.len()) {
             return Err(BillingError::invalid(FIELD, "must have 12 to 19 digits"));
@@ -312,6 +319,25 @@ mod tests {
                 "card.holder_name"
             ]
         );
+    }
+
+    #[test]
+    fn a_number_is_grouped_only_by_single_spaces_or_dashes_between_digits() {
+        for grouped in [
+            "4242 4242 4242 4242",
+            "4242-4242-4242-4242",
+            "4242424242424242",
+        ] {
+            assert_eq!(CardNumber::parse(grouped).unwrap().last4(), "4242");
+        }
+        for loose in [
+            "4242  4242 4242 4242",
+            " 4242424242424242",
+            "4242424242424242-",
+            "4242 -4242 4242 4242",
+        ] {
+            assert!(CardNumber::parse(loose).is_err(), "{loose:?}");
+        }
     }
 
     #[test]

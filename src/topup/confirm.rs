@@ -197,8 +197,8 @@ impl TopUps {
         .execute(&mut *transaction)
         .await?;
         sqlx::query(
-            "UPDATE top_ups SET status = 'PENDING', lease_owner = $2, lease_until = $3, updated_at = $4 \
-              WHERE top_up_id = $1",
+            "UPDATE top_ups SET status = 'PENDING', failure_reason = '', lease_owner = $2, lease_until = $3, \
+                    updated_at = $4 WHERE top_up_id = $1",
         )
         .bind(top_up_id)
         .bind(owner)
@@ -235,7 +235,7 @@ impl TopUps {
         let mut transaction = self.pool.begin().await?;
         lock_account(&mut transaction, &lease.account).await?;
         let released = sqlx::query(
-            "UPDATE top_ups SET status = 'REQUIRES_ACTION', lease_owner = NULL, lease_until = NULL \
+            "UPDATE top_ups SET status = 'REQUIRES_ACTION', failure_reason = 'authentication_required', lease_owner = NULL, lease_until = NULL \
               WHERE top_up_id = $1 AND lease_owner = $2 AND status = 'PENDING'",
         )
         .bind(&lease.top_up_id)

@@ -109,6 +109,10 @@ async fn a_top_up_confirmation_whose_caller_goes_away_mid_charge_is_settled() {
         },
     )))
     .await;
+    // Its charge in flight: PENDING, no longer saying it needs authentication.
+    let in_flight = top_ups(&s.app, &s.admin).await.remove(0);
+    assert_eq!(status_of(&in_flight), TopUpStatus::Pending);
+    assert_eq!(in_flight.failure_reason, "");
 
     eventually("the confirmed top-up succeeded", || async {
         top_ups(&s.app, &s.admin)
