@@ -296,6 +296,26 @@ impl Balances for BalancesApi {
         if after_cursor < 0 {
             return Err(BillingError::invalid("after_cursor", "must not be negative").into());
         }
+        // A cursor no event ever had (another database's, a typo) would wait
+        // silently for events that take until then to come.
+        if after_cursor > 0 {
+            let issued: Option<i64> = sqlx::query_scalar(
+                "SELECT pg_sequence_last_value('balance_events_cursor_seq'::regclass)",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(BillingError::from)?;
+            let issued = issued.unwrap_or(0);
+            if after_cursor > issued {
+                return Err(BillingError::invalid(
+                    "after_cursor",
+                    format!(
+                        "is beyond the newest cursor issued ({issued}): resume with a cursor this service gave"
+                    ),
+                )
+                .into());
+            }
+        }
         // Counted from here until the stream ends (the permit lives in the stream).
         let permit = self
             .limits

@@ -275,6 +275,38 @@ async fn a_debit_through_one_server_reaches_a_subscriber_of_another() {
     second.stop().await;
 }
 
+/// A cursor no event ever had (another database's, a typo) is refused: the
+/// stream waited silently until events reached it.
+#[tokio::test]
+async fn an_after_cursor_beyond_the_newest_issued_is_refused_and_the_newest_is_not() {
+    let app = spawn_app().await;
+    app.account_with_balance("acme", "5.00").await;
+    let watch = |after_cursor| {
+        let mut balances = app.balances();
+        let request = authed(
+            &app.service_token(),
+            proto::WatchBalanceEventsRequest {
+                account_id: "".into(),
+                after_cursor,
+            },
+        );
+        async move { balances.watch_balance_events(request).await }
+    };
+    let newest: i64 = sqlx::query_scalar("SELECT max(cursor) FROM balance_events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let error = watch(newest + 1_000_000).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error.message().starts_with("after_cursor"),
+        "{}",
+        error.message()
+    );
+    assert!(watch(newest).await.is_ok());
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_negative_after_cursor_or_an_unknown_account_is_refused() {
     let app = spawn_app().await;
