@@ -1448,8 +1448,6 @@ pub(super) async fn lock_account(
     ledger::currency_from_column(&currency)
 }
 
-/// The answer to a charge the customer asked for while the gate is closed
-/// by `other` (a charge of the account whose outcome is unknown).
 /// Why attempt-bound money may not move now ([`TopUps::refuse_charge`]).
 pub(super) enum ChargeRefused {
     /// Another charge of the account has an unknown outcome; nothing changed.
@@ -1466,6 +1464,8 @@ pub(super) enum ChargeRefused {
     NotWanted,
 }
 
+/// The answer to a charge the customer asked for while the gate is closed
+/// by `other` (a charge of the account whose outcome is unknown).
 pub(super) fn gate_refusal(other: &str) -> BillingError {
     BillingError::precondition(
         crate::error::Reason::ChargeOutcomeUnknown,

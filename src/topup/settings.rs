@@ -333,10 +333,6 @@ pub async fn apply_settings(
         let key = format!("low_balance:{account_id}:apply:{stamp}");
         notifications::enqueue(&mut transaction, account_id.as_str(), &notice, &key).await?;
     }
-    // The crossing state is shared with the event decider under this lock:
-    // switching auto refill off ends the open automatic top-ups and disarms
-    // the crossing; switching it on (or re-applying) starts a top-up only
-    // when it arms a new crossing.
     // A crossing a cap stopped resumes at once when the caps were raised or
     // removed: it waited for the rolling window of caps that no longer hold.
     let loosened = max_top_ups_per_day > current.max_top_ups_per_day
@@ -354,6 +350,10 @@ pub async fn apply_settings(
             ..
         }
     );
+    // The crossing state is shared with the event decider under this lock:
+    // switching auto refill off ends the open automatic top-ups and disarms
+    // the crossing; switching it on (or re-applying) starts a top-up only
+    // when it arms a new crossing, or resumes one a loosened cap stopped.
     let started = if settings.auto_refill_enabled {
         match super::crossing::ensure_top_up(
             &mut transaction,
