@@ -117,16 +117,27 @@ log "buf breaking (against the merge base with main)"
 ./scripts/buf-breaking.sh
 log "tests cited by RELIABILITY.md and BENCHMARKS.md exist"
 python3 scripts/cited-tests-check.py
-# Build every test target (and the binary) first; clippy then runs in the
-# background, in its own target directory (a check build shares no
-# artifacts with a test build), while the tests run: they mostly wait on
-# Postgres and timers, so the two overlap instead of adding up.
+# Build every test target (and the binary) first. Then clippy checks in the
+# background, in the same target directory (it reuses the build scripts and
+# proc macros the test build compiled), while the test binaries run
+# directly: they mostly wait on Postgres and timers, so the two overlap
+# instead of adding up. (A second `cargo test` would wait for clippy's lock
+# on the target directory.)
 log "cargo test --no-run (build)"
-cargo test --locked --no-run
-log "cargo clippy (in the background while the tests run)"
+test_binaries="$(mktemp)"
+cargo test --locked --no-run --message-format=json-render-diagnostics \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("reason") == "compiler-artifact" and message.get("executable") \
+            and message["profile"]["test"]:
+        print(message["executable"])' >"$test_binaries"
 clippy_log="$(mktemp)"
-(cargo clippy --all-targets --locked --target-dir target/clippy -- -D warnings >"$clippy_log" 2>&1; echo $? >"$clippy_log.rc") &
-clippy_pid=$!
+run_clippy() {
+  cargo clippy --all-targets --locked -- -D warnings >"$clippy_log" 2>&1
+  echo $? >"$clippy_log.rc"
+}
 
 status=0
 log "helm chart: lint and render"
@@ -139,14 +150,35 @@ python3 helm/billing/tests/test_chart.py || status=$?
 # checked against the binary the tests built. The exit status is the worst.
 # Four test threads (RUST_TEST_THREADS): the API tests mostly wait
 # (Postgres, engine polls, SMTP), and each has its own database and server.
-log "cargo test (run $BILLING_TEST_RUN)"
-RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}" cargo test --locked --no-fail-fast "$@" || status=$?
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"
+if [[ $# -gt 0 ]]; then
+  # Arguments for cargo test (a filter, `--test api`): cargo runs them.
+  log "cargo test (run $BILLING_TEST_RUN)"
+  cargo test --locked --no-fail-fast "$@" || status=$?
+  log "cargo clippy"
+  run_clippy
+else
+  log "cargo clippy (in the background while the tests run)"
+  run_clippy &
+  clippy_pid=$!
+  while read -r binary <&3; do
+    log "test binary $(basename "$binary") (run $BILLING_TEST_RUN)"
+    "$binary" </dev/null || status=$?
+  done 3<"$test_binaries"
+fi
+rm -f "$test_binaries"
 log "README walk-through (scripts/readme-check.sh)"
 ./scripts/readme-check.sh || status=$?
 
 log "cargo clippy (result)"
-wait "$clippy_pid" || true
-clippy_pid=""
+if [[ -n "${clippy_pid:-}" ]]; then
+  wait "$clippy_pid" || true
+  clippy_pid=""
+  # Doc tests compile with rustdoc: after clippy, which held the target
+  # directory's lock.
+  log "doc tests"
+  cargo test --locked --doc || status=$?
+fi
 cat "$clippy_log"
 clippy_status="$(cat "$clippy_log.rc" 2>/dev/null || echo 1)"
 rm -f "$clippy_log" "$clippy_log.rc"
